@@ -1,0 +1,122 @@
+"""The `ssrl` command: `ssrl serve`, `ssrl model prepare`, and the tools around them."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import types
+import typing
+from collections.abc import Sequence
+from typing import Any
+
+from pydantic.fields import FieldInfo
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _base_type(annotation: Any) -> Any:
+    """`int | None` -> int; `Annotated[list[str], ...]` -> list[str]."""
+    if typing.get_origin(annotation) is typing.Annotated:
+        annotation = typing.get_args(annotation)[0]
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        annotation = args[0] if len(args) == 1 else str
+    return annotation
+
+
+def add_settings_flags(parser: argparse.ArgumentParser, fields: dict[str, FieldInfo]) -> None:
+    """One flag per settings field; unset flags stay out so the environment can apply."""
+    for name, info in fields.items():
+        kind = _base_type(info.annotation)
+        help_text = info.description or ""
+        if kind is bool:
+            parser.add_argument(
+                _flag(name), dest=name, action=argparse.BooleanOptionalAction,
+                default=argparse.SUPPRESS, help=help_text,
+            )
+        elif typing.get_origin(kind) is list:
+            parser.add_argument(
+                _flag(name), dest=name, action="append", default=argparse.SUPPRESS,
+                help=help_text + " (repeatable)",
+            )
+        else:
+            converter = kind if kind in (int, float) else str
+            parser.add_argument(
+                _flag(name), dest=name, type=converter, default=argparse.SUPPRESS, help=help_text,
+            )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from server.settings import ServeSettings
+
+    parser = argparse.ArgumentParser(
+        prog="ssrl", description="OpenAI-compatible server for self-search models."
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser(
+        "serve", help="Start the server (embedded default model unless --model).",
+        description="Every flag can also be set as SSRL_<NAME> in the environment; flags win.",
+    )
+    add_settings_flags(serve, ServeSettings.model_fields)
+
+    model = commands.add_parser("model", help="Manage the embedded default model.")
+    model_commands = model.add_subparsers(dest="model_command", required=True)
+    prepare = model_commands.add_parser(
+        "prepare", help="Convert the default model into the cache (done by serve when missing)."
+    )
+    prepare.add_argument("--cache-dir", default=None, help="Cache directory (default: SSRL_CACHE_DIR or ~/.cache/ssrl).")
+    return parser
+
+
+def _serve(flags: dict[str, Any]) -> int:
+    import uvicorn
+    from pydantic import ValidationError
+
+    from server.app import create_app
+    from server.settings import ServeSettings
+
+    try:
+        settings = ServeSettings(**flags)
+        settings.extra_engine_args()
+    except (ValidationError, ValueError) as exc:
+        print(f"ssrl serve: invalid settings:\n{exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level.lower(),
+        timeout_keep_alive=30,
+    )
+    return 0
+
+
+def _prepare(cache_dir: str | None) -> int:
+    from pathlib import Path
+
+    from router.engine.default_model import ensure_default_checkpoint
+
+    logging.basicConfig(level=logging.INFO)
+    print(ensure_default_checkpoint(Path(cache_dir) if cache_dir else None))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = vars(build_parser().parse_args(argv))
+    command = args.pop("command")
+    if command == "serve":
+        return _serve(args)
+    if command == "model":
+        return _prepare(args.get("cache_dir"))
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,32 @@
+"""Engine calls that are aborted whenever their consumer stops early."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable, Sequence
+
+from router.engine.base import Engine, GenerationDelta, SamplingOptions
+
+
+async def generate_or_abort(
+    engine: Engine,
+    prompt: str | Sequence[int],
+    options: SamplingOptions,
+    request_id: str,
+    on_abort: Callable[[], None] | None = None,
+) -> AsyncIterator[GenerationDelta]:
+    """`engine.generate`, plus an explicit abort when the stream is left unfinished.
+
+    A client that disconnects cancels the task iterating this generator; the engine must
+    then stop spending compute on a request nobody reads, whatever the engine does itself.
+    """
+    finished = False
+    try:
+        async for delta in engine.generate(prompt, options, request_id):
+            if delta.finish_reason is not None:
+                finished = True
+            yield delta
+    finally:
+        if not finished:
+            await engine.abort(request_id)
+            if on_abort is not None:
+                on_abort()

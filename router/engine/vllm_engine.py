@@ -1,0 +1,189 @@
+"""The in-process engine: vLLM's `AsyncLLM` behind the `Engine` interface."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from router.engine.base import (
+    EngineDeadError,
+    GenerationDelta,
+    PromptTooLongError,
+    SamplingOptions,
+    TokenLogprobs,
+    Tokenizer,
+)
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """vLLM engine options, with vLLM's own names (`AsyncEngineArgs` fields)."""
+
+    model: str
+    served_model_name: str
+    dtype: str = "auto"
+    max_model_len: int | None = None
+    tensor_parallel_size: int = 1
+    gpu_memory_utilization: float = 0.9
+    max_logprobs: int = 20
+    enable_prefix_caching: bool = True
+    enforce_eager: bool = False
+    max_num_seqs: int | None = None
+    seed: int | None = None
+    # Any other `AsyncEngineArgs` field, passed through untouched.
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    def engine_args(self) -> dict[str, Any]:
+        args: dict[str, Any] = {
+            "model": self.model,
+            "served_model_name": [self.served_model_name],
+            "dtype": self.dtype,
+            "max_model_len": self.max_model_len,
+            "tensor_parallel_size": self.tensor_parallel_size,
+            "gpu_memory_utilization": self.gpu_memory_utilization,
+            "max_logprobs": self.max_logprobs,
+            "enable_prefix_caching": self.enable_prefix_caching,
+            "enforce_eager": self.enforce_eager,
+            "max_num_seqs": self.max_num_seqs,
+            "seed": self.seed,
+        }
+        args.update(self.extra)
+        return {k: v for k, v in args.items() if v is not None}
+
+
+def _token_ids(encoded: Any) -> list[int]:
+    """`apply_chat_template(tokenize=True)` returns a list or a BatchEncoding by version."""
+    if isinstance(encoded, Mapping):
+        encoded = encoded["input_ids"]
+    return list(encoded)
+
+
+class VLLMEngine:
+    """`Engine` over an `AsyncLLM` running in this process (its core in a child process)."""
+
+    def __init__(self, llm: Any, config: EngineConfig) -> None:
+        self._llm = llm
+        self.config = config
+        self._tokenizer = llm.get_tokenizer()
+        self._max_model_len: int = llm.model_config.max_model_len
+        self.vocab_size: int = llm.model_config.get_vocab_size()
+
+    @classmethod
+    def start(cls, config: EngineConfig) -> VLLMEngine:
+        # vLLM is imported here so that everything else imports without it.
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.usage.usage_lib import UsageContext
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        args = AsyncEngineArgs(**config.engine_args())
+        llm = AsyncLLM.from_engine_args(args, usage_context=UsageContext.OPENAI_API_SERVER)
+        return cls(llm, config)
+
+    @property
+    def max_model_len(self) -> int:
+        return self._max_model_len
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        return self._tokenizer
+
+    def apply_chat_template(
+        self, messages: list[dict[str, str]], add_generation_prompt: bool = True
+    ) -> list[int]:
+        return _token_ids(
+            self._tokenizer.apply_chat_template(
+                messages, add_generation_prompt=add_generation_prompt, tokenize=True
+            )
+        )
+
+    async def generate(
+        self, prompt: str | Sequence[int], options: SamplingOptions, request_id: str
+    ) -> AsyncIterator[GenerationDelta]:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+        from vllm.sampling_params import RequestOutputKind
+        from vllm.v1.engine.exceptions import EngineDeadError as VLLMEngineDeadError
+
+        prompt_ids = (
+            self._tokenizer.encode(prompt, add_special_tokens=True)
+            if isinstance(prompt, str)
+            else list(prompt)
+        )
+        if len(prompt_ids) + options.max_tokens > self._max_model_len:
+            raise PromptTooLongError(
+                f"This model's maximum context length is {self._max_model_len} tokens. "
+                f"However, you requested {len(prompt_ids) + options.max_tokens} tokens "
+                f"({len(prompt_ids)} in the prompt, {options.max_tokens} in the completion)."
+            )
+        params = SamplingParams(
+            max_tokens=options.max_tokens,
+            temperature=options.temperature,
+            top_p=options.top_p,
+            seed=options.seed,
+            stop=list(options.stop) or None,
+            logprobs=options.logprobs,
+            include_stop_str_in_output=options.include_stop_str_in_output,
+            skip_special_tokens=options.skip_special_tokens,
+            output_kind=RequestOutputKind.DELTA,
+        )
+        first = True
+        try:
+            async for out in self._llm.generate(
+                TokensPrompt(prompt_token_ids=prompt_ids), params, request_id
+            ):
+                completion = out.outputs[0]
+                yield GenerationDelta(
+                    text=completion.text,
+                    token_ids=tuple(completion.token_ids),
+                    logprobs=_convert_logprobs(completion.token_ids, completion.logprobs),
+                    finish_reason=completion.finish_reason,
+                    stop_reason=(
+                        completion.stop_reason if isinstance(completion.stop_reason, str) else None
+                    ),
+                    prompt_token_count=len(prompt_ids) if first else None,
+                )
+                first = False
+        except VLLMEngineDeadError as exc:
+            raise EngineDeadError(str(exc)) from exc
+
+    async def abort(self, request_id: str) -> None:
+        await self._llm.abort(request_id)
+
+    async def check_health(self) -> None:
+        if self._llm.errored:
+            raise EngineDeadError("the vLLM engine is dead")
+        try:
+            await self._llm.check_health()
+        except Exception as exc:  # vLLM raises its own dead-engine error here
+            raise EngineDeadError(str(exc)) from exc
+
+    @property
+    def metrics_are_exported(self) -> bool:
+        return True
+
+    async def shutdown(self) -> None:
+        self._llm.shutdown()
+
+
+def _convert_logprobs(
+    token_ids: Sequence[int], logprobs: Sequence[Mapping[int, Any]] | None
+) -> tuple[TokenLogprobs, ...] | None:
+    if logprobs is None:
+        return None
+    converted = []
+    for token_id, position in zip(token_ids, logprobs, strict=False):
+        top = {tid: lp.logprob for tid, lp in position.items()}
+        decoded = {tid: lp.decoded_token or "" for tid, lp in position.items()}
+        converted.append(
+            TokenLogprobs(
+                token_id=token_id,
+                logprob=top.get(token_id, float("-inf")),
+                top=top,
+                decoded=decoded,
+            )
+        )
+    return tuple(converted)

@@ -1,0 +1,209 @@
+"""Text rules of the self-search protocol: tags, document formatting, answer extraction.
+
+The model writes `<think>`, `<search> q </search>`, `<information> ... </information>` and
+`<answer> ... </answer>`. Parsing is deliberately strict (exact lower-case tags, no spaces),
+because those are the literal strings the model was trained on and the strings the server
+stops generation at. Sanitising web documents is deliberately broad (any case, spaces, a
+slash anywhere between `<` and the name), so that nothing a web page contains can be read as
+a protocol tag by this parser, by a looser one, or by the model itself.
+
+Pure functions, no I/O.
+"""
+
+from __future__ import annotations
+
+import re
+import string
+import unicodedata
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Final, Protocol
+
+THINK: Final = "think"
+SEARCH: Final = "search"
+INFORMATION: Final = "information"
+ANSWER: Final = "answer"
+TAG_NAMES: Final[tuple[str, ...]] = (THINK, SEARCH, INFORMATION, ANSWER)
+
+
+def open_tag(name: str) -> str:
+    """`<name>`, the literal opening string of a protocol tag."""
+    return f"<{name}>"
+
+
+def close_tag(name: str) -> str:
+    """`</name>`, the literal closing string of a protocol tag."""
+    return f"</{name}>"
+
+
+THINK_OPEN: Final = open_tag(THINK)
+THINK_CLOSE: Final = close_tag(THINK)
+SEARCH_OPEN: Final = open_tag(SEARCH)
+SEARCH_CLOSE: Final = close_tag(SEARCH)
+INFORMATION_OPEN: Final = open_tag(INFORMATION)
+INFORMATION_CLOSE: Final = close_tag(INFORMATION)
+ANSWER_OPEN: Final = open_tag(ANSWER)
+ANSWER_CLOSE: Final = close_tag(ANSWER)
+
+NO_RESULTS: Final = "No results found."
+# Replaces `<` where a document would otherwise spell a protocol tag: still readable, never
+# a tag (SINGLE LEFT-POINTING ANGLE QUOTATION MARK).
+SAFE_LT: Final = "\u2039"
+ELLIPSIS: Final = "\u2026"
+
+# Invisible characters a page could slip between `<` and `/answer` to dodge the tag check
+# while a model still reads a tag. ZWJ/ZWNJ are not listed: scripts and emoji need them.
+_INVISIBLE: Final = frozenset("\u200b\u2060\ufeff\u00ad")
+_WS: Final = r"[\s\u200c\u200d]*"
+# `<`, optional space, optional `/`, optional space, a tag name: any case, and no word
+# boundary required (`<answer2>` is neutralised too; over-matching only costs one glyph).
+_TAG_LIKE = re.compile(rf"<(?={_WS}/?{_WS}(?:{'|'.join(TAG_NAMES)}))", re.IGNORECASE)
+_WHITESPACE_RUN = re.compile(r"\s+")
+# Exact protocol tags, as the parser reads them.
+_OPEN_TAG = re.compile(rf"<({'|'.join(TAG_NAMES)})>")
+_ANY_TAG = re.compile(rf"</?(?:{'|'.join(TAG_NAMES)})>")
+# Three or more line breaks (possibly with trailing blanks) left where tags were removed.
+_BLANK_LINES = re.compile(r"(?:[ \t]*\n){3,}")
+
+
+def _drop_control(text: str) -> str:
+    """Remove control characters and invisible separators; newline and tab become spaces
+    later, so they are kept here to stop words from gluing together."""
+    return "".join(
+        ch
+        for ch in text
+        if ch in "\n\t" or (unicodedata.category(ch) != "Cc" and ch not in _INVISIBLE)
+    )
+
+
+def sanitize_document_text(text: str) -> str:
+    """Make web text safe to place inside an `<information>` block.
+
+    Control characters are dropped, every whitespace run (newlines included) becomes one
+    space so a document stays on its one line, and any `<` that would start something read
+    as a protocol tag (`</information>`, `< / Answer >`, `<SEARCH`) becomes `‹`. Other markup
+    (`<b>`, `a < b`) is left as is. Neutralising runs last, after the text can no longer
+    change shape, so stripping a control character cannot re-assemble a tag.
+    """
+    text = _drop_control(text)
+    text = _WHITESPACE_RUN.sub(" ", text).strip()
+    return _TAG_LIKE.sub(SAFE_LT, text)
+
+
+def _cut(text: str, limit: int) -> str:
+    """At most `limit` characters, cut at a word boundary when one is in the last half,
+    with `…` appended when anything was cut."""
+    if len(text) <= limit:
+        return text
+    head = text[:limit]
+    space = head.rfind(" ")
+    # Cutting at a space far back would throw away most of the budget; cut mid-word then.
+    if space >= limit // 2:
+        head = head[:space]
+    return head.rstrip() + ELLIPSIS
+
+
+class DocumentLike(Protocol):
+    """What format_documents reads: `router.search.base.Document` or anything shaped so."""
+
+    @property
+    def title(self) -> str: ...
+
+    @property
+    def text(self) -> str: ...
+
+
+def format_documents(docs: Sequence[DocumentLike], max_chars_per_doc: int) -> str:
+    """Search-R1's layout, one document per line: `Doc 1(Title: <title>) <text>`.
+
+    Titles and texts are sanitised; both are cut to `max_chars_per_doc` characters (a title
+    is normally far shorter; the cap only bounds a hostile one).
+    """
+    if max_chars_per_doc <= 0:
+        raise ValueError(f"max_chars_per_doc must be positive, got {max_chars_per_doc}")
+    if not docs:
+        return NO_RESULTS
+    lines: list[str] = []
+    for i, doc in enumerate(docs, start=1):
+        title = _cut(sanitize_document_text(doc.title), max_chars_per_doc)
+        text = _cut(sanitize_document_text(doc.text), max_chars_per_doc)
+        lines.append(f"Doc {i}(Title: {title}) {text}".rstrip())
+    return "\n".join(lines)
+
+
+@dataclass(frozen=True, slots=True)
+class TagBlock:
+    """One top-level protocol block, as character offsets into the parsed text."""
+
+    tag: str
+    # Offset of the opening `<` and just past the closing tag (len(text) when unclosed).
+    start: int
+    end: int
+    # Offsets of the content between the tags (content_end = end when unclosed).
+    content_start: int
+    content_end: int
+    closed: bool
+
+    def content(self, text: str) -> str:
+        """The block's content in `text` (the string it was parsed from), unstripped."""
+        return text[self.content_start : self.content_end]
+
+
+def find_tag_blocks(text: str) -> list[TagBlock]:
+    """The top-level protocol blocks of `text`, in order.
+
+    A block of tag T runs from `<T>` to the first `</T>` after it. Everything inside, any
+    other opening tag included (also another `<T>`), is content: the protocol does not nest,
+    and this mirrors how the server cuts generation at the first closing tag. Text between
+    blocks and stray closing tags are not blocks. Only the last block can be unclosed; it
+    then runs to the end of the text.
+    """
+    blocks: list[TagBlock] = []
+    pos = 0
+    while (opening := _OPEN_TAG.search(text, pos)) is not None:
+        tag = opening.group(1)
+        content_start = opening.end()
+        close_at = text.find(close_tag(tag), content_start)
+        if close_at < 0:
+            end = len(text)
+            blocks.append(TagBlock(tag, opening.start(), end, content_start, end, False))
+            break
+        end = close_at + len(close_tag(tag))
+        blocks.append(TagBlock(tag, opening.start(), end, content_start, close_at, True))
+        pos = end
+    return blocks
+
+
+def extract_last_answer(text: str) -> str | None:
+    """Stripped content of the last complete top-level `<answer>...</answer>`, else None.
+
+    Top-level only (see find_tag_blocks): an `<answer>` written inside an `<information>`
+    block is content of that block, never the answer. An unclosed answer does not count.
+    """
+    for block in reversed(find_tag_blocks(text)):
+        if block.tag == ANSWER and block.closed:
+            return block.content(text).strip()
+    return None
+
+
+def strip_tags(text: str) -> str:
+    """`text` with every exact protocol tag removed, blank-line runs folded, ends stripped.
+
+    The fallback final text when the model never wrote an answer.
+    """
+    text = _ANY_TAG.sub("", text)
+    return _BLANK_LINES.sub("\n\n", text).strip()
+
+
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+_PUNCTUATION: Final = frozenset(string.punctuation)
+
+
+def normalize_answer(s: str) -> str:
+    """SQuAD's answer normalisation: lower case, drop ASCII punctuation and the articles
+    a/an/the, fold whitespace. Kept byte-for-byte compatible with the official script so
+    exact-match numbers compare with published ones."""
+    s = s.lower()
+    s = "".join(ch for ch in s if ch not in _PUNCTUATION)
+    s = _ARTICLES.sub(" ", s)
+    return " ".join(s.split())

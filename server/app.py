@@ -1,0 +1,183 @@
+"""The ASGI application: routes, middleware, and the engine's lifetime."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any, TypeVar
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from router.engine.base import Engine, EngineDeadError, SamplingOptions
+from server.auth import AuthMiddleware, KeyChecker
+from server.errors import APIError, install_error_handlers
+from server.limits import BodySizeLimitMiddleware
+from server.metrics import HTTPMetrics, MetricsMiddleware
+from server.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
+from server.serving import ServingContext
+from server.serving_chat import PlainChat
+from server.serving_completion import Completion
+from server.settings import ServeSettings
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+EngineFactory = Callable[[ServeSettings], Engine]
+
+_metrics: HTTPMetrics | None = None
+
+
+def shared_metrics() -> HTTPMetrics:
+    """Metric families live in the process-wide registry, next to vLLM's; create them once."""
+    global _metrics
+    if _metrics is None:
+        _metrics = HTTPMetrics()
+    return _metrics
+
+
+def start_vllm_engine(settings: ServeSettings) -> Engine:
+    from router.engine.default_model import ensure_default_checkpoint
+    from router.engine.vllm_engine import EngineConfig, VLLMEngine
+
+    if settings.cpu_kvcache_space is not None:
+        # Read by vLLM's CPU worker only; the engine core inherits this environment.
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(settings.cpu_kvcache_space))
+    model = settings.model or str(ensure_default_checkpoint(settings.cache_dir))
+    config = EngineConfig(
+        model=model,
+        served_model_name=settings.model_name,
+        dtype=settings.dtype,
+        max_model_len=settings.max_model_len,
+        tensor_parallel_size=settings.tensor_parallel_size,
+        gpu_memory_utilization=settings.gpu_memory_utilization,
+        max_logprobs=settings.max_logprobs,
+        enable_prefix_caching=settings.enable_prefix_caching,
+        enforce_eager=settings.enforce_eager,
+        max_num_seqs=settings.max_num_seqs,
+        seed=settings.seed,
+        extra=settings.extra_engine_args(),
+    )
+    return VLLMEngine.start(config)
+
+
+async def _warm_up(engine: Engine) -> None:
+    """One tiny request, so that the first user request does not pay for warm-up."""
+    prompt = engine.apply_chat_template([{"role": "user", "content": "Hi"}])
+    async for _ in engine.generate(prompt, SamplingOptions(max_tokens=2), "ssrl-warmup"):
+        pass
+
+
+async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
+    """Run `work`, cancelling it (and so aborting its engine requests) if the client leaves."""
+    task = asyncio.ensure_future(work)
+
+    async def watch() -> None:
+        while True:
+            message = await request.receive()
+            if message["type"] == "http.disconnect":
+                return
+
+    watcher = asyncio.ensure_future(watch())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        watcher.cancel()
+    if task.cancelled():
+        # 499: the client closed the request; nobody reads this answer.
+        raise APIError(499, "Client disconnected.", code="client_disconnected")
+    return task.result()
+
+
+def create_app(settings: ServeSettings, engine_factory: EngineFactory = start_vllm_engine) -> FastAPI:
+    metrics = shared_metrics()
+    state: dict[str, Any] = {}
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        engine = engine_factory(settings)
+        if settings.warmup:
+            await _warm_up(engine)
+        state["ctx"] = ServingContext(
+            engine=engine,
+            model_name=settings.model_name,
+            metrics=metrics,
+            max_logprobs=settings.max_logprobs,
+        )
+        logger.info("serving %s on http://%s:%d", settings.model_name, settings.host, settings.port)
+        try:
+            yield
+        finally:
+            await engine.shutdown()
+
+    app = FastAPI(title="ssrl", version=_version(), lifespan=lifespan)
+    install_error_handlers(app)
+
+    def ctx() -> ServingContext:
+        return state["ctx"]
+
+    @app.get("/health")
+    async def health() -> Response:
+        try:
+            await ctx().engine.check_health()
+        except (EngineDeadError, KeyError):
+            return JSONResponse({"status": "unavailable"}, status_code=503)
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/metrics")
+    async def prometheus_metrics() -> Response:
+        return Response(metrics.exposition(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.get("/v1/models", response_model=ModelList)
+    async def list_models() -> ModelList:
+        c = ctx()
+        return ModelList(data=[ModelCard(
+            id=c.model_name, root=settings.model or c.model_name, max_model_len=c.engine.max_model_len
+        )])
+
+    @app.get("/v1/models/{model_id:path}", response_model=ModelCard)
+    async def get_model(model_id: str) -> ModelCard:
+        c = ctx()
+        if model_id != c.model_name:
+            raise APIError(404, f"The model `{model_id}` does not exist.", param="model",
+                           code="model_not_found")
+        return ModelCard(id=c.model_name, root=settings.model or c.model_name,
+                         max_model_len=c.engine.max_model_len)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+        chat = PlainChat(ctx(), body)
+        if body.stream:
+            return StreamingResponse(chat.stream(), media_type="text/event-stream")
+        result = await until_disconnect(request, chat.complete())
+        return JSONResponse(result.model_dump(exclude_none=True))
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request) -> Response:
+        completion = Completion(ctx(), body)
+        if body.stream:
+            return StreamingResponse(completion.stream(), media_type="text/event-stream")
+        result = await until_disconnect(request, completion.complete())
+        return JSONResponse(result.model_dump(exclude_none=True))
+
+    # Outermost first: metrics see every answer, the size cap runs before auth reads nothing.
+    app.add_middleware(AuthMiddleware, checker=KeyChecker(settings.api_key))
+    app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_request_bytes)
+    app.add_middleware(MetricsMiddleware, metrics=metrics, router_app=app.router)
+    return app
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("ssrl")
+    except PackageNotFoundError:
+        return "0"

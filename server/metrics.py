@@ -1,0 +1,92 @@
+"""Prometheus metrics of the HTTP surface (`ssrl_*`), beside vLLM's own (`vllm:*`)."""
+
+from __future__ import annotations
+
+import time
+
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from starlette.routing import Match
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+_LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300)
+_TOKEN_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
+
+
+class HTTPMetrics:
+    """The server's own metric families, registered once per registry."""
+
+    def __init__(self, registry: CollectorRegistry = REGISTRY) -> None:
+        self.registry = registry
+        self.requests = Counter(
+            "ssrl_requests", "HTTP requests by route and status.", ["route", "method", "status"],
+            registry=registry,
+        )
+        self.latency = Histogram(
+            "ssrl_request_duration_seconds", "Time from request to the last byte of the answer.",
+            ["route"], buckets=_LATENCY_BUCKETS, registry=registry,
+        )
+        self.in_flight = Gauge(
+            "ssrl_requests_in_flight", "Requests being served now.", ["route"], registry=registry
+        )
+        self.ttft = Histogram(
+            "ssrl_time_to_first_token_seconds", "Time from request to the first generated token.",
+            ["route"], buckets=_LATENCY_BUCKETS, registry=registry,
+        )
+        self.prompt_tokens = Counter(
+            "ssrl_prompt_tokens", "Prompt tokens processed.", ["route"], registry=registry
+        )
+        self.completion_tokens = Counter(
+            "ssrl_completion_tokens", "Tokens generated.", ["route"], registry=registry
+        )
+        self.completion_tokens_per_request = Histogram(
+            "ssrl_completion_tokens_per_request", "Generated tokens per request.", ["route"],
+            buckets=_TOKEN_BUCKETS, registry=registry,
+        )
+        self.engine_aborts = Counter(
+            "ssrl_engine_aborts", "Engine requests aborted because the client went away.",
+            ["route"], registry=registry,
+        )
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+def _route_template(app: ASGIApp, scope: Scope) -> str:
+    """The matched route's path template, so label values stay bounded."""
+    for route in getattr(app, "routes", ()):
+        match, _ = route.matches(scope)
+        if match == Match.FULL:
+            return getattr(route, "path", scope["path"])
+    return "unmatched"
+
+
+class MetricsMiddleware:
+    """Counts every HTTP request by route template and status, and times it."""
+
+    def __init__(self, app: ASGIApp, metrics: HTTPMetrics, router_app: ASGIApp) -> None:
+        self.app = app
+        self.metrics = metrics
+        self.router_app = router_app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        route = _route_template(self.router_app, scope)
+        status = 500
+        start = time.perf_counter()
+
+        async def recording_send(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        gauge = self.metrics.in_flight.labels(route)
+        gauge.inc()
+        try:
+            await self.app(scope, receive, recording_send)
+        finally:
+            gauge.dec()
+            self.metrics.requests.labels(route, scope["method"], str(status)).inc()
+            self.metrics.latency.labels(route).observe(time.perf_counter() - start)

@@ -1,0 +1,176 @@
+"""What chat and completions share: request checks, sampling options, logprobs, usage."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+
+from router.engine.base import (
+    Engine,
+    EngineDeadError,
+    GenerationDelta,
+    PromptTooLongError,
+    SamplingOptions,
+    TokenLogprobs,
+)
+from router.engine.guard import generate_or_abort
+from server.errors import APIError
+from server.metrics import HTTPMetrics
+from server.protocol import SamplingFields, TopLogprob
+
+
+@dataclass
+class ServingContext:
+    """What a route needs: the engine, its served name, and the metrics."""
+
+    engine: Engine
+    model_name: str
+    metrics: HTTPMetrics
+    max_logprobs: int = 20
+
+
+def check_model(ctx: ServingContext, requested: str) -> None:
+    if requested != ctx.model_name:
+        raise APIError(
+            404,
+            f"The model `{requested}` does not exist. This server serves `{ctx.model_name}`.",
+            param="model",
+            code="model_not_found",
+        )
+
+
+def completion_budget(ctx: ServingContext, prompt_tokens: int, requested: int | None) -> int:
+    """The max_tokens to ask for: the request's, or what the context has left."""
+    limit = ctx.engine.max_model_len
+    if prompt_tokens >= limit:
+        raise APIError(
+            400,
+            f"This model's maximum context length is {limit} tokens. However, your prompt "
+            f"has {prompt_tokens} tokens. Please reduce the length of the messages.",
+            param="messages",
+            code="context_length_exceeded",
+        )
+    if requested is None:
+        return limit - prompt_tokens
+    if prompt_tokens + requested > limit:
+        raise APIError(
+            400,
+            f"This model's maximum context length is {limit} tokens. However, you requested "
+            f"{prompt_tokens + requested} tokens ({prompt_tokens} in the prompt, {requested} "
+            "in the completion). Please reduce the length of the prompt or max_tokens.",
+            param="max_tokens",
+            code="context_length_exceeded",
+        )
+    return requested
+
+
+def sampling_options(
+    request: SamplingFields, max_tokens: int, logprobs: int | None, choice: int
+) -> SamplingOptions:
+    # n choices run as n engine requests; a fixed seed is offset per choice so that the
+    # choices differ, as they do when vLLM samples n sequences from one seed.
+    seed = None if request.seed is None else request.seed + choice
+    return SamplingOptions(
+        max_tokens=max_tokens,
+        temperature=1.0 if request.temperature is None else request.temperature,
+        top_p=1.0 if request.top_p is None else request.top_p,
+        seed=seed,
+        stop=request.stop_list(),
+        logprobs=logprobs,
+        include_stop_str_in_output=False,
+    )
+
+
+def check_logprobs(ctx: ServingContext, wanted: int | None, param: str) -> None:
+    if wanted is not None and wanted > ctx.max_logprobs:
+        raise APIError(
+            400,
+            f"{param} must be at most {ctx.max_logprobs} on this server (--max-logprobs).",
+            param=param,
+            code="invalid_value",
+        )
+
+
+def new_request_id() -> str:
+    return uuid.uuid4().hex
+
+
+@dataclass
+class ChoiceOutcome:
+    """One choice's whole generation, gathered from its deltas."""
+
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprobs] = field(default_factory=list)
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+
+    def add(self, delta: GenerationDelta) -> None:
+        self.text += delta.text
+        self.token_ids.extend(delta.token_ids)
+        if delta.logprobs:
+            self.logprobs.extend(delta.logprobs)
+        if delta.prompt_token_count is not None:
+            self.prompt_tokens = delta.prompt_token_count
+        if delta.finish_reason is not None:
+            self.finish_reason = openai_finish_reason(delta.finish_reason)
+
+
+def openai_finish_reason(reason: str) -> str:
+    return "length" if reason == "length" else "stop"
+
+
+class TimedStream:
+    """Engine deltas for one choice, recording time to first token and token counts."""
+
+    def __init__(
+        self,
+        ctx: ServingContext,
+        route: str,
+        prompt: Sequence[int],
+        options: SamplingOptions,
+        started: float,
+    ) -> None:
+        self.ctx = ctx
+        self.route = route
+        self.prompt = prompt
+        self.options = options
+        self.started = started
+
+    async def __aiter__(self) -> AsyncIterator[GenerationDelta]:
+        metrics = self.ctx.metrics
+        first = True
+        generated = 0
+        stream = generate_or_abort(
+            self.ctx.engine,
+            self.prompt,
+            self.options,
+            new_request_id(),
+            on_abort=metrics.engine_aborts.labels(self.route).inc,
+        )
+        try:
+            async for delta in stream:
+                if first and delta.token_ids:
+                    metrics.ttft.labels(self.route).observe(time.perf_counter() - self.started)
+                    first = False
+                generated += len(delta.token_ids)
+                yield delta
+        except PromptTooLongError as exc:
+            raise APIError(400, str(exc), param="max_tokens", code="context_length_exceeded") from exc
+        except EngineDeadError as exc:
+            raise APIError(503, "The engine is not available.", code="engine_unavailable") from exc
+        finally:
+            await stream.aclose()
+            metrics.completion_tokens.labels(self.route).inc(generated)
+            metrics.completion_tokens_per_request.labels(self.route).observe(generated)
+
+
+def top_logprobs_of(position: TokenLogprobs, k: int, decode: callable) -> list[TopLogprob]:
+    ranked = sorted(position.top.items(), key=lambda item: item[1], reverse=True)[:k]
+    entries = []
+    for token_id, logprob in ranked:
+        text = position.decoded.get(token_id) or decode([token_id])
+        entries.append(TopLogprob(token=text, logprob=logprob, bytes=list(text.encode())))
+    return entries

@@ -1,0 +1,104 @@
+"""Server settings: flags and `SSRL_*` environment variables, flags winning.
+
+One pydantic-settings model is the single source of truth. `ssrl serve` builds its flags
+from the fields (a field `max_model_len` is the flag `--max-model-len` and the variable
+`SSRL_MAX_MODEL_LEN`) and passes the flags it was given as init values, which
+pydantic-settings ranks above the environment.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from router.engine.default_model import DEFAULT_MODEL_NAME, default_cache_dir
+
+
+def _split_csv(value: Any) -> Any:
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
+
+
+class ServeSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="SSRL_", extra="ignore")
+
+    # HTTP
+    host: str = Field("127.0.0.1", description="Address to listen on.")
+    port: int = Field(8000, ge=0, le=65535, description="Port to listen on.")
+    api_key: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Bearer key(s) required on /v1/*; comma-separated in SSRL_API_KEY.",
+    )
+    max_request_bytes: int = Field(
+        4 * 1024 * 1024, gt=0, description="Largest request body accepted (bytes); larger -> 413."
+    )
+    log_level: str = Field("info", description="Log level (debug, info, warning, error).")
+
+    # Model
+    model: str | None = Field(
+        None, description="Local path or Hugging Face id; default: the embedded SmolLM2-135M."
+    )
+    served_model_name: str | None = Field(
+        None, description="Model name clients send and see; default: a readable name."
+    )
+    cache_dir: Path = Field(
+        default_factory=default_cache_dir, description="Where the converted default model lives."
+    )
+
+    # Engine (vLLM's names)
+    dtype: str = Field("auto", description="vLLM --dtype.")
+    max_model_len: int | None = Field(None, gt=0, description="vLLM --max-model-len.")
+    tensor_parallel_size: int = Field(1, ge=1, description="vLLM --tensor-parallel-size.")
+    gpu_memory_utilization: float = Field(
+        0.9, gt=0, le=1, description="vLLM --gpu-memory-utilization."
+    )
+    max_logprobs: int = Field(20, ge=0, description="vLLM --max-logprobs.")
+    enable_prefix_caching: bool = Field(True, description="vLLM --enable-prefix-caching.")
+    enforce_eager: bool = Field(False, description="vLLM --enforce-eager (skip torch.compile).")
+    max_num_seqs: int | None = Field(None, gt=0, description="vLLM --max-num-seqs.")
+    cpu_kvcache_space: int | None = Field(
+        2,
+        ge=0,
+        description="GiB of KV cache on the CPU backend (VLLM_CPU_KVCACHE_SPACE, which wins "
+        "when set); without it vLLM reserves a fraction of the node's memory and may refuse to start.",
+    )
+    seed: int | None = Field(None, description="vLLM --seed.")
+    engine_arg: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Any other vLLM engine argument as KEY=VALUE (repeatable).",
+    )
+    warmup: bool = Field(True, description="Run one tiny request before accepting traffic.")
+
+    _split_keys = field_validator("api_key", "engine_arg", mode="before")(_split_csv)
+
+    @property
+    def uses_default_model(self) -> bool:
+        return self.model is None
+
+    @property
+    def model_name(self) -> str:
+        if self.served_model_name:
+            return self.served_model_name
+        if self.model is None:
+            return DEFAULT_MODEL_NAME
+        return self.model.rstrip("/")
+
+    def extra_engine_args(self) -> dict[str, Any]:
+        """`--engine-arg KEY=VALUE` pairs, values parsed as JSON where they parse."""
+        import json
+
+        parsed: dict[str, Any] = {}
+        for item in self.engine_arg:
+            key, sep, raw = item.partition("=")
+            if not sep or not key.strip():
+                raise ValueError(f"--engine-arg expects KEY=VALUE, got {item!r}")
+            try:
+                value = json.loads(raw)
+            except ValueError:
+                value = raw
+            parsed[key.strip().replace("-", "_")] = value
+        return parsed
