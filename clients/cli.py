@@ -44,8 +44,10 @@ def add_settings_flags(parser: argparse.ArgumentParser, fields: dict[str, FieldI
             )
         else:
             converter = kind if kind in (int, float) else str
+            choices = typing.get_args(kind) if typing.get_origin(kind) is typing.Literal else None
             parser.add_argument(
-                _flag(name), dest=name, type=converter, default=argparse.SUPPRESS, help=help_text,
+                _flag(name), dest=name, type=converter, choices=choices,
+                default=argparse.SUPPRESS, help=help_text,
             )
 
 

@@ -13,6 +13,9 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from router.engine.base import Engine, EngineDeadError, SamplingOptions
+from router.prompts import system_prompt
+from router.search.base import SearchBackend
+from router.search.service import SearchService
 from server.auth import AuthMiddleware, KeyChecker
 from server.errors import APIError, install_error_handlers
 from server.limits import BodySizeLimitMiddleware
@@ -21,6 +24,7 @@ from server.protocol import ChatCompletionRequest, CompletionRequest, ModelCard,
 from server.serving import ServingContext
 from server.serving_chat import PlainChat
 from server.serving_completion import Completion
+from server.serving_self_search import SelfSearchChat, SelfSearchRuntime, wants_self_search
 from server.settings import ServeSettings
 
 logger = logging.getLogger(__name__)
@@ -65,6 +69,34 @@ def start_vllm_engine(settings: ServeSettings) -> Engine:
     return VLLMEngine.start(config)
 
 
+def build_search_service(settings: ServeSettings) -> SearchService:
+    """The configured backend chain (the search issue adds the remote providers)."""
+    backends: list[SearchBackend] = []
+    for name in (n.strip() for n in settings.search.split(",")):
+        if name in ("", "none"):
+            continue
+        if name == "local":
+            from router.search.default_corpus import ensure_default_index
+            from router.search.local_index import LocalIndexBackend
+
+            index_dir = settings.index_dir or ensure_default_index(settings.cache_dir)
+            backends.append(LocalIndexBackend(index_dir))
+        else:
+            raise ValueError(f"unknown search backend {name!r} (known: local, none)")
+    return SearchService(backends, timeout_s=settings.search_timeout)
+
+
+def build_self_search(settings: ServeSettings) -> SelfSearchRuntime:
+    mode = settings.resolved_search_mode
+    override = settings.system_prompt_file.read_text() if settings.system_prompt_file else None
+    return SelfSearchRuntime(
+        settings=settings,
+        search=build_search_service(settings),
+        system_prompt=system_prompt(mode, override),
+        mode=mode,
+    )
+
+
 async def _warm_up(engine: Engine) -> None:
     """One tiny request, so that the first user request does not pay for warm-up."""
     prompt = engine.apply_chat_template([{"role": "user", "content": "Hi"}])
@@ -105,6 +137,7 @@ def create_app(settings: ServeSettings, engine_factory: EngineFactory = start_vl
         engine = engine_factory(settings)
         if settings.warmup:
             await _warm_up(engine)
+        state["self_search"] = build_self_search(settings)
         state["ctx"] = ServingContext(
             engine=engine,
             model_name=settings.model_name,
@@ -115,6 +148,7 @@ def create_app(settings: ServeSettings, engine_factory: EngineFactory = start_vl
         try:
             yield
         finally:
+            await state["self_search"].search.aclose()
             await engine.shutdown()
 
     app = FastAPI(title="ssrl", version=_version(), lifespan=lifespan)
@@ -153,7 +187,11 @@ def create_app(settings: ServeSettings, engine_factory: EngineFactory = start_vl
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
-        chat = PlainChat(ctx(), body)
+        runtime = state.get("self_search")
+        if wants_self_search(runtime, body):
+            chat: PlainChat | SelfSearchChat = SelfSearchChat(ctx(), runtime, body)
+        else:
+            chat = PlainChat(ctx(), body)
         if body.stream:
             return StreamingResponse(chat.stream(), media_type="text/event-stream")
         result = await until_disconnect(request, chat.complete())

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
+from typing import Any
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 _LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300)
+_ENTROPY_BUCKETS = (0.1, 0.25, 0.5, 0.75, 1, 1.25, 1.5, 2, 2.5, 3, 4, 5, 7.5, 10)
 _TOKEN_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
 
 
@@ -46,6 +49,40 @@ class HTTPMetrics:
             "ssrl_engine_aborts", "Engine requests aborted because the client went away.",
             ["route"], registry=registry,
         )
+
+        self.searches = Counter(
+            "ssrl_searches", "Searches by decision, backend and outcome "
+            "(ok, fallback: external failed and the model filled in, self_filled, skipped).",
+            ["decision", "backend", "outcome"], registry=registry,
+        )
+        self.query_entropy = Histogram(
+            "ssrl_query_entropy_nats", "Mean next-token entropy of each search query, by decision.",
+            ["decision"], buckets=_ENTROPY_BUCKETS, registry=registry,
+        )
+        self.turns = Histogram(
+            "ssrl_search_turns_per_request", "Searches per trajectory.",
+            buckets=(0, 1, 2, 3, 4, 6, 8, 16), registry=registry,
+        )
+        self.search_seconds = Histogram(
+            "ssrl_search_seconds", "Time spent in external search calls.", ["backend"],
+            buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30), registry=registry,
+        )
+
+    def record_trajectory(self, searches: Sequence[Any]) -> None:
+        """Count one finished trajectory's searches (router.loop.SearchRecord objects)."""
+        self.turns.observe(len(searches))
+        for record in searches:
+            backend = record.backend or "none"
+            if record.route == "skipped":
+                outcome = "skipped"
+            elif record.route == "internal":
+                outcome = "self_filled"
+            else:
+                outcome = "fallback" if record.fallback else "ok"
+                self.search_seconds.labels(backend).observe(record.latency_s)
+            self.searches.labels(record.route, backend, outcome).inc()
+            if record.route != "skipped":
+                self.query_entropy.labels(record.route).observe(record.entropy.mean)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

@@ -90,8 +90,26 @@ class SamplingFields(_Request):
         return self
 
 
+class SelfSearchOptions(BaseModel):
+    """The `self_search` extension object of a chat request; unset fields take server defaults."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool | None = None
+    mode: Literal["native", "guided"] | None = None
+    policy: Literal["threshold", "ssrl", "budget", "always", "never"] | None = None
+    threshold: float | None = Field(None, allow_inf_nan=False)
+    aggregate: Literal["mean", "max", "min_prob", "ssrl"] | None = None
+    max_turns: int | None = Field(None, ge=1)
+    docs_per_search: int | None = Field(None, ge=1, le=20)
+    max_external_calls: int | None = Field(None, ge=0)
+    budget: int | None = Field(None, ge=0)
+    votes: int | None = Field(None, ge=1)
+
+
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
+    self_search: SelfSearchOptions | None = None
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)

@@ -9,7 +9,7 @@ pydantic-settings ranks above the environment.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -73,11 +73,68 @@ class ServeSettings(BaseSettings):
     )
     warmup: bool = Field(True, description="Run one tiny request before accepting traffic.")
 
+    # Self-search (defaults for every request; a request may override within the caps)
+    self_search: bool = Field(True, description="Run the self-search loop on chat requests by default.")
+    search_mode: Literal["auto", "native", "guided"] = Field(
+        "auto", description="Protocol mode: native (SSRL-trained models), guided (any instruct "
+        "model), auto (guided for the embedded default model, native otherwise).",
+    )
+    search_policy: str = Field(
+        "threshold", description="Routing policy: threshold, ssrl, budget, always, never."
+    )
+    search_threshold: float = Field(
+        1.5, description="tau: external search when the query's aggregate entropy (nats) is above it "
+        "(for min_prob: when the lowest token probability is below it).",
+    )
+    search_aggregate: Literal["mean", "max", "min_prob", "ssrl"] = Field(
+        "mean", description="Per-query aggregate of token entropies the policy compares."
+    )
+    search_budget: int | None = Field(
+        None, ge=0, description="External calls per trajectory for the budget policy."
+    )
+    max_turns: int = Field(3, ge=1, le=16, description="Most searches per trajectory (as in SSRL).")
+    docs_per_search: int = Field(3, ge=1, le=20, description="Documents inserted per external search.")
+    max_external_calls: int | None = Field(
+        None, ge=0, description="Cap on external calls per trajectory (none: unlimited)."
+    )
+    entropy_top_k: int = Field(
+        20, ge=1, description="Top-k logprobs per query token used to estimate entropy."
+    )
+    max_doc_chars: int = Field(600, ge=20, description="Characters kept of each inserted document.")
+    max_query_tokens: int = Field(48, ge=1, description="Cap on a query's length in tokens.")
+    max_information_tokens: int = Field(
+        128, ge=1, description="Cap on a self-written <information> block in tokens."
+    )
+    max_answer_tokens: int = Field(64, ge=1, description="Cap on the <answer> in tokens (guided mode).")
+    guided_searches: int = Field(
+        1, ge=1, description="Searches the guided mode drives before the answer (capped by max_turns)."
+    )
+    max_loop_tokens: int = Field(
+        1024, ge=16, description="Default token budget of one trajectory when max_tokens is absent."
+    )
+    max_votes: int = Field(8, ge=1, description="Most samples a majority-vote request may ask for.")
+    system_prompt_file: Path | None = Field(
+        None, description="Replace the shipped system prompt of the active mode with this file."
+    )
+    search: str = Field(
+        "local", description="Search backend chain, comma-separated (local, none)."
+    )
+    index_dir: Path | None = Field(
+        None, description="Local BM25 index directory; default: the offline Wikipedia summaries index."
+    )
+    search_timeout: float = Field(10.0, gt=0, description="Deadline of one search call in seconds.")
+
     _split_keys = field_validator("api_key", "engine_arg", mode="before")(_split_csv)
 
     @property
     def uses_default_model(self) -> bool:
         return self.model is None
+
+    @property
+    def resolved_search_mode(self) -> str:
+        if self.search_mode != "auto":
+            return self.search_mode
+        return "guided" if self.uses_default_model else "native"
 
     @property
     def model_name(self) -> str:

@@ -1,0 +1,1 @@
+"""Benchmarks of ssrl: `python -m bench.serving`, `python bench/bench_local_index.py`."""

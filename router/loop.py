@@ -1,0 +1,430 @@
+"""The self-search loop: generate, stop at a closed query, decide, insert, resume, answer.
+
+One `SelfSearchLoop` runs one trajectory for one choice. It works on token ids (the chat
+prompt plus every token of the transcript so far), so each engine call continues exactly
+where the last one stopped and the prefix cache makes the resumption cheap.
+
+Two protocol modes:
+- native: the model writes the tags itself (a model trained with SSRL); the loop only
+  stops at `</search>` / `</answer>`, decides, inserts the information, and resumes.
+- guided: for any instruct model; the loop writes each opening tag (`<search>`,
+  `<information>`, `<answer>`) and lets the model fill it up to the closing tag, so that
+  even a model that ignores the protocol yields a well-formed trace.
+
+`run()` is an async generator of events (text as it is written, each search as soon as it
+is decided, and the final result), which serves streaming and non-streaming alike.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from router.engine.base import Engine, SamplingOptions
+from router.engine.guard import generate_or_abort
+from router.entropy import QueryEntropy, query_entropy
+from router.policies import Decision, Policy, SearchContext
+from router.search.base import Document
+from router.search.service import SearchService
+from router.segments import Segment, continuation_ids, query_positions
+from router.tags import (
+    ANSWER_CLOSE,
+    ANSWER_OPEN,
+    INFORMATION_CLOSE,
+    INFORMATION_OPEN,
+    SEARCH_CLOSE,
+    SEARCH_OPEN,
+    extract_last_answer,
+    format_documents,
+    strip_tags,
+)
+
+Mode = Literal["native", "guided"]
+
+# How inserted blocks are laid out; SSRL's own loop inserts `\n\n<information>...`.
+INFO_PREFIX = "\n\n" + INFORMATION_OPEN
+INFO_SUFFIX = INFORMATION_CLOSE + "\n\n"
+
+
+@dataclass(frozen=True)
+class LoopConfig:
+    """Everything one trajectory needs to know, resolved from server defaults + request."""
+
+    mode: Mode
+    policy: Policy
+    max_turns: int = 3
+    docs_per_search: int = 3
+    max_external_calls: int | None = None
+    logprobs_k: int = 20
+    max_doc_chars: int = 600
+    max_query_tokens: int = 48
+    max_information_tokens: int = 128
+    max_answer_tokens: int = 64
+    # Guided mode: how many searches to drive before the answer (capped by max_turns).
+    guided_searches: int = 1
+    # Total tokens the loop may generate across all its engine calls.
+    max_tokens: int = 1024
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+
+
+@dataclass
+class SearchRecord:
+    """One search of a trajectory, as the trace reports it."""
+
+    index: int
+    query: str
+    entropy: QueryEntropy
+    route: Literal["external", "internal", "skipped"]
+    reason: str
+    policy: str
+    backend: str | None = None
+    latency_s: float = 0.0
+    documents: list[Document] = field(default_factory=list)
+    information: str = ""
+    # Why an external decision fell back to self-fill (search failed, timed out, ...).
+    fallback: str | None = None
+
+    @property
+    def decision(self) -> str:
+        return self.route
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "index": self.index,
+            "query": self.query,
+            "entropy": self.entropy.to_dict(),
+            "decision": self.route,
+            "reason": self.reason,
+            "policy": self.policy,
+            "fallback": self.fallback,
+            "backend": self.backend,
+            "latency_s": round(self.latency_s, 4),
+            "documents": [
+                {"title": d.title, "url": d.url, "snippet": d.text, "score": d.score,
+                 "source": d.source}
+                for d in self.documents
+            ],
+            "information": self.information,
+        }
+
+
+@dataclass
+class LoopResult:
+    answer: str
+    answered: bool
+    transcript: str
+    searches: list[SearchRecord]
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def external_calls(self) -> int:
+        return sum(1 for s in self.searches if s.route == "external" and s.fallback is None)
+
+    @property
+    def internal_fills(self) -> int:
+        return sum(1 for s in self.searches if s.route == "internal" or s.fallback is not None)
+
+    def trace(self) -> dict[str, Any]:
+        return {
+            "searches": [s.to_dict() for s in self.searches],
+            "external_calls": self.external_calls,
+            "internal_fills": self.internal_fills,
+            "fallbacks": sum(1 for s in self.searches if s.fallback is not None),
+            "turns": len(self.searches),
+            "answered": self.answered,
+            "notes": list(self.notes),
+        }
+
+
+@dataclass(frozen=True)
+class TextDelta:
+    """Transcript text as it is written; `answer` marks text of the final answer."""
+
+    text: str
+    answer: str = ""
+
+
+@dataclass(frozen=True)
+class SearchDecided:
+    record: SearchRecord
+
+
+@dataclass(frozen=True)
+class LoopFinished:
+    result: LoopResult
+
+
+LoopEvent = TextDelta | SearchDecided | LoopFinished
+
+
+class _OutOfBudget(Exception):
+    """The trajectory has no tokens (or context) left for another engine call."""
+
+
+class SelfSearchLoop:
+    def __init__(
+        self,
+        engine: Engine,
+        search: SearchService,
+        config: LoopConfig,
+        prompt_ids: Sequence[int],
+        request_id: str,
+        vocab_size: int | None = None,
+        on_abort: Callable[[], None] | None = None,
+    ) -> None:
+        self.engine = engine
+        self.search = search
+        self.config = config
+        self.request_id = request_id
+        self.vocab_size = vocab_size
+        self.on_abort = on_abort
+        self.ids = list(prompt_ids)
+        self.transcript = ""
+        self.records: list[SearchRecord] = []
+        self.prompt_tokens = 0
+        self.completion_tokens = 0
+        self.notes: list[str] = []
+        self._calls = 0
+        self._finish_reason = "stop"
+        tokenizer = engine.tokenizer
+        self._decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=False)
+        self._encode = lambda text: tokenizer.encode(text, add_special_tokens=False)
+
+    # ----- transcript --------------------------------------------------------------
+
+    def _insert(self, text: str) -> TextDelta:
+        """Server-written text: the transcript and the prompt ids grow by it."""
+        self.transcript += text
+        self.ids.extend(self._encode(text))
+        return TextDelta(text)
+
+    def _keep(self, segment: Segment) -> None:
+        """Model-written text up to its stop string: keep the engine's own token ids."""
+        self.transcript += segment.text
+        self.ids.extend(continuation_ids(segment, self._decode, self._encode))
+
+    def _budget(self, cap: int) -> int:
+        left = min(
+            cap,
+            self.config.max_tokens - self.completion_tokens,
+            self.engine.max_model_len - len(self.ids),
+        )
+        if left <= 0:
+            raise _OutOfBudget
+        return left
+
+    async def _generate(
+        self, stop: tuple[str, ...], cap: int, logprobs: bool, answer: bool = False
+    ) -> AsyncIterator[TextDelta | Segment]:
+        """One engine call; yields text as it may be shown, then the finished Segment.
+
+        Text that could be the start of a stop string is held back until the engine has
+        decided, so streamed text always equals the kept transcript.
+        """
+        options = SamplingOptions(
+            max_tokens=self._budget(cap),
+            temperature=self.config.temperature,
+            top_p=self.config.top_p,
+            seed=None if self.config.seed is None else self.config.seed + self._calls,
+            stop=stop,
+            logprobs=self.config.logprobs_k if logprobs else None,
+            include_stop_str_in_output=False,
+        )
+        self._calls += 1
+        holdback = max((len(s) for s in stop), default=1) - 1
+        segment = Segment()
+        shown = 0
+        answer_shown = ""
+        async for delta in generate_or_abort(
+            self.engine, list(self.ids), options, f"{self.request_id}-{self._calls}", self.on_abort
+        ):
+            segment.text += delta.text
+            segment.token_ids.extend(delta.token_ids)
+            if delta.logprobs:
+                segment.logprobs.extend(delta.logprobs)
+            if delta.prompt_token_count is not None:
+                segment.prompt_tokens = delta.prompt_token_count
+            if delta.finish_reason is not None:
+                segment.finish_reason = delta.finish_reason
+                segment.stop = delta.stop_reason
+            done = delta.finish_reason is not None
+            end = len(segment.text) if done else max(shown, len(segment.text) - holdback)
+            if end > shown:
+                piece = segment.text[shown:end]
+                shown = end
+                answer_piece = ""
+                if answer:
+                    # The answer is reported stripped; send exactly what the strip keeps.
+                    visible = segment.text[:end].strip() if done else segment.text[:end].lstrip().rstrip()
+                    answer_piece = visible[len(answer_shown):]
+                    answer_shown = visible
+                yield TextDelta(piece, answer_piece)
+        self.prompt_tokens += segment.prompt_tokens
+        self.completion_tokens += segment.completion_tokens
+        if segment.finish_reason == "length":
+            self._finish_reason = "length"
+        yield segment
+
+    # ----- one search ----------------------------------------------------------------
+
+    def _decide(self, entropy: QueryEntropy) -> Decision:
+        previous = tuple(r.entropy for r in self.records if r.route != "skipped")
+        external = sum(1 for r in self.records if r.route == "external" and r.fallback is None)
+        ctx = SearchContext(
+            index=len(previous),
+            entropy=entropy,
+            previous=previous,
+            external_calls=external,
+            max_external_calls=self.config.max_external_calls,
+        )
+        return self.config.policy.decide(ctx)
+
+    async def _search_turn(self, segment: Segment, query_start: int) -> AsyncIterator[LoopEvent]:
+        """Decide on the query the segment closed, then insert or let the model fill."""
+        raw = segment.text[query_start:]
+        query = raw.strip()
+        start = query_start + (len(raw) - len(raw.lstrip()))
+        positions = query_positions(segment, self._decode, start, start + len(query))
+        entropy = query_entropy(positions, self.vocab_size)
+        index = len(self.records)
+        if not query:
+            record = SearchRecord(index, "", entropy, "skipped", "empty query", self.config.policy.name)
+            self.records.append(record)
+            yield SearchDecided(record)
+            return
+        decision = self._decide(entropy)
+        record = SearchRecord(index, query, entropy, decision.route, decision.reason, decision.policy)
+        if decision.route == "external":
+            outcome = await self.search.search(query, self.config.docs_per_search)
+            record.backend = outcome.backend
+            record.latency_s = outcome.latency_s
+            if outcome.error is None:
+                record.documents = outcome.documents
+                record.information = format_documents(outcome.documents, self.config.max_doc_chars)
+            else:
+                record.fallback = outcome.error
+        self.records.append(record)
+        yield SearchDecided(record)
+        yield self._insert(INFO_PREFIX)
+        if record.route == "external" and record.fallback is None:
+            yield self._insert(record.information)
+        else:
+            async for item in self._generate((INFORMATION_CLOSE,), self.config.max_information_tokens, False):
+                if isinstance(item, Segment):
+                    self._keep(item)
+                    record.information = item.text.strip()
+                else:
+                    yield item
+        yield self._insert(INFO_SUFFIX)
+
+    async def _answer(self, prefix: str, stop: tuple[str, ...]) -> AsyncIterator[LoopEvent]:
+        """Make the model answer: write `<answer>`, let it fill, close the tag."""
+        yield self._insert(prefix + ANSWER_OPEN)
+        async for item in self._generate(stop, self.config.max_answer_tokens, False, answer=True):
+            if isinstance(item, Segment):
+                self._keep(item)
+            else:
+                yield item
+        yield self._insert(ANSWER_CLOSE)
+
+    # ----- the two modes ---------------------------------------------------------------
+
+    async def _guided(self) -> AsyncIterator[LoopEvent]:
+        searches = min(self.config.guided_searches, self.config.max_turns)
+        for turn in range(searches):
+            yield self._insert(SEARCH_OPEN + " ")
+            segment: Segment | None = None
+            async for item in self._generate(
+                (SEARCH_CLOSE, "\n"), self.config.max_query_tokens, logprobs=True
+            ):
+                if isinstance(item, Segment):
+                    segment = item
+                else:
+                    yield item
+            assert segment is not None
+            self._keep(segment)
+            yield self._insert(" " + SEARCH_CLOSE)
+            async for event in self._search_turn(segment, 0):
+                yield event
+            if self.records[-1].route == "skipped":
+                break
+        async for event in self._answer("" if self.transcript.endswith("\n") else "\n", (ANSWER_CLOSE, "\n")):
+            yield event
+
+    async def _native(self) -> AsyncIterator[LoopEvent]:
+        while True:
+            segment: Segment | None = None
+            async for item in self._generate(
+                (SEARCH_CLOSE, ANSWER_CLOSE), self.config.max_tokens, logprobs=True
+            ):
+                if isinstance(item, Segment):
+                    segment = item
+                else:
+                    yield item
+            assert segment is not None
+            self._keep(segment)
+            if segment.stop == ANSWER_CLOSE:
+                yield self._insert(ANSWER_CLOSE)
+                return
+            if segment.stop != SEARCH_CLOSE:
+                return  # EOS or length: the model ended without an answer
+            yield self._insert(SEARCH_CLOSE)
+            searched = sum(1 for r in self.records if r.route != "skipped")
+            if searched >= self.config.max_turns:
+                self.notes.append(f"max_turns ({self.config.max_turns}) reached; the model was made to answer")
+                async for event in self._answer("\n\n", (ANSWER_CLOSE,)):
+                    yield event
+                return
+            opened = segment.text.rfind(SEARCH_OPEN)
+            if opened < 0:
+                self.notes.append("a </search> without its <search> was ignored")
+                continue
+            async for event in self._search_turn(segment, opened + len(SEARCH_OPEN)):
+                yield event
+
+    # ----- driver ------------------------------------------------------------------------
+
+    async def run(self) -> AsyncIterator[LoopEvent]:
+        steps = self._guided() if self.config.mode == "guided" else self._native()
+        answer_streamed = False
+        try:
+            async for event in steps:
+                answer_streamed |= isinstance(event, TextDelta) and bool(event.answer)
+                yield event
+        except _OutOfBudget:
+            self._finish_reason = "length"
+            self.notes.append("the token budget or the context ran out")
+        result = self._result()
+        if not answer_streamed and result.answer:
+            # Native mode cannot tell the answer apart while it streams: send it whole.
+            yield TextDelta("", result.answer)
+        yield LoopFinished(result)
+
+    def _result(self) -> LoopResult:
+        answer = extract_last_answer(self.transcript)
+        answered = answer is not None
+        if answer is None:
+            self.notes.append("the model produced no <answer>; content is its final text")
+            answer = _final_text(self.transcript)
+        return LoopResult(
+            answer=answer,
+            answered=answered,
+            transcript=self.transcript,
+            searches=self.records,
+            prompt_tokens=self.prompt_tokens,
+            completion_tokens=self.completion_tokens,
+            finish_reason=self._finish_reason,
+            notes=self.notes,
+        )
+
+
+def _final_text(transcript: str) -> str:
+    """Best final text without an answer: what follows the last closed tag, else all text."""
+    tail = transcript[transcript.rfind(">") + 1:] if ">" in transcript else transcript
+    return strip_tags(tail).strip() or strip_tags(transcript).strip()

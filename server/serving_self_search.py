@@ -1,0 +1,306 @@
+"""`POST /v1/chat/completions` with self-search: run the loop per choice, report its trace.
+
+What the client gets: `message.content` is the final answer, `message.reasoning` the whole
+tagged transcript, `message.annotations` one `url_citation` per external document, and
+`choices[i].self_search` the structured trace. Streams carry reasoning deltas, one
+`self_search` search event per decided search, answer deltas as content, and the trace
+with the choice's finish chunk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from router.engine.base import EngineDeadError, PromptTooLongError
+from router.loop import LoopConfig, LoopFinished, LoopResult, SearchDecided, SelfSearchLoop, TextDelta
+from router.policies import make_policy
+from router.prompts import system_prompt
+from router.search.service import SearchService
+from router.votes import majority_vote
+from server.errors import APIError
+from server.protocol import (
+    AssistantMessage,
+    ChatChoice,
+    ChatMessage,
+    ChatChunkChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    DeltaMessage,
+    SelfSearchOptions,
+    Usage,
+    new_id,
+    now,
+)
+from server.serving import ServingContext, check_model, new_request_id
+from server.serving_chat import ROUTE, chat_prompt
+from server.settings import ServeSettings
+from server.streaming import DONE, merge, sse
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class SelfSearchRuntime:
+    """Server-wide defaults and the search service, made once at start-up."""
+
+    settings: ServeSettings
+    search: SearchService
+    system_prompt: str
+    mode: str
+
+
+def wants_self_search(runtime: SelfSearchRuntime | None, request: ChatCompletionRequest) -> bool:
+    if runtime is None:
+        return False
+    opts = request.self_search
+    if opts is not None and opts.enabled is not None:
+        return opts.enabled
+    return runtime.settings.self_search
+
+
+def _invalid(param: str, message: str) -> APIError:
+    return APIError(400, message, param=f"self_search.{param}", code="invalid_value")
+
+
+def loop_config(
+    runtime: SelfSearchRuntime, request: ChatCompletionRequest, max_tokens: int
+) -> tuple[LoopConfig, int]:
+    """The trajectory's config and the number of votes, from server defaults + request."""
+    s = runtime.settings
+    o = request.self_search or SelfSearchOptions()
+    pick = lambda value, default: default if value is None else value  # noqa: E731
+    policy_name = pick(o.policy, s.search_policy)
+    aggregate = pick(o.aggregate, s.search_aggregate)
+    max_turns = pick(o.max_turns, s.max_turns)
+    if max_turns > s.max_turns:
+        raise _invalid("max_turns", f"max_turns must be at most {s.max_turns} on this server.")
+    votes = pick(o.votes, 1)
+    if votes > s.max_votes:
+        raise _invalid("votes", f"votes must be at most {s.max_votes} on this server.")
+    # The budget policy is a pure top-k rule unless the request also sets a threshold.
+    tau = o.threshold if policy_name == "budget" else pick(o.threshold, s.search_threshold)
+    try:
+        policy = make_policy(
+            policy_name, tau=tau, aggregate=aggregate, budget=pick(o.budget, s.search_budget)
+        )
+    except ValueError as exc:
+        raise _invalid("policy", str(exc)) from exc
+    config = LoopConfig(
+        mode=pick(o.mode, runtime.mode),
+        policy=policy,
+        max_turns=max_turns,
+        docs_per_search=pick(o.docs_per_search, s.docs_per_search),
+        max_external_calls=pick(o.max_external_calls, s.max_external_calls),
+        logprobs_k=s.entropy_top_k,
+        max_doc_chars=s.max_doc_chars,
+        max_query_tokens=s.max_query_tokens,
+        max_information_tokens=s.max_information_tokens,
+        max_answer_tokens=s.max_answer_tokens,
+        guided_searches=s.guided_searches,
+        max_tokens=max_tokens,
+        temperature=1.0 if request.temperature is None else request.temperature,
+        top_p=1.0 if request.top_p is None else request.top_p,
+        seed=request.seed,
+    )
+    return config, votes
+
+
+def citations(result: LoopResult) -> list[dict[str, Any]]:
+    """OpenAI `url_citation` annotations for the external documents, over the answer span."""
+    seen: set[str] = set()
+    annotations = []
+    for record in result.searches:
+        for doc in record.documents:
+            if doc.url and doc.url not in seen:
+                seen.add(doc.url)
+                annotations.append({
+                    "type": "url_citation",
+                    "url_citation": {
+                        "url": doc.url, "title": doc.title,
+                        "start_index": 0, "end_index": len(result.answer),
+                    },
+                })
+    return annotations
+
+
+@dataclass
+class ChoiceResult:
+    """One choice: the chosen trajectory and, with votes, all of them."""
+
+    chosen: LoopResult
+    samples: list[LoopResult]
+
+    def trace(self) -> dict[str, Any]:
+        trace = self.chosen.trace()
+        if len(self.samples) > 1:
+            vote = majority_vote([r.answer for r in self.samples])
+            trace["vote"] = {
+                "votes": len(self.samples),
+                "winner": vote.winner,
+                "answer": vote.normalized,
+                "counts": vote.counts,
+                "samples": [{"answer": r.answer, **r.trace()} for r in self.samples],
+            }
+        return trace
+
+    @property
+    def prompt_tokens(self) -> int:
+        return sum(r.prompt_tokens for r in self.samples)
+
+    @property
+    def completion_tokens(self) -> int:
+        return sum(r.completion_tokens for r in self.samples)
+
+
+class SelfSearchChat:
+    """One validated self-search chat request: n choices, each of `votes` trajectories."""
+
+    def __init__(
+        self, ctx: ServingContext, runtime: SelfSearchRuntime, request: ChatCompletionRequest
+    ) -> None:
+        check_model(ctx, request.model)
+        if request.logprobs:
+            raise APIError(
+                400, "logprobs are not available with self-search; set self_search.enabled "
+                "to false for plain generation with logprobs.", param="logprobs",
+            )
+        self.ctx = ctx
+        self.runtime = runtime
+        self.request = request
+        self.started = time.perf_counter()
+        # The protocol's system prompt comes first; the user's own system text follows it.
+        own = [m for m in request.messages if m.role in ("system", "developer")]
+        system = "\n\n".join([runtime.system_prompt, *(m.text() for m in own)])
+        conversation = [ChatMessage(role="system", content=system)] + [
+            m for m in request.messages if m.role not in ("system", "developer")
+        ]
+        self.prompt = chat_prompt(ctx, request.model_copy(update={"messages": conversation}))
+        if len(self.prompt) >= ctx.engine.max_model_len:
+            raise APIError(
+                400, f"This model's maximum context length is {ctx.engine.max_model_len} tokens. "
+                f"However, your prompt has {len(self.prompt)} tokens.",
+                param="messages", code="context_length_exceeded",
+            )
+        max_tokens = request.token_limit or runtime.settings.max_loop_tokens
+        self.config, self.votes = loop_config(runtime, request, max_tokens)
+        ctx.metrics.prompt_tokens.labels(ROUTE).inc(len(self.prompt))
+
+    def _loop(self, choice: int, sample: int) -> SelfSearchLoop:
+        config = self.config
+        if config.seed is not None:
+            # Every trajectory differs, reproducibly: offset the seed per choice and sample.
+            from dataclasses import replace
+
+            config = replace(config, seed=config.seed + 1000 * choice + 100 * sample)
+        return SelfSearchLoop(
+            self.ctx.engine, self.runtime.search, config, self.prompt, new_request_id(),
+            vocab_size=getattr(self.ctx.engine, "vocab_size", None),
+            on_abort=self.ctx.metrics.engine_aborts.labels(ROUTE).inc,
+        )
+
+    async def _run_loop(self, loop: SelfSearchLoop) -> LoopResult:
+        async for event in loop.run():
+            if isinstance(event, LoopFinished):
+                self._record(event.result)
+                return event.result
+        raise RuntimeError("the loop ended without a result")
+
+    def _record(self, result: LoopResult) -> None:
+        metrics = self.ctx.metrics
+        metrics.record_trajectory(result.searches)
+        metrics.completion_tokens.labels(ROUTE).inc(result.completion_tokens)
+
+    async def _choice(self, index: int) -> ChoiceResult:
+        samples = await asyncio.gather(*(self._run_loop(self._loop(index, s)) for s in range(self.votes)))
+        chosen = samples[majority_vote([r.answer for r in samples]).winner] if len(samples) > 1 else samples[0]
+        return ChoiceResult(chosen, list(samples))
+
+    async def complete(self) -> ChatCompletionResponse:
+        try:
+            results = await asyncio.gather(*(self._choice(i) for i in range(self.request.n)))
+        except PromptTooLongError as exc:
+            raise APIError(400, str(exc), code="context_length_exceeded") from exc
+        except EngineDeadError as exc:
+            raise APIError(503, "The engine is not available.", code="engine_unavailable") from exc
+        choices = []
+        for i, r in enumerate(results):
+            message = AssistantMessage(
+                content=r.chosen.answer, reasoning=r.chosen.transcript,
+                annotations=citations(r.chosen),
+            )
+            choices.append(ChatChoice(
+                index=i, message=message, finish_reason=r.chosen.finish_reason, self_search=r.trace()
+            ))
+        usage = Usage.of(
+            sum(r.prompt_tokens for r in results), sum(r.completion_tokens for r in results)
+        )
+        return ChatCompletionResponse(model=self.ctx.model_name, choices=choices, usage=usage)
+
+    async def _choice_events(self, index: int) -> AsyncIterator[Any]:
+        """Events of one choice: live from its loop, or (with votes) the vote's outcome."""
+        if self.votes == 1:
+            async for event in self._loop(index, 0).run():
+                if isinstance(event, LoopFinished):
+                    self._record(event.result)
+                    yield ChoiceResult(event.result, [event.result])
+                else:
+                    yield event
+            return
+        result = await self._choice(index)
+        yield TextDelta(result.chosen.transcript, result.chosen.answer)
+        yield result
+
+    async def stream(self) -> AsyncIterator[str]:
+        chunk_id, created, model = new_id("chatcmpl"), now(), self.ctx.model_name
+        first_token = True
+
+        def chunk(choices: list[ChatChunkChoice], usage: Usage | None = None) -> str:
+            return sse(ChatCompletionChunk(
+                id=chunk_id, created=created, model=model, choices=choices, usage=usage
+            ))
+
+        prompt_tokens = completion_tokens = 0
+        try:
+            for i in range(self.request.n):
+                yield chunk([ChatChunkChoice(index=i, delta=DeltaMessage(role="assistant", content=""))])
+            streams = [self._choice_events(i) for i in range(self.request.n)]
+            async for index, event in merge(streams):
+                if isinstance(event, TextDelta):
+                    if first_token and event.text:
+                        first_token = False
+                        self.ctx.metrics.ttft.labels(ROUTE).observe(time.perf_counter() - self.started)
+                    yield chunk([ChatChunkChoice(
+                        index=index,
+                        delta=DeltaMessage(reasoning=event.text or None, content=event.answer or None),
+                    )])
+                elif isinstance(event, SearchDecided):
+                    yield chunk([ChatChunkChoice(
+                        index=index, delta=DeltaMessage(),
+                        self_search={"type": "search", "search": event.record.to_dict()},
+                    )])
+                elif isinstance(event, ChoiceResult):
+                    prompt_tokens += event.prompt_tokens
+                    completion_tokens += event.completion_tokens
+                    yield chunk([ChatChunkChoice(
+                        index=index, delta=DeltaMessage(),
+                        finish_reason=event.chosen.finish_reason,
+                        annotations=citations(event.chosen) or None,
+                        self_search={"type": "trace", **event.trace()},
+                    )])
+            options = self.request.stream_options
+            if options is not None and options.include_usage:
+                yield chunk([], Usage.of(prompt_tokens, completion_tokens))
+        except EngineDeadError:
+            yield sse(APIError(503, "The engine is not available.", code="engine_unavailable").body())
+        except APIError as exc:
+            yield sse(exc.body())
+        except Exception:
+            logger.exception("error while streaming a self-search completion")
+            yield sse(APIError(500, "The server had an error while streaming.").body())
+        yield DONE
