@@ -253,6 +253,7 @@ class SelfSearchLoop:
             if delta.finish_reason is not None:
                 segment.finish_reason = delta.finish_reason
                 segment.stop = delta.stop_reason
+                segment.text = _without_partial_close(segment.text, stop[0])
             done = delta.finish_reason is not None
             end = len(segment.text) if done else max(shown, len(segment.text) - holdback)
             if end > shown:
@@ -422,6 +423,14 @@ class SelfSearchLoop:
             finish_reason=self._finish_reason,
             notes=self.notes,
         )
+
+
+def _without_partial_close(text: str, tag: str) -> str:
+    """Drop a closing tag the model began but did not finish (`... Paris</ans` then EOS)."""
+    for size in range(len(tag) - 1, 1, -1):
+        if text.endswith(tag[:size]):
+            return text[:-size]
+    return text
 
 
 def _final_text(transcript: str) -> str:

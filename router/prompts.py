@@ -26,6 +26,29 @@ GUIDED = (
 )
 
 
+# Guided mode shows the model one worked exchange before the real question: a small model
+# copies the shape of an example far more reliably than it follows an instruction.
+GUIDED_EXAMPLES: tuple[tuple[str, str], ...] = (
+    (
+        "Who wrote the play Hamlet?",
+        "<search> author of the play Hamlet </search>\n\n"
+        "<information>Hamlet is a tragedy written by William Shakespeare around 1600."
+        "</information>\n\n<answer> William Shakespeare </answer>",
+    ),
+)
+
+
+def example_messages(mode: str) -> list[dict[str, str]]:
+    """The worked exchange(s) placed before the user's messages (guided mode only)."""
+    if mode != "guided":
+        return []
+    messages = []
+    for question, transcript in GUIDED_EXAMPLES:
+        messages.append({"role": "user", "content": question})
+        messages.append({"role": "assistant", "content": transcript})
+    return messages
+
+
 def system_prompt(mode: str, override: str | None = None) -> str:
     if override:
         return override

@@ -92,7 +92,9 @@ def build_self_search(settings: ServeSettings) -> SelfSearchRuntime:
     return SelfSearchRuntime(
         settings=settings,
         search=build_search_service(settings),
-        system_prompt=system_prompt(mode, override),
+        system_prompts={
+            m: system_prompt(m, override if m == mode else None) for m in ("guided", "native")
+        },
         mode=mode,
     )
 

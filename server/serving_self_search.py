@@ -19,7 +19,7 @@ from typing import Any
 from router.engine.base import EngineDeadError, PromptTooLongError
 from router.loop import LoopConfig, LoopFinished, LoopResult, SearchDecided, SelfSearchLoop, TextDelta
 from router.policies import make_policy
-from router.prompts import system_prompt
+from router.prompts import example_messages
 from router.search.service import SearchService
 from router.votes import majority_vote
 from server.errors import APIError
@@ -51,7 +51,8 @@ class SelfSearchRuntime:
 
     settings: ServeSettings
     search: SearchService
-    system_prompt: str
+    # The system prompt of each protocol mode (a request may switch modes).
+    system_prompts: dict[str, str]
     mode: str
 
 
@@ -176,8 +177,10 @@ class SelfSearchChat:
         self.started = time.perf_counter()
         # The protocol's system prompt comes first; the user's own system text follows it.
         own = [m for m in request.messages if m.role in ("system", "developer")]
-        system = "\n\n".join([runtime.system_prompt, *(m.text() for m in own)])
-        conversation = [ChatMessage(role="system", content=system)] + [
+        mode = self.config_mode(runtime, request)
+        system = "\n\n".join([runtime.system_prompts[mode], *(m.text() for m in own)])
+        examples = [ChatMessage(**m) for m in example_messages(mode)]
+        conversation = [ChatMessage(role="system", content=system), *examples] + [
             m for m in request.messages if m.role not in ("system", "developer")
         ]
         self.prompt = chat_prompt(ctx, request.model_copy(update={"messages": conversation}))
@@ -190,6 +193,11 @@ class SelfSearchChat:
         max_tokens = request.token_limit or runtime.settings.max_loop_tokens
         self.config, self.votes = loop_config(runtime, request, max_tokens)
         ctx.metrics.prompt_tokens.labels(ROUTE).inc(len(self.prompt))
+
+    @staticmethod
+    def config_mode(runtime: SelfSearchRuntime, request: ChatCompletionRequest) -> str:
+        opts = request.self_search
+        return opts.mode if opts is not None and opts.mode is not None else runtime.mode
 
     def _loop(self, choice: int, sample: int) -> SelfSearchLoop:
         config = self.config
