@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import random
 import re
@@ -31,13 +32,13 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from router.search.default_corpus import (  # noqa: E402
+from router.search.default_corpus import (
     WIKI_PACKAGE,
     WIKI_VERSION,
     fetch_wiki_summaries,
     wiki_summaries_to_jsonl,
 )
-from router.search.local_index import LocalIndexBackend, build_index, fts_query  # noqa: E402
+from router.search.local_index import LocalIndexBackend, build_index, fts_query
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_QUESTIONS = Path("/work/shared/data/qa/nq_open_dev.jsonl")
@@ -190,6 +191,8 @@ def main() -> None:
     if not args.keep:
         corpus.unlink(missing_ok=True)
         info.path.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            index_dir.rmdir()
 
     width = max(map(len, result))
     for key, value in result.items():

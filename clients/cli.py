@@ -71,7 +71,48 @@ def build_parser() -> argparse.ArgumentParser:
         "prepare", help="Convert the default model into the cache (done by serve when missing)."
     )
     prepare.add_argument("--cache-dir", default=None, help="Cache directory (default: SSRL_CACHE_DIR or ~/.cache/ssrl).")
+
+    index = commands.add_parser("index", help="Build the local BM25 search index.")
+    index_commands = index.add_subparsers(dest="index_command", required=True)
+    build = index_commands.add_parser(
+        "build", help="Build an index from JSONL ({id, title, text, url?} per line), atomically."
+    )
+    source = build.add_mutually_exclusive_group(required=True)
+    source.add_argument("--input", help="JSONL corpus to index.")
+    source.add_argument(
+        "--preset", choices=["wiki-summaries"],
+        help="Build the default index from the offline Wikipedia summaries.",
+    )
+    build.add_argument("--out", help="Index directory (required with --input).")
+    build.add_argument("--cache-dir", default=None, help="Cache directory for --preset.")
+    build.add_argument("--no-progress", action="store_true", help="No progress bar.")
     return parser
+
+
+def _index_build(args: dict[str, Any]) -> int:
+    from pathlib import Path
+
+    from router.engine.default_model import default_cache_dir
+    from router.search.default_corpus import ensure_default_index
+    from router.search.local_index import build_index, read_index_info
+
+    progress = not args["no_progress"]
+    if args["preset"]:
+        cache_dir = Path(args["cache_dir"]) if args["cache_dir"] else default_cache_dir()
+        out = ensure_default_index(cache_dir, progress=progress)
+    else:
+        if not args["out"]:
+            print("ssrl index build: --out is required with --input", file=sys.stderr)
+            return 2
+        try:
+            build_index(Path(args["input"]), Path(args["out"]), source=args["input"], progress=progress)
+        except (OSError, ValueError) as exc:
+            print(f"ssrl index build: {exc}", file=sys.stderr)
+            return 1
+        out = Path(args["out"])
+    info = read_index_info(out)
+    print(f"{info.documents} documents indexed in {info.path}")
+    return 0
 
 
 def _serve(flags: dict[str, Any]) -> int:
@@ -117,6 +158,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _serve(args)
     if command == "model":
         return _prepare(args.get("cache_dir"))
+    if command == "index":
+        return _index_build(args)
     return 2
 
 

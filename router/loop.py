@@ -60,7 +60,7 @@ class LoopConfig:
     max_doc_chars: int = 600
     max_query_tokens: int = 48
     max_information_tokens: int = 128
-    max_answer_tokens: int = 64
+    max_answer_tokens: int = 32
     # Guided mode: how many searches to drive before the answer (capped by max_turns).
     guided_searches: int = 1
     # Total tokens the loop may generate across all its engine calls.

@@ -23,10 +23,15 @@ def token_offsets(token_ids: Sequence[int], decode: Decode) -> list[tuple[int, i
     """
     spans = []
     previous = 0
-    for i in range(1, len(token_ids) + 1):
-        length = len(decode(token_ids[:i]))
-        # A prefix ending inside a multi-byte character decodes to U+FFFD; never step back.
-        length = max(length, previous)
+    total = len(token_ids)
+    for i in range(1, total + 1):
+        text = decode(token_ids[:i])
+        # A prefix ending inside a multi-byte character decodes to a trailing U+FFFD: that
+        # character is not there yet (the completing token owns it). The full decode is
+        # taken as it is. Never step back.
+        if i < total:
+            text = text.rstrip("\ufffd")
+        length = max(len(text), previous)
         spans.append((previous, length))
         previous = length
     return spans

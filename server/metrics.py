@@ -90,11 +90,14 @@ class HTTPMetrics:
 
 def _route_template(app: ASGIApp, scope: Scope) -> str:
     """The matched route's path template, so label values stay bounded."""
+    partial = None
     for route in getattr(app, "routes", ()):
         match, _ = route.matches(scope)
         if match == Match.FULL:
             return getattr(route, "path", scope["path"])
-    return "unmatched"
+        if match == Match.PARTIAL and partial is None:
+            partial = getattr(route, "path", None)  # the path matched, the method did not
+    return partial or "unmatched"
 
 
 class MetricsMiddleware:

@@ -105,7 +105,7 @@ class ServeSettings(BaseSettings):
     max_information_tokens: int = Field(
         128, ge=1, description="Cap on a self-written <information> block in tokens."
     )
-    max_answer_tokens: int = Field(64, ge=1, description="Cap on the <answer> in tokens (guided mode).")
+    max_answer_tokens: int = Field(32, ge=1, description="Cap on the <answer> in tokens (guided mode).")
     guided_searches: int = Field(
         1, ge=1, description="Searches the guided mode drives before the answer (capped by max_turns)."
     )

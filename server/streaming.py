@@ -32,8 +32,11 @@ async def merge(streams: list[AsyncIterator[T]]) -> AsyncIterator[tuple[int, T]]
     cancels (and so aborts) the engine requests behind them.
     """
     if len(streams) == 1:
-        async for item in streams[0]:
-            yield 0, item
+        try:
+            async for item in streams[0]:
+                yield 0, item
+        finally:
+            await _close(streams[0])
         return
     queue: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
 
@@ -60,3 +63,12 @@ async def merge(streams: list[AsyncIterator[T]]) -> AsyncIterator[tuple[int, T]]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        for stream in streams:
+            await _close(stream)
+
+
+async def _close(stream: AsyncIterator[Any]) -> None:
+    """Close an async generator now, so its `finally` (the engine abort) runs at once."""
+    aclose = getattr(stream, "aclose", None)
+    if aclose is not None:
+        await aclose()

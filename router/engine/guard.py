@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable, Sequence
 
-from router.engine.base import Engine, GenerationDelta, SamplingOptions
+from router.engine.base import Engine, EngineDeadError, GenerationDelta, SamplingOptions
 
 
 async def generate_or_abort(
@@ -25,6 +25,9 @@ async def generate_or_abort(
             if delta.finish_reason is not None:
                 finished = True
             yield delta
+    except EngineDeadError:
+        finished = True  # nothing runs on a dead engine: no abort to send or count
+        raise
     finally:
         if not finished:
             await engine.abort(request_id)

@@ -45,6 +45,9 @@ _BM25_WEIGHTS = "0.0, 2.0, 1.0, 0.0"
 _BATCH_SIZE = 5_000
 # A model may send a whole paragraph as its query; every extra OR term costs a posting-list scan.
 _MAX_QUERY_TERMS = 32
+# k comes from a model's tool call: bound it so one call cannot pull the whole corpus into
+# memory (and so a huge int cannot overflow SQLite's 64-bit LIMIT).
+_MAX_K = 1_000
 
 # Letters and digits only: "_" is in \w but unicode61 treats it as a separator, and a quoted
 # phrase that tokenizes to nothing would silently match nothing.
@@ -312,13 +315,13 @@ class LocalIndexBackend:
         conn.close()
 
     def search_sync(self, query: str, k: int) -> list[Document]:
-        """Blocking search: at most ``k`` documents, best first, ``score = -bm25``."""
+        """Blocking search: at most ``k`` (<= 1000) documents, best first, ``score = -bm25``."""
         expression = fts_query(query)
         if not expression or k <= 0:
             return []
         conn, file_id = self._acquire()
         try:
-            rows = conn.execute(_SEARCH_SQL, (expression, k)).fetchall()
+            rows = conn.execute(_SEARCH_SQL, (expression, min(k, _MAX_K))).fetchall()
         except sqlite3.Error as exc:
             # The connection may be what is broken; do not hand it to the next search.
             conn.close()

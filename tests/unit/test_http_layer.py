@@ -25,7 +25,7 @@ from server.protocol import ChatCompletionRequest
 from server.serving import ServingContext
 from server.serving_chat import PlainChat
 from server.settings import ServeSettings
-from tests.scripted_engine import Call, Script, ScriptedEngine, Step, script
+from tests.scripted_engine import Call, Script, ScriptedEngine, script
 
 KEY = "sk-unit-one"
 OTHER_KEY = "sk-unit-two"
@@ -38,8 +38,10 @@ USER = [{"role": "user", "content": "Hi"}]
 
 
 def make_app(engine: ScriptedEngine, **settings: Any):
+    # The plain chat path, and no search index to build (unknown settings are ignored).
     values: dict[str, Any] = {
         "api_key": [KEY, OTHER_KEY], "warmup": False, "max_request_bytes": LIMIT,
+        "self_search": False, "search": "none",
     }
     values.update(settings)
     return create_app(ServeSettings(**values), engine_factory=lambda _: engine)

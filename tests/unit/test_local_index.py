@@ -73,7 +73,7 @@ HOSTILE_QUERIES = [
     "___",
     "  \t\n ",
     "eiffel\x00tower",
-    "ＥＩＦＦＥＬ",
+    "\uff25\uff29\uff26\uff26\uff25\uff2c",  # fullwidth "EIFFEL"
     "Эйфелева башня",
     "埃菲尔铁塔",
     "🗼🗼",
@@ -149,6 +149,7 @@ def test_k_is_respected_and_scores_descend(index_dir: Path) -> None:
         assert all(s is not None for s in scores)
         assert scores == sorted(scores, reverse=True)  # type: ignore[type-var]
     assert len(backend.search_sync("tower", 1000)) == 21  # every doc mentioning a tower
+    assert len(backend.search_sync("tower", 10**30)) == 21  # capped, not an overflow
     assert backend.search_sync("tower", 0) == []
     assert backend.search_sync("tower", -1) == []
 
@@ -227,7 +228,7 @@ def test_invalid_record_names_line_number(tmp_path: Path, line: str) -> None:
 
 def test_missing_index_raises_search_error(tmp_path: Path) -> None:
     backend = LocalIndexBackend(tmp_path / "nowhere")
-    with pytest.raises(SearchError, match="index not found at .*ssrl index build"):
+    with pytest.raises(SearchError, match=r"index not found at .*ssrl index build"):
         backend.search_sync("hamlet", 3)
     with pytest.raises(SearchError, match="index not found"):
         asyncio.run(backend.search("hamlet", 3))

@@ -1,0 +1,44 @@
+"""`make bench`: run a benchmark by name (default: serving), passing the rest of the flags on.
+
+    .venv/bin/python -m bench.run                              # serving, default options
+    .venv/bin/python -m bench.run serving --enforce-eager      # ssrl vs vLLM OpenAI server
+    .venv/bin/python -m bench.run local-index --docs 100000    # local FTS5 index
+"""
+
+from __future__ import annotations
+
+import runpy
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+BENCHMARKS = {
+    "serving": "bench.serving",
+    "local-index": str(HERE / "bench_local_index.py"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in ("-h", "--help"):
+        print(__doc__.strip())
+        print("\nbenchmarks: " + ", ".join(BENCHMARKS))
+        return 0
+    name = "serving"
+    if argv and not argv[0].startswith("-"):
+        name, argv = argv[0], argv[1:]
+    if name not in BENCHMARKS:
+        print(f"unknown benchmark {name!r}; choose from: {', '.join(BENCHMARKS)}", file=sys.stderr)
+        return 2
+    target = BENCHMARKS[name]
+    if name == "serving":
+        from bench.serving import main as serving_main
+
+        return serving_main(argv)
+    sys.argv = [target, *argv]
+    runpy.run_path(target, run_name="__main__")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
