@@ -81,17 +81,30 @@ def server_env() -> dict[str, str]:
     return env
 
 
-def ssrl_argv(python: str, model_dir: str, port: int, enforce_eager: bool) -> list[str]:
+def ssrl_plain_flags() -> list[str]:
+    """Flags that make ssrl serve plain chat, as vLLM does: its self-search loop (on by default
+    for chat once it exists) is another workload, benchmarked on its own."""
+    try:
+        from server.settings import ServeSettings
+    except Exception:  # noqa: BLE001 - an older or broken tree: serve with its defaults
+        return []
+    return ["--no-self-search"] if "self_search" in ServeSettings.model_fields else []
+
+
+def ssrl_argv(
+    python: str, model_dir: str, port: int, enforce_eager: bool, extra: list[str] | None = None
+) -> list[str]:
     argv = [
         python, "-m", "clients.cli", "serve",
         "--host", "127.0.0.1", "--port", str(port),
         "--model", model_dir, "--served-model-name", MODEL_NAME,
         "--max-model-len", str(MAX_MODEL_LEN),
         "--enable-prefix-caching",
+        *ssrl_plain_flags(),
     ]
     if enforce_eager:
         argv.append("--enforce-eager")
-    return argv
+    return argv + list(extra or [])
 
 
 def vllm_argv(python: str, model_dir: str, port: int, enforce_eager: bool) -> list[str]:
@@ -510,11 +523,17 @@ async def run_levels(plan: Plan, prompts: list[str], deadline: float) -> list[di
                       f"other load {rd['background_cpu_s'] / rd['wall_s']:.2f} cores",
                       flush=True)
         summaries = {name: summarize(rounds[name]) for name in SERVERS if rounds[name]}
+        for name in SERVERS:  # the texts of the first round, for a look at what each produced
+            if rounds[name]:
+                summaries[name]["first_round_texts"] = [x["text"] for x in rounds[name][0]["requests"]][:8]
         same = None
         if rounds["ssrl"] and rounds["vllm"]:
             a = [x["text"] for x in rounds["ssrl"][0]["requests"]]
             b = [x["text"] for x in rounds["vllm"][0]["requests"]]
             same = sum(1 for x, y in zip(a, b, strict=False) if x == y) / max(1, len(a))
+            if same < 0.5:
+                print(f"  WARNING: only {same:.0%} of completions are identical at "
+                      f"c={concurrency}: the servers are not running the same workload", flush=True)
         levels_out.append({
             "concurrency": concurrency,
             "requests_per_round": n,
@@ -606,6 +625,18 @@ def render_markdown(report: dict[str, Any]) -> str:
         report["command"],
         "```",
         "",
+        "Servers, as started (ports chosen free at run time):",
+        "",
+        "```",
+        *(shlex.join(["python" if i == 0 else a for i, a in enumerate(cfg["server_argv"][name])])
+          for name in SERVERS),
+        "```",
+        "",
+        f"Source: commit `{(report.get('source') or {}).get('commit') or 'unknown'}`"
+        + (" with uncommitted changes under server/, router/ or clients/"
+           if (report.get("source") or {}).get("uncommitted_server_changes") else "")
+        + ".",
+        "",
         "### Method",
         "",
         f"- Load: streaming chat completions through httpx (async), `temperature: 0`, "
@@ -659,6 +690,9 @@ def render_markdown(report: dict[str, Any]) -> str:
         same = level.get("identical_outputs_fraction")
         if same is not None:
             lines += ["", f"Identical completions (first round, ssrl vs vLLM): {same * 100:.0f}%."]
+            if same < 0.5:
+                lines[-1] += (" **Most completions differ: the two servers did not run the same "
+                              "workload, so these figures do not compare serving overhead.**")
         lines.append("")
 
     t = TARGETS
@@ -751,6 +785,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-duration", type=float, default=3600.0,
                    help="no new round starts after this many seconds of load")
     p.add_argument("--python", default=sys.executable, help="interpreter for both servers")
+    p.add_argument("--ssrl-arg", action="append", default=[], metavar="FLAG",
+                   help="extra flag for `ssrl serve` only, e.g. --ssrl-arg=--self-search "
+                        "(repeatable; by default ssrl serves plain chat like vLLM)")
     return p
 
 
@@ -778,6 +815,23 @@ def resolve_model_dir(arg: str | None) -> str:
     return str(path)
 
 
+def source_state() -> dict[str, Any]:
+    """The commit benchmarked and whether the server code differed from it (read-only git)."""
+    def git(*cmd: str) -> str | None:
+        try:
+            done = subprocess.run(["git", *cmd], cwd=ROOT, capture_output=True, text=True,
+                                  timeout=10, check=True)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return done.stdout.strip()
+
+    changed = git("status", "--porcelain", "--", "server", "router", "clients")
+    return {
+        "commit": git("rev-parse", "HEAD"),
+        "uncommitted_server_changes": None if changed is None else bool(changed),
+    }
+
+
 def _terminate(signum: int, _frame: Any) -> None:
     raise SystemExit(128 + signum)
 
@@ -789,6 +843,7 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.monotonic()
     started_at = datetime.now(UTC).isoformat(timespec="seconds")
 
+    source = source_state()
     model_dir = resolve_model_dir(args.model_dir)
     prompts = load_prompts(args.questions, args.prompts)
     plan = Plan(
@@ -799,11 +854,12 @@ def main(argv: list[str] | None = None) -> int:
     log_dir = Path(tempfile.mkdtemp(prefix="ssrl-bench-serving-"))
     env = server_env()
     ports = {name: free_port() for name in SERVERS}
-    builders = {"ssrl": ssrl_argv, "vllm": vllm_argv}
     plan.servers = [
-        Server(name, builders[name](args.python, model_dir, ports[name], args.enforce_eager),
-               ports[name], log_dir / f"{name}.log", env)
-        for name in SERVERS
+        Server("ssrl", ssrl_argv(args.python, model_dir, ports["ssrl"], args.enforce_eager,
+                                 args.ssrl_arg),
+               ports["ssrl"], log_dir / "ssrl.log", env),
+        Server("vllm", vllm_argv(args.python, model_dir, ports["vllm"], args.enforce_eager),
+               ports["vllm"], log_dir / "vllm.log", env),
     ]
     command = " ".join([".venv/bin/python", "-m", "bench.serving", *map(shlex.quote, argv)])
     print(f"model: {model_dir}\nlogs: {log_dir}\nplan: {plan.requests} x {plan.rounds} rounds, "
@@ -863,6 +919,7 @@ def main(argv: list[str] | None = None) -> int:
         "started_at": started_at,
         "command": command,
         "machine": machine_info(),
+        "source": source,
         "config": {
             "model_dir": model_dir, "served_model_name": MODEL_NAME,
             "max_model_len": MAX_MODEL_LEN, "enforce_eager": args.enforce_eager,

@@ -253,7 +253,7 @@ class SelfSearchLoop:
             if delta.finish_reason is not None:
                 segment.finish_reason = delta.finish_reason
                 segment.stop = delta.stop_reason
-                segment.text = _without_partial_close(segment.text, stop[0])
+                segment.text = _without_partial_close(segment.text, stop)
             done = delta.finish_reason is not None
             end = len(segment.text) if done else max(shown, len(segment.text) - holdback)
             if end > shown:
@@ -425,10 +425,13 @@ class SelfSearchLoop:
         )
 
 
-def _without_partial_close(text: str, tag: str) -> str:
-    """Drop a closing tag the model began but did not finish (`... Paris</ans` then EOS)."""
-    for size in range(len(tag) - 1, 1, -1):
-        if text.endswith(tag[:size]):
+def _without_partial_close(text: str, tags: Sequence[str]) -> str:
+    """Drop a closing tag the model began but did not finish (`... Paris</ans` then EOS).
+
+    Any of the call's stop strings counts (native mode stops at `</search>` and `</answer>`).
+    """
+    for size in range(max((len(t) for t in tags), default=0) - 1, 1, -1):
+        if any(len(t) > size and text.endswith(t[:size]) for t in tags):
             return text[:-size]
     return text
 
