@@ -15,6 +15,7 @@ HERE = Path(__file__).resolve().parent
 BENCHMARKS = {
     "serving": "bench.serving",
     "local-index": str(HERE / "bench_local_index.py"),
+    "loop": "bench.loop",
 }
 
 

@@ -35,8 +35,11 @@ from router.tags import (
     INFORMATION_OPEN,
     SEARCH_CLOSE,
     SEARCH_OPEN,
+    TAG_NAMES,
+    close_tag,
     extract_last_answer,
     format_documents,
+    open_tag,
     strip_tags,
 )
 
@@ -436,7 +439,13 @@ def _without_partial_close(text: str, tags: Sequence[str]) -> str:
     return text
 
 
+_PROTOCOL_TAGS = tuple(tag(name) for name in TAG_NAMES for tag in (open_tag, close_tag))
+
+
 def _final_text(transcript: str) -> str:
-    """Best final text without an answer: what follows the last closed tag, else all text."""
-    tail = transcript[transcript.rfind(">") + 1:] if ">" in transcript else transcript
-    return strip_tags(tail).strip() or strip_tags(transcript).strip()
+    """Best final text without an answer: what follows the last protocol tag, else all text.
+
+    Only protocol tags count: a `>` in the model's prose (`5 > 3`, `<b>`) is no tag.
+    """
+    cut = max((transcript.rfind(t) + len(t) for t in _PROTOCOL_TAGS if t in transcript), default=0)
+    return strip_tags(transcript[cut:]).strip() or strip_tags(transcript).strip()

@@ -27,6 +27,8 @@ class SamplingOptions:
     include_stop_str_in_output: bool = True
     # Ask the engine to skip special tokens in the decoded text (vLLM default True).
     skip_special_tokens: bool = True
+    # Keep generating past EOS (benchmarks that need an exact token count).
+    ignore_eos: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -128,6 +128,7 @@ class VLLMEngine:
             logprobs=options.logprobs,
             include_stop_str_in_output=options.include_stop_str_in_output,
             skip_special_tokens=options.skip_special_tokens,
+            ignore_eos=options.ignore_eos,
             output_kind=RequestOutputKind.DELTA,
         )
         first = True

@@ -182,7 +182,8 @@ def test_native_always_two_searches_then_answer() -> None:
     assert result.searches[0].information == INFO
     assert result.searches[0].documents == DOCS
     trace = result.trace()
-    assert (trace["external_calls"], trace["internal_fills"], trace["fallbacks"], trace["turns"]) == (2, 0, 0, 2)
+    totals = (trace["external_calls"], trace["internal_fills"], trace["fallbacks"], trace["turns"])
+    assert totals == (2, 0, 0, 2)
     assert trace["answered"] is True and trace["notes"] == []
     assert len(engine.calls) == 3
     for call in engine.calls:
@@ -237,14 +238,23 @@ def test_threshold_policy_searches_only_above_tau() -> None:
     assert (trace["external_calls"], trace["internal_fills"], trace["turns"]) == (2, 1, 3)
 
 
-@pytest.mark.parametrize("aggregate", ["mean", "max", "ssrl"])
-def test_threshold_policy_reads_its_aggregate(aggregate: str) -> None:
+@pytest.mark.parametrize(
+    ("aggregate", "tau", "reason"),
+    [
+        ("mean", 0.0, f"mean entropy {h(*HIGH):.3f} > tau 0.000"),
+        ("max", 0.0, f"max entropy {h(*HIGH):.3f} > tau 0.000"),
+        ("ssrl", 0.0, f"ssrl value {-0.3 * math.log2(0.3):.3f} > tau 0.000"),
+        ("min_prob", 0.5, "min token prob 0.300 < tau 0.500"),
+    ],
+)
+def test_threshold_policy_reads_its_aggregate(aggregate: str, tau: float, reason: str) -> None:
     engine = ScriptedEngine([ask("q", HIGH), answer()])
-    _, result = collect(engine, config(policy=ThresholdPolicy(0.0, aggregate)),
-                        SearchService([FakeBackend()]))
+    backend = FakeBackend()
+    _, result = collect(engine, config(policy=ThresholdPolicy(tau, aggregate)),
+                        SearchService([backend]))
     record = result.searches[0]
-    assert record.route == "external"
-    assert f"{record.entropy.aggregate(aggregate):.3f} > tau 0.000" in record.reason
+    assert (record.route, record.reason) == ("external", reason)
+    assert backend.queries == [("q", 3)]
 
 
 def test_ssrl_policy_first_external_then_only_when_uncertainty_rose() -> None:
@@ -294,7 +304,8 @@ def test_budget_policy_keeps_its_call_for_a_top_ranked_query() -> None:
     _, result = collect(engine, config(policy=BudgetPolicy(1)), SearchService([backend]))
     one, two, three = result.searches
     assert (one.route, one.fallback is not None) == ("external", True)
-    assert (two.route, two.reason) == ("internal", f"mean entropy uncertainty {h(*LOW):.3f} ranks 2 of 2, budget 1")
+    assert two.route == "internal"
+    assert two.reason == f"mean entropy uncertainty {h(*LOW):.3f} ranks 2 of 2, budget 1"
     assert (three.route, three.fallback) == ("external", None)
     assert three.reason.startswith(f"mean entropy uncertainty {h(*HIGH):.3f} ranks 1 of 3")
     assert [q for q, _ in backend.queries] == ["one", "three"]
@@ -388,7 +399,9 @@ def test_guided_external_exact_transcript_and_prompts() -> None:
     assert query_call.options.stop == ("</search>", "\n")
     assert query_call.options.max_tokens == 48
     assert query_call.options.logprobs == 20
-    assert answer_call.prompt_text == PROMPT + "<search> capital of France </search>" + info_block(INFO) + "<answer>"
+    assert answer_call.prompt_text == (
+        PROMPT + "<search> capital of France </search>" + info_block(INFO) + "<answer>"
+    )
     assert answer_call.options.stop == ("</answer>", "\n")
     assert answer_call.options.max_tokens == 64
     assert answer_call.options.logprobs is None
@@ -543,11 +556,18 @@ def test_no_answer_at_all_reports_the_final_text() -> None:
     assert any("no <answer>" in n for n in result.notes)
 
 
-def test_final_text_after_the_last_tag_is_the_content() -> None:
-    engine = ScriptedEngine([ask("q"), script("So it is <b>Paris</b>, I guess")])
+def test_final_text_after_the_last_protocol_tag_is_the_content() -> None:
+    engine = ScriptedEngine([ask("q"), script("So 5 > 3 and it is <b>Paris</b>, I guess")])
     _, result = collect(engine, config(), SearchService([FakeBackend()]))
     assert result.answered is False
-    assert result.answer == ", I guess"
+    # Only protocol tags cut the text; `>` and `<b>` in the prose are the model's words.
+    assert result.answer == "So 5 > 3 and it is <b>Paris</b>, I guess"
+
+
+def test_final_text_of_an_unclosed_answer() -> None:
+    engine = ScriptedEngine([script("<think>sure</think><answer> Paris")])
+    _, result = collect(engine, config())
+    assert (result.answered, result.answer) == (False, "Paris")
 
 
 def test_tags_split_across_tokens_stop_correctly() -> None:
@@ -616,7 +636,9 @@ def test_a_document_cannot_end_the_block_or_become_the_answer(mode: str) -> None
 
 
 def _fallback_run(service: SearchService) -> tuple[LoopResult, ScriptedEngine]:
-    engine = ScriptedEngine([ask("capital of France"), script("Paris, I believe.</information>"), answer()])
+    engine = ScriptedEngine([
+        ask("capital of France"), script("Paris, I believe.</information>"), answer(),
+    ])
     _, result = collect(engine, config(), service)
     return result, engine
 
