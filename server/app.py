@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Query, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from router.engine.base import Engine, EngineDeadError, SamplingOptions
@@ -20,10 +20,18 @@ from server.auth import AuthMiddleware, KeyChecker
 from server.errors import APIError, install_error_handlers
 from server.limits import BodySizeLimitMiddleware
 from server.metrics import HTTPMetrics, MetricsMiddleware
-from server.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
+from server.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    ModelCard,
+    ModelList,
+    RetrieveRequest,
+    SearchResult,
+)
 from server.serving import ServingContext
 from server.serving_chat import PlainChat
 from server.serving_completion import Completion
+from server.serving_search import retrieve, search_once
 from server.serving_self_search import SelfSearchChat, SelfSearchRuntime, wants_self_search
 from server.settings import ServeSettings
 
@@ -206,6 +214,16 @@ def create_app(settings: ServeSettings, engine_factory: EngineFactory = start_vl
             return StreamingResponse(completion.stream(), media_type="text/event-stream")
         result = await until_disconnect(request, completion.complete())
         return JSONResponse(result.model_dump(exclude_none=True))
+
+    @app.post("/retrieve")
+    async def retrieve_documents(body: RetrieveRequest) -> JSONResponse:
+        return JSONResponse(await retrieve(state["self_search"].search, body))
+
+    @app.get("/v1/search", response_model=SearchResult)
+    async def search_documents(
+        q: str = Query(..., max_length=2000), k: int = Query(5, ge=1, le=50)
+    ) -> SearchResult:
+        return await search_once(state["self_search"].search, q, k)
 
     # Outermost first: metrics see every answer, the size cap runs before auth reads nothing.
     app.add_middleware(AuthMiddleware, checker=KeyChecker(settings.api_key))

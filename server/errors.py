@@ -73,7 +73,7 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None, s
     if not errors:
         return "Invalid request.", None, None
     first = errors[0]
-    loc = [str(part) for part in first.get("loc", ()) if part != "body"]
+    loc = [str(part) for part in first.get("loc", ()) if part not in ("body", "query")]
     param = ".".join(loc) or None
     if first.get("type") == "json_invalid":
         return "We could not parse the JSON body of your request.", None, "invalid_json"

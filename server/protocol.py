@@ -259,3 +259,33 @@ class CompletionResponse(_Response):
     model: str
     choices: list[CompletionChoice]
     usage: Usage | None = None
+
+
+# ----- the server as a retriever ------------------------------------------------------------
+
+
+class RetrieveRequest(BaseModel):
+    """Search-R1's retriever request (`POST /retrieve`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    queries: list[str] = Field(min_length=1, max_length=256)
+    topk: int | None = Field(None, ge=1, le=100)
+    return_scores: bool = False
+
+
+class SearchHit(BaseModel):
+    title: str
+    url: str | None = None
+    snippet: str
+    score: float | None = None
+    source: str = ""
+
+
+class SearchResult(BaseModel):
+    object: Literal["search.result"] = "search.result"
+    query: str
+    backend: str
+    latency_s: float
+    cache_hit: bool = False
+    data: list[SearchHit]
