@@ -51,6 +51,9 @@ def add_settings_flags(parser: argparse.ArgumentParser, fields: dict[str, FieldI
             )
 
 
+EXTRA_COMMANDS: tuple[str, ...] = ()
+
+
 def build_parser() -> argparse.ArgumentParser:
     from server.settings import ServeSettings
 
@@ -86,6 +89,14 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--out", help="Index directory (required with --input).")
     build.add_argument("--cache-dir", default=None, help="Cache directory for --preset.")
     build.add_argument("--no-progress", action="store_true", help="No progress bar.")
+
+    # Further commands live in their own modules: each has `register(subparsers)`, which
+    # adds its parser with `set_defaults(handler=...)`; the handler takes the parsed
+    # arguments as a dict and returns the exit code.
+    for module_name in EXTRA_COMMANDS:
+        import importlib
+
+        importlib.import_module(module_name).register(commands)
     return parser
 
 
@@ -154,6 +165,9 @@ def _prepare(cache_dir: str | None) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = vars(build_parser().parse_args(argv))
     command = args.pop("command")
+    handler = args.pop("handler", None)
+    if handler is not None:
+        return int(handler(args))
     if command == "serve":
         return _serve(args)
     if command == "model":

@@ -52,6 +52,20 @@ def shared_metrics() -> HTTPMetrics:
     return _metrics
 
 
+def start_engine(settings: ServeSettings) -> Engine:
+    """The remote engine when --engine-url is set, else vLLM in this process."""
+    if settings.engine_url:
+        from router.engine.default_model import ensure_default_checkpoint
+        from router.engine.remote_engine import RemoteEngine, RemoteEngineConfig
+
+        tokenizer = settings.model or str(ensure_default_checkpoint(settings.cache_dir))
+        return RemoteEngine.connect(RemoteEngineConfig(
+            base_url=settings.engine_url, tokenizer=tokenizer,
+            model=settings.remote_model, api_key=settings.engine_api_key,
+        ))
+    return start_vllm_engine(settings)
+
+
 def start_vllm_engine(settings: ServeSettings) -> Engine:
     from router.engine.default_model import ensure_default_checkpoint
     from router.engine.vllm_engine import EngineConfig, VLLMEngine
@@ -138,7 +152,7 @@ async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
     return task.result()
 
 
-def create_app(settings: ServeSettings, engine_factory: EngineFactory = start_vllm_engine) -> FastAPI:
+def create_app(settings: ServeSettings, engine_factory: EngineFactory = start_engine) -> FastAPI:
     metrics = shared_metrics()
     state: dict[str, Any] = {}
 

@@ -49,6 +49,16 @@ class ServeSettings(BaseSettings):
         default_factory=default_cache_dir, description="Where the converted default model lives."
     )
 
+    # Remote engine mode: route in front of an existing vLLM OpenAI server instead.
+    engine_url: str | None = Field(
+        None, description="Base URL of a vLLM OpenAI server (e.g. http://vllm:8000/v1) to "
+        "generate with instead of an in-process engine; --model then names the tokenizer.",
+    )
+    engine_api_key: str | None = Field(None, description="Bearer key of the remote engine.")
+    remote_model: str | None = Field(
+        None, description="Model name at the remote engine (default: the first it lists)."
+    )
+
     # Engine (vLLM's names)
     dtype: str = Field("auto", description="vLLM --dtype.")
     max_model_len: int | None = Field(None, gt=0, description="vLLM --max-model-len.")

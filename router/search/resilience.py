@@ -207,10 +207,22 @@ class CallStats:
 # ----- building blocks ------------------------------------------------------------------------
 
 
+class Permit:
+    """Leave to send one request, from `CircuitBreaker.acquire`; `trial` for the one
+    request a half-open breaker lets through."""
+
+    __slots__ = ("trial",)
+
+    def __init__(self, trial: bool) -> None:
+        self.trial = trial
+
+
 class CircuitBreaker:
     """Consecutive-failure breaker: closed -> open -> half-open (one trial) -> closed/open.
 
     Single event loop only (no locking). `threshold` 0 turns it off (always closed).
+    Any verdict counts, whichever request brings it: a success closes the breaker, a
+    failure while half-open re-opens it.
     """
 
     def __init__(
@@ -227,7 +239,7 @@ class CircuitBreaker:
         self._state = CLOSED
         self.failures = 0
         self._opened_at = 0.0
-        self._trial_out = False
+        self._trial: Permit | None = None  # the half-open trial out now
 
     @property
     def state(self) -> str:
@@ -242,42 +254,46 @@ class CircuitBreaker:
             return 0.0
         return max(0.0, self._opened_at + self.reset_after_s - self._clock())
 
-    def allow(self) -> bool:
-        """May a request go out now? Reserves the one trial of a half-open breaker."""
+    def acquire(self) -> Permit | None:
+        """Leave to send a request now, or None; takes the one trial of a half-open breaker."""
         if self.threshold <= 0 or self._state == CLOSED:
-            return True
+            return Permit(trial=False)
         if self._state == OPEN:
             if self._clock() - self._opened_at < self.reset_after_s:
-                return False
+                return None
             self._move(HALF_OPEN)
-        if self._trial_out:  # half-open with its trial already out
-            return False
-        self._trial_out = True
-        return True
+        if self._trial is not None:  # half-open, its trial already out
+            return None
+        self._trial = Permit(trial=True)
+        return self._trial
 
-    def record_success(self) -> None:
+    def record_success(self, permit: Permit) -> None:
         self.failures = 0
-        self._trial_out = False
+        self._end(permit)
         if self._state != CLOSED:
             self._move(CLOSED)
 
-    def record_failure(self) -> None:
+    def record_failure(self, permit: Permit) -> None:
+        self._end(permit)
         if self.threshold <= 0:
             return
-        self._trial_out = False
         self.failures += 1
         if self._state == HALF_OPEN or (self._state == CLOSED and self.failures >= self.threshold):
             self._opened_at = self._clock()
             self._move(OPEN)
-        elif self._state == OPEN:  # a request let through before it opened failed late
-            self._opened_at = self._clock()
 
-    def release(self) -> None:
-        """A request ended with no verdict (cancelled, or never sent): free the trial."""
-        self._trial_out = False
+    def release(self, permit: Permit) -> None:
+        """The request ended with no verdict (cancelled, or never sent)."""
+        self._end(permit)
+
+    def _end(self, permit: Permit) -> None:
+        if permit is self._trial:
+            self._trial = None
 
     def _move(self, state: str) -> None:
         self._state = state
+        if state != HALF_OPEN:
+            self._trial = None
         if self._on_change is not None:
             self._on_change(state)
 
@@ -335,7 +351,7 @@ def _plural(n: int, word: str) -> str:
     return f"{n} {word}" if n == 1 else f"{n} {word}s"
 
 
-def _retry_reason(exc: BaseException) -> str:
+def _retry_reason(exc: BaseException | None) -> str:
     if isinstance(exc, SearchHTTPError):
         return "rate_limited" if exc.status == 429 else "server_error"
     return "transport"
@@ -389,7 +405,7 @@ class ResilientBackend:
     ) -> list[Document]:
         """`search`, filling `stats` (attempts made) as it goes."""
         now = self._clock()
-        call = _Call(started=now, deadline=now + self.policy.deadline_s, stats=stats or CallStats())
+        call = _Call(started=now, deadline=now + self.policy.deadline_s, stats=stats if stats is not None else CallStats())
         retrying = AsyncRetrying(  # one per call: tenacity keeps per-run state on the object
             retry=lambda rs: self._should_retry(rs, call),
             stop=lambda rs: self._should_stop(rs, call),
@@ -413,7 +429,8 @@ class ResilientBackend:
         return call.deadline - self._clock()
 
     async def _attempt(self, query: str, k: int, call: _Call) -> list[Document]:
-        if not self.breaker.allow():
+        permit = self.breaker.acquire()
+        if permit is None:
             raise CircuitOpenError(self._open_message())
         verdict: bool | None = None  # True: healthy, False: unhealthy, None: no verdict
         try:
@@ -459,11 +476,11 @@ class ResilientBackend:
                 self._slots.release()
         finally:
             if verdict is True:
-                self.breaker.record_success()
+                self.breaker.record_success(permit)
             elif verdict is False:
-                self.breaker.record_failure()
+                self.breaker.record_failure(permit)
             else:
-                self.breaker.release()
+                self.breaker.release(permit)
 
     def _trips(self, exc: SearchError) -> bool:
         """Does this error say the provider is unhealthy (a breaker failure)?"""

@@ -17,12 +17,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from router.search.base import Document, SearchBackend
 from router.search.cache import CachedBackend, SearchCache
-from router.search.resilience import CallStats, ResiliencePolicy, ResilientBackend, SearchObserver
+from router.search.resilience import (
+    CallStats,
+    ResiliencePolicy,
+    ResilientBackend,
+    SearchObserver,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +70,8 @@ class SearchService:
         *,
         policies: Mapping[str, ResiliencePolicy] | None = None,
         timeout_s: float | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> SearchService:
         """A service whose backends are each wrapped: cache (when given) around resilience.
 
@@ -72,13 +79,14 @@ class SearchService:
         overrides it by backend name. `cache` None means no caching; one cache may serve
         every backend (its keys hold the backend's name). `timeout_s`, the service's own
         hard limit per backend, defaults to the longest policy deadline plus a margin, so
-        it only catches what the resilience layer somehow did not.
+        it only catches what the resilience layer somehow did not. `clock` and `sleep` go
+        to the resilience layer (tests pass fakes).
         """
         default = policy or ResiliencePolicy()
         chosen = [(b, (policies or {}).get(b.name, default)) for b in backends]
         wrapped: list[SearchBackend] = []
         for backend, backend_policy in chosen:
-            layer: SearchBackend = ResilientBackend(backend, backend_policy, observer)
+            layer: SearchBackend = ResilientBackend(backend, backend_policy, observer, clock, sleep)
             if cache is not None and cache.enabled:
                 layer = CachedBackend(layer, cache, observer)
             wrapped.append(layer)
@@ -103,7 +111,7 @@ class SearchService:
                 docs = await asyncio.wait_for(self._call(backend, query, k, stats), self.timeout_s)
             except TimeoutError:
                 errors.append(f"{backend.name}: timed out after {self.timeout_s:g}s")
-            except Exception as exc:  # any backend failure becomes a fallback, never a 500
+            except Exception as exc:  # noqa: BLE001  any failure becomes a fallback, never a 500
                 errors.append(_describe(backend.name, exc))
                 logger.warning("search backend %s failed: %s", backend.name, type(exc).__name__)
             else:

@@ -1,0 +1,206 @@
+"""The remote engine: an existing vLLM OpenAI server (or a fleet behind a load balancer).
+
+ssrl then runs only the router: inference scales with vLLM's own data and tensor
+parallelism, and router replicas stay stateless. Every engine call is a streamed
+`POST /v1/completions` on token ids, with vLLM's extensions that keep the loop exact:
+`return_token_ids` (the generated ids), `return_tokens_as_token_ids` (logprob keys as
+`token_id:N`, so entropies are keyed by id), `include_stop_str_in_output` and `ignore_eos`.
+Closing the stream makes vLLM abort the request. The tokenizer (for the chat template and
+for inserted text) is loaded locally from the same checkpoint or Hugging Face id.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+
+from router.engine.base import (
+    EngineDeadError,
+    GenerationDelta,
+    PromptTooLongError,
+    SamplingOptions,
+    TokenLogprobs,
+    Tokenizer,
+)
+from router.engine.vllm_engine import _token_ids
+
+logger = logging.getLogger(__name__)
+
+_TOKEN_PREFIX = "token_id:"
+
+
+@dataclass(frozen=True)
+class RemoteEngineConfig:
+    base_url: str  # e.g. http://vllm:8000/v1
+    tokenizer: str  # local path or Hugging Face id of the served model's tokenizer
+    model: str | None = None  # name at the remote server; default: its first model
+    api_key: str | None = None
+    connect_timeout_s: float = 5.0
+    read_timeout_s: float = 600.0
+    max_connections: int = 256
+
+
+def _token_id(key: str) -> int:
+    if not key.startswith(_TOKEN_PREFIX):
+        raise ValueError(f"expected a '{_TOKEN_PREFIX}N' key, got {key!r}")
+    return int(key[len(_TOKEN_PREFIX):])
+
+
+def parse_logprobs(token_ids: Sequence[int], logprobs: Mapping[str, Any] | None) -> tuple[TokenLogprobs, ...] | None:
+    """vLLM's completions logprobs (with `return_tokens_as_token_ids`) as TokenLogprobs."""
+    if not logprobs:
+        return None
+    sampled = logprobs.get("token_logprobs") or []
+    tops = logprobs.get("top_logprobs") or []
+    converted = []
+    for i, token_id in enumerate(token_ids):
+        top_raw = tops[i] if i < len(tops) and tops[i] else {}
+        top = {_token_id(k): float(v) for k, v in top_raw.items()}
+        logprob = sampled[i] if i < len(sampled) and sampled[i] is not None else top.get(token_id)
+        converted.append(TokenLogprobs(
+            token_id=token_id,
+            logprob=float("-inf") if logprob is None else float(logprob),
+            top=top,
+        ))
+    return tuple(converted)
+
+
+class RemoteEngine:
+    """`Engine` over a vLLM OpenAI-compatible server."""
+
+    def __init__(self, config: RemoteEngineConfig, tokenizer: Any, model: str, max_model_len: int) -> None:
+        self.config = config
+        self._tokenizer = tokenizer
+        self.model = model
+        self._max_model_len = max_model_len
+        self.vocab_size: int = len(tokenizer)
+        headers = {"Authorization": f"Bearer {config.api_key}"} if config.api_key else {}
+        self._client = httpx.AsyncClient(
+            base_url=config.base_url.rstrip("/"),
+            headers=headers,
+            timeout=httpx.Timeout(config.read_timeout_s, connect=config.connect_timeout_s),
+            limits=httpx.Limits(max_connections=config.max_connections),
+        )
+
+    @classmethod
+    def connect(cls, config: RemoteEngineConfig) -> RemoteEngine:
+        """Ask the remote server what it serves, and load the matching tokenizer."""
+        from transformers import AutoTokenizer
+
+        headers = {"Authorization": f"Bearer {config.api_key}"} if config.api_key else {}
+        response = httpx.get(
+            config.base_url.rstrip("/") + "/models", headers=headers, timeout=config.connect_timeout_s
+        )
+        response.raise_for_status()
+        models = response.json()["data"]
+        card = next((m for m in models if m["id"] == config.model), None) if config.model else models[0]
+        if card is None:
+            raise ValueError(f"the remote server does not serve {config.model!r}")
+        tokenizer = AutoTokenizer.from_pretrained(config.tokenizer)
+        max_len = card.get("max_model_len") or getattr(tokenizer, "model_max_length", 2048)
+        return cls(config, tokenizer, card["id"], int(max_len))
+
+    @property
+    def max_model_len(self) -> int:
+        return self._max_model_len
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        return self._tokenizer
+
+    def apply_chat_template(
+        self, messages: list[dict[str, str]], add_generation_prompt: bool = True
+    ) -> list[int]:
+        return _token_ids(
+            self._tokenizer.apply_chat_template(
+                messages, add_generation_prompt=add_generation_prompt, tokenize=True
+            )
+        )
+
+    def _body(self, prompt_ids: list[int], options: SamplingOptions) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "model": self.model,
+            "prompt": prompt_ids,
+            "max_tokens": options.max_tokens,
+            "temperature": options.temperature,
+            "top_p": options.top_p,
+            "stream": True,
+            "stop": list(options.stop) or None,
+            "include_stop_str_in_output": options.include_stop_str_in_output,
+            "skip_special_tokens": options.skip_special_tokens,
+            "ignore_eos": options.ignore_eos,
+            "return_token_ids": True,
+            "return_tokens_as_token_ids": True,
+            "stream_options": {"include_usage": False},
+        }
+        if options.seed is not None:
+            body["seed"] = options.seed
+        if options.logprobs is not None:
+            body["logprobs"] = options.logprobs
+        return body
+
+    async def generate(
+        self, prompt: str | Sequence[int], options: SamplingOptions, request_id: str
+    ) -> AsyncIterator[GenerationDelta]:
+        prompt_ids = (
+            self._tokenizer.encode(prompt, add_special_tokens=True)
+            if isinstance(prompt, str)
+            else list(prompt)
+        )
+        if len(prompt_ids) + options.max_tokens > self._max_model_len:
+            raise PromptTooLongError(
+                f"This model's maximum context length is {self._max_model_len} tokens. "
+                f"However, you requested {len(prompt_ids) + options.max_tokens} tokens."
+            )
+        first = True
+        try:
+            async with self._client.stream(
+                "POST", "/completions", json=self._body(prompt_ids, options),
+                headers={"X-Request-Id": request_id},
+            ) as response:
+                if response.status_code >= 400:
+                    body = (await response.aread()).decode(errors="replace")[:500]
+                    if response.status_code == 400:
+                        raise PromptTooLongError(f"the remote engine refused the request: {body}")
+                    raise EngineDeadError(f"the remote engine answered {response.status_code}")
+                async for line in response.aiter_lines():
+                    if not line.startswith("data: ") or line == "data: [DONE]":
+                        continue
+                    chunk = json.loads(line[len("data: "):])
+                    if "error" in chunk:
+                        raise EngineDeadError(f"the remote engine failed: {chunk['error'].get('message')}")
+                    for choice in chunk.get("choices", []):
+                        token_ids = tuple(choice.get("token_ids") or ())
+                        stop_reason = choice.get("stop_reason")
+                        yield GenerationDelta(
+                            text=choice.get("text") or "",
+                            token_ids=token_ids,
+                            logprobs=parse_logprobs(token_ids, choice.get("logprobs")),
+                            finish_reason=choice.get("finish_reason"),
+                            stop_reason=stop_reason if isinstance(stop_reason, str) else None,
+                            prompt_token_count=len(prompt_ids) if first else None,
+                        )
+                        first = False
+        except httpx.TransportError as exc:
+            raise EngineDeadError(f"the remote engine is unreachable: {type(exc).__name__}") from exc
+
+    async def abort(self, request_id: str) -> None:
+        # Closing the stream (the caller's cancellation) is what aborts a remote request.
+        return None
+
+    async def check_health(self) -> None:
+        root = self.config.base_url.rstrip("/").removesuffix("/v1")
+        try:
+            response = await self._client.get(root + "/health", timeout=5.0)
+        except httpx.HTTPError as exc:
+            raise EngineDeadError(f"the remote engine is unreachable: {type(exc).__name__}") from exc
+        if response.status_code != 200:
+            raise EngineDeadError(f"the remote engine's health is {response.status_code}")
+
+    async def shutdown(self) -> None:
+        await self._client.aclose()

@@ -1,0 +1,178 @@
+"""Scoring open-domain QA answers: exact match, F1, pass@k, majority vote, AUROC.
+
+The conventions are those of SQuAD, Search-R1 and SSRL, so numbers compare with published ones:
+
+- Answers are normalised with SQuAD's `normalize_answer` (lower case, ASCII punctuation and the
+  articles a/an/the removed, whitespace folded), re-exported here from `router.tags`.
+- Exact match and F1 take the best score over the gold answers.
+- F1 is SQuAD's bag-of-tokens F1 on normalised text. When the prediction or the gold has no
+  token left after normalisation, F1 is 1 if both are empty, else 0 (SQuAD 2.0's rule; the
+  1.1 script divides by zero there).
+- pass@k is the unbiased estimator of Chen et al. 2021 (HumanEval): with n samples of which
+  c are correct, pass@k = 1 - C(n-c, k) / C(n, k), the probability that k samples drawn
+  without replacement from the n contain at least one correct one.
+- AUROC is the Mann-Whitney U statistic divided by n_pos * n_neg, ties counted one half
+  (mid-ranks), so a constant score has AUROC 0.5 whatever the labels.
+
+Pure functions, no I/O.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from fractions import Fraction
+
+from router.tags import normalize_answer
+
+__all__ = [
+    "MajorityVote",
+    "auroc",
+    "best_exact_match",
+    "best_f1",
+    "exact_match",
+    "f1_score",
+    "majority_vote",
+    "mean",
+    "normalize_answer",
+    "pass_at_k",
+    "pass_at_k_curve",
+]
+
+
+def _golds(gold: str | Iterable[str]) -> list[str]:
+    golds = [gold] if isinstance(gold, str) else list(gold)
+    if not golds:
+        raise ValueError("at least one gold answer is needed")
+    return golds
+
+
+def exact_match(prediction: str | None, gold: str) -> bool:
+    """Whether the normalised prediction equals the normalised gold answer.
+
+    A missing prediction (None) is never right.
+    """
+    if prediction is None:
+        return False
+    return normalize_answer(prediction) == normalize_answer(gold)
+
+
+def f1_score(prediction: str | None, gold: str) -> float:
+    """SQuAD token F1 between one prediction and one gold answer (0 for None)."""
+    if prediction is None:
+        return 0.0
+    pred_tokens = normalize_answer(prediction).split()
+    gold_tokens = normalize_answer(gold).split()
+    if not pred_tokens or not gold_tokens:
+        return float(pred_tokens == gold_tokens)
+    common = Counter(pred_tokens) & Counter(gold_tokens)
+    same = sum(common.values())
+    if same == 0:
+        return 0.0
+    precision = same / len(pred_tokens)
+    recall = same / len(gold_tokens)
+    return 2 * precision * recall / (precision + recall)
+
+
+def best_exact_match(prediction: str | None, golds: str | Iterable[str]) -> bool:
+    """Exact match against the best of the gold answers."""
+    return any(exact_match(prediction, g) for g in _golds(golds))
+
+
+def best_f1(prediction: str | None, golds: str | Iterable[str]) -> float:
+    """F1 against the best of the gold answers."""
+    return max(f1_score(prediction, g) for g in _golds(golds))
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k: 1 - C(n-c, k) / C(n, k), computed exactly then rounded to a float.
+
+    n samples, c of them correct, k <= n drawn. Raises ValueError for impossible arguments.
+    """
+    if n < 1:
+        raise ValueError(f"pass@k needs n >= 1 samples, got {n}")
+    if not 0 <= c <= n:
+        raise ValueError(f"pass@k needs 0 <= c <= n, got c={c}, n={n}")
+    if not 1 <= k <= n:
+        raise ValueError(f"pass@k needs 1 <= k <= n, got k={k}, n={n}")
+    if n - c < k:
+        return 1.0
+    return float(1 - Fraction(math.comb(n - c, k), math.comb(n, k)))
+
+
+def pass_at_k_curve(correct_counts: Sequence[tuple[int, int]], k_max: int) -> dict[int, float]:
+    """Mean pass@k over questions for k = 1..k_max; `correct_counts` holds (n, c) per question.
+
+    Every question must have n >= k_max samples. An empty sequence gives an empty dict.
+    """
+    if not correct_counts:
+        return {}
+    curve: dict[int, float] = {}
+    for k in range(1, k_max + 1):
+        curve[k] = math.fsum(pass_at_k(n, c, k) for n, c in correct_counts) / len(correct_counts)
+    return curve
+
+
+@dataclass(frozen=True, slots=True)
+class MajorityVote:
+    # The winning normalised answer, how many samples gave it, and the first sample that did.
+    answer: str
+    count: int
+    index: int
+    counts: dict[str, int]
+
+
+def majority_vote(answers: Sequence[str | None]) -> MajorityVote:
+    """The most frequent normalised answer among `answers`.
+
+    Ties go to the answer that appeared first. Empty (or None) answers only win when no
+    sample gave a non-empty one. Raises ValueError for no answers at all.
+    """
+    if not answers:
+        raise ValueError("majority_vote needs at least one answer")
+    normalized = [normalize_answer(a) if a is not None else "" for a in answers]
+    counts = Counter(normalized)
+    candidates = [a for a in normalized if a] or normalized
+    best = max(candidates, key=lambda a: (counts[a], -normalized.index(a)))
+    return MajorityVote(best, counts[best], normalized.index(best), dict(counts))
+
+
+def auroc(scores: Sequence[float], labels: Sequence[bool | int]) -> float | None:
+    """Area under the ROC curve of `scores` for predicting `labels` (True = positive).
+
+    Computed as the Mann-Whitney U statistic over (positive, negative) pairs: a pair counts 1
+    when the positive scores higher, 1/2 when they tie. Uses mid-ranks, O(n log n). None
+    when either class is empty (the AUROC is undefined). NaN scores are rejected.
+    """
+    if len(scores) != len(labels):
+        raise ValueError(f"{len(scores)} scores but {len(labels)} labels")
+    if any(math.isnan(s) for s in scores):
+        raise ValueError("scores must not be NaN")
+    n_pos = sum(1 for y in labels if y)
+    n_neg = len(labels) - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return None
+    order = sorted(range(len(scores)), key=lambda i: scores[i])
+    ranks = [0.0] * len(scores)
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and scores[order[j + 1]] == scores[order[i]]:
+            j += 1
+        mid_rank = (i + j) / 2 + 1  # 1-based ranks i+1..j+1 share their mean
+        for t in range(i, j + 1):
+            ranks[order[t]] = mid_rank
+        i = j + 1
+    rank_sum = math.fsum(r for r, y in zip(ranks, labels, strict=True) if y)
+    u = rank_sum - n_pos * (n_pos + 1) / 2
+    return u / (n_pos * n_neg)
+
+
+def mean(values: Iterable[float]) -> float | None:
+    """Arithmetic mean, None for no values."""
+    data = list(values)
+    if not data:
+        return None
+    return math.fsum(data) / len(data)
