@@ -51,7 +51,7 @@ def add_settings_flags(parser: argparse.ArgumentParser, fields: dict[str, FieldI
             )
 
 
-EXTRA_COMMANDS: tuple[str, ...] = ()
+EXTRA_COMMANDS: tuple[str, ...] = ("clients.chat",)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -142,13 +142,19 @@ def _serve(flags: dict[str, Any]) -> int:
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    uvicorn.run(
-        create_app(settings),
+    from server.lifecycle import DrainingServer
+
+    app = create_app(settings)
+    config = uvicorn.Config(
+        app,
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level.lower(),
         timeout_keep_alive=30,
+        # The drain already waited for requests; this bounds what is left (connections).
+        timeout_graceful_shutdown=max(1, int(settings.shutdown_grace)),
     )
+    DrainingServer(config, app.state.drainer).run()
     return 0
 
 

@@ -18,6 +18,7 @@ from router.search.base import SearchBackend
 from router.search.service import SearchService
 from server.auth import AuthMiddleware, KeyChecker
 from server.errors import APIError, install_error_handlers
+from server.lifecycle import DrainMiddleware, Drainer
 from server.limits import BodySizeLimitMiddleware
 from server.metrics import HTTPMetrics, MetricsMiddleware
 from server.protocol import (
@@ -176,6 +177,7 @@ def create_app(settings: ServeSettings, engine_factory: EngineFactory = start_en
             await engine.shutdown()
 
     app = FastAPI(title="ssrl", version=_version(), lifespan=lifespan)
+    app.state.drainer = drainer = Drainer(grace_s=settings.shutdown_grace)
     install_error_handlers(app)
 
     def ctx() -> ServingContext:
@@ -188,6 +190,13 @@ def create_app(settings: ServeSettings, engine_factory: EngineFactory = start_en
         except (EngineDeadError, KeyError):
             return JSONResponse({"status": "unavailable"}, status_code=503)
         return JSONResponse({"status": "ok"})
+
+    @app.get("/ready")
+    async def ready() -> Response:
+        """Readiness: false at once when draining, and whenever the engine is not healthy."""
+        if drainer.draining:
+            return JSONResponse({"status": "draining"}, status_code=503)
+        return await health()
 
     @app.get("/metrics")
     async def prometheus_metrics() -> Response:
@@ -241,6 +250,7 @@ def create_app(settings: ServeSettings, engine_factory: EngineFactory = start_en
 
     # Outermost first: metrics see every answer, the size cap runs before auth reads nothing.
     app.add_middleware(AuthMiddleware, checker=KeyChecker(settings.api_key))
+    app.add_middleware(DrainMiddleware, drainer=drainer)
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_request_bytes)
     app.add_middleware(MetricsMiddleware, metrics=metrics, router_app=app.router)
     return app

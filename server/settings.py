@@ -37,6 +37,9 @@ class ServeSettings(BaseSettings):
         4 * 1024 * 1024, gt=0, description="Largest request body accepted (bytes); larger -> 413."
     )
     log_level: str = Field("info", description="Log level (debug, info, warning, error).")
+    shutdown_grace: float = Field(
+        30.0, ge=0, description="Seconds requests in flight may take to finish after SIGTERM."
+    )
 
     # Model
     model: str | None = Field(

@@ -340,9 +340,9 @@ class FakeProviders:
                 provider=provider,
                 method=request.method,
                 path=path,
-                raw_path=request.scope.get("raw_path", b"").decode("latin-1").split("?")[0][
-                    len(provider) + 1 :
-                ],
+                raw_path=request.scope.get("raw_path", b"")
+                .decode("latin-1")
+                .split("?")[0][len(provider) + 1 :],
                 query=dict(request.query_params),
                 headers={k.lower(): v for k, v in request.headers.items()},
                 json=parsed,
@@ -373,9 +373,9 @@ class FakeProviders:
             page = "<!DOCTYPE html><html><body><h1>502 Bad Gateway</h1><p>nginx</p></body></html>"
             return Response(page, behaviour.code, media_type="text/html")
         if kind == "huge":
-            headers = {"content-length": str(behaviour.n_bytes)} if behaviour.flag else None
+            declared = {"content-length": str(behaviour.n_bytes)} if behaviour.flag else None
             return StreamingResponse(
-                _huge_chunks(behaviour.n_bytes), media_type="application/json", headers=headers
+                _huge_chunks(behaviour.n_bytes), media_type="application/json", headers=declared
             )
         if kind == "close_mid_body":
             return _PartialResponse(hang_s=0.0, stop=self._stop)
@@ -506,7 +506,8 @@ class FakeProviders:
         if not isinstance(body.get("query"), str):
             return JSONResponse({"error": "query is required"}, 400)
         n = int(body.get("numResults", 10))
-        contents = body.get("contents") if isinstance(body.get("contents"), dict) else {}
+        contents = body.get("contents")
+        with_text = isinstance(contents, dict) and bool(contents.get("text"))
         results = []
         for d in self.docs[:n]:
             result: dict[str, Any] = {
@@ -518,7 +519,7 @@ class FakeProviders:
                 "score": d.score,
                 "highlights": [d.text[:20]],
             }
-            if contents.get("text"):
+            if with_text:
                 result["text"] = d.text
             results.append(result)
         return {"requestId": "fake-request", "resolvedSearchType": "neural", "results": results}

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 
+import httpx
 import openai
 import pytest
 
@@ -21,33 +25,47 @@ def _start(argv: list[str], log_path, env: dict[str, str]) -> subprocess.Popen:
                                 stdin=subprocess.DEVNULL, env=env, start_new_session=True)
 
 
+ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "VLLM_CPU_KVCACHE_SPACE": "1"}
+
+
 @pytest.fixture(scope="module")
-def remote_pair(server: RunningServer, tmp_path_factory) -> Iterator[RunningServer]:
-    """A vLLM OpenAI server on the default checkpoint, and an ssrl router in front of it."""
+def upstream(tmp_path_factory) -> Iterator[RunningServer]:
+    """vLLM's own OpenAI server on the default checkpoint."""
     from router.engine.default_model import ensure_default_checkpoint
 
-    checkpoint = str(ensure_default_checkpoint())
-    logs = tmp_path_factory.mktemp("remote")
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "VLLM_CPU_KVCACHE_SPACE": "1"}
-    vllm_port, ssrl_port = _free_port(), _free_port()
-    vllm = _start([sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", checkpoint,
-                   "--served-model-name", "upstream", "--port", str(vllm_port), "--host", "127.0.0.1",
-                   "--max-model-len", "2048", "--enforce-eager"], logs / "vllm.log", env)
-    upstream = RunningServer(f"http://127.0.0.1:{vllm_port}", "", logs / "vllm.log", vllm)
-    router = None
+    log = tmp_path_factory.mktemp("vllm") / "vllm.log"
+    port = _free_port()
+    vllm = _start([sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+                   "--model", str(ensure_default_checkpoint()), "--served-model-name", "upstream",
+                   "--port", str(port), "--host", "127.0.0.1", "--max-model-len", "2048",
+                   "--enforce-eager"], log, ENV)
+    running = RunningServer(f"http://127.0.0.1:{port}", "", log, vllm)
     try:
-        _wait_healthy(upstream, 420)
-        router = _start([sys.executable, "-m", "clients.cli", "serve", "--host", "127.0.0.1",
-                         "--port", str(ssrl_port), "--engine-url", upstream.base_url + "/v1",
-                         "--api-key", server.api_key], logs / "ssrl.log", env)
-        running = RunningServer(f"http://127.0.0.1:{ssrl_port}", server.api_key,
-                                logs / "ssrl.log", router)
-        _wait_healthy(running, 120)
+        _wait_healthy(running, 420)
         yield running
     finally:
-        if router is not None:
-            _stop(router)
         _stop(vllm)
+
+
+def start_router(upstream: RunningServer, api_key: str, log, *extra: str) -> RunningServer:
+    """An ssrl router (no engine of its own) in front of the upstream vLLM server."""
+    port = _free_port()
+    process = _start([sys.executable, "-m", "clients.cli", "serve", "--host", "127.0.0.1",
+                      "--port", str(port), "--engine-url", upstream.base_url + "/v1",
+                      "--api-key", api_key, *extra], log, ENV)
+    running = RunningServer(f"http://127.0.0.1:{port}", api_key, log, process)
+    _wait_healthy(running, 120)
+    return running
+
+
+@pytest.fixture(scope="module")
+def remote_pair(server: RunningServer, upstream: RunningServer, tmp_path_factory) -> Iterator[RunningServer]:
+    log = tmp_path_factory.mktemp("router") / "ssrl.log"
+    running = start_router(upstream, server.api_key, log)
+    try:
+        yield running
+    finally:
+        _stop(running.process)
 
 
 def _ask(base_url: str, api_key: str, model: str, policy: str):
@@ -91,3 +109,45 @@ def test_remote_engine_health_and_plain_chat(remote_pair, http, model_name):
         else:
             usage = chunk.usage
     assert text and usage is not None and 0 < usage.completion_tokens <= 8
+
+
+def test_sigterm_drains_in_flight_requests_then_exits(upstream, server, model_name, tmp_path):
+    router = start_router(upstream, server.api_key, tmp_path / "ssrl.log", "--shutdown-grace", "60")
+    headers = {"Authorization": f"Bearer {server.api_key}"}
+    body = {"model": model_name, "prompt": "Count from 1 to 1000: 1, 2, 3, 4,", "max_tokens": 200,
+            "temperature": 0, "stream": True}
+    try:
+        with httpx.Client(base_url=router.base_url, timeout=120) as client:
+            assert client.get("/ready").status_code == 200
+            with client.stream("POST", "/v1/completions", json=body, headers=headers) as stream:
+                lines = stream.iter_lines()
+                first = next(line for line in lines if line.startswith("data: "))
+                assert first != "data: [DONE]"
+                router.process.send_signal(signal.SIGTERM)
+                # Readiness turns false at once; new work is refused with a retry hint.
+                assert _poll(lambda: client.get("/ready").status_code == 503)
+                refused = client.post("/v1/completions", headers=headers,
+                                      json={"model": model_name, "prompt": "hi", "max_tokens": 2})
+                assert refused.status_code == 503
+                assert refused.headers["Retry-After"].isdigit()
+                assert refused.json()["error"]["code"] == "server_shutting_down"
+                assert client.get("/health").status_code == 200  # liveness holds while draining
+                rest = [line for line in lines if line.startswith("data: ")]
+            # The request in flight ran to its end.
+            assert rest[-1] == "data: [DONE]"
+            finish = [json.loads(l[6:])["choices"][0].get("finish_reason") for l in rest[:-1]
+                      if json.loads(l[6:]).get("choices")]
+            assert finish[-1] in ("length", "stop")
+        router.process.wait(timeout=60)
+        assert router.process.poll() is not None
+        assert "draining 1 request(s)" in router.log_tail(200)
+    finally:
+        _stop(router.process)
+
+
+def _poll(check, attempts: int = 50, interval: float = 0.1) -> bool:
+    for _ in range(attempts):
+        if check():
+            return True
+        time.sleep(interval)
+    return False

@@ -14,8 +14,10 @@ import traceback
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
+import httpx
 import pytest
 
 from router.search.base import (
@@ -30,15 +32,14 @@ from router.search.local_index import LocalIndexBackend
 from router.search.providers import BUILTIN, ENTRY_POINT_GROUP, create_backend, load_secrets
 from router.search.providers.http import parse_retry_after, redact_url_secrets, strip_html
 from router.search.service import SearchService
-from tests.fake_providers import (  # noqa: F401  (fixtures are used by name)
+from tests.fake_providers import (
     FAKE_KEYS,
     FAKE_SECRETS,
     PROVIDERS,
     FakeDoc,
     FakeProviders,
     close_mid_body,
-    fake_providers,
-    fake_providers_server,
+    running_fake,
     hang,
     html_error_page,
     huge_body,
@@ -49,6 +50,19 @@ from tests.fake_providers import (  # noqa: F401  (fixtures are used by name)
 
 KEYED = ("serper", "tavily", "brave", "exa", "google")
 QUERY = "who wrote hamlet"
+
+
+@pytest.fixture(scope="module")
+def fake_server() -> Iterator[FakeProviders]:
+    fake = FakeProviders()
+    with running_fake(fake):
+        yield fake
+
+
+@pytest.fixture
+def fake(fake_server: FakeProviders) -> FakeProviders:
+    fake_server.reset()
+    return fake_server
 
 
 def make(fake: FakeProviders, name: str, secrets: dict[str, str] | None = None, **options: str):
@@ -79,9 +93,9 @@ def search_error(backend: SearchBackend, query: str = QUERY, k: int = 3) -> Sear
 # Request shapes and parsing, provider by provider
 
 
-def test_serper_request_and_documents(fake_providers: FakeProviders) -> None:
-    docs = search(make(fake_providers, "serper", gl="us"), k=3)
-    (req,) = fake_providers.requests_for("serper")
+def test_serper_request_and_documents(fake: FakeProviders) -> None:
+    docs = search(make(fake, "serper", gl="us"), k=3)
+    (req,) = fake.requests_for("serper")
     assert (req.method, req.path) == ("POST", "/search")
     assert req.headers["x-api-key"] == FAKE_KEYS["serper"]
     assert req.json == {"q": QUERY, "num": 3, "gl": "us"}
@@ -96,11 +110,11 @@ def test_serper_request_and_documents(fake_providers: FakeProviders) -> None:
     assert [d.score for d in docs] == [1.0, 0.5, pytest.approx(1 / 3)]
 
 
-def test_serper_answer_box_comes_first(fake_providers: FakeProviders) -> None:
-    fake_providers.extra["serper"] = {
+def test_serper_answer_box_comes_first(fake: FakeProviders) -> None:
+    fake.extra["serper"] = {
         "answerBox": {"title": "Hamlet", "answer": "William Shakespeare", "link": "https://a/b"}
     }
-    docs = search(make(fake_providers, "serper"), k=3)
+    docs = search(make(fake, "serper"), k=3)
     assert len(docs) == 3
     assert (docs[0].title, docs[0].text, docs[0].url) == (
         "Hamlet",
@@ -112,8 +126,8 @@ def test_serper_answer_box_comes_first(fake_providers: FakeProviders) -> None:
     assert docs[0].score > docs[1].score > docs[2].score
 
 
-def test_serper_knowledge_graph_when_no_answer_box(fake_providers: FakeProviders) -> None:
-    fake_providers.extra["serper"] = {
+def test_serper_knowledge_graph_when_no_answer_box(fake: FakeProviders) -> None:
+    fake.extra["serper"] = {
         "knowledgeGraph": {
             "title": "Hamlet",
             "type": "Play",
@@ -122,15 +136,15 @@ def test_serper_knowledge_graph_when_no_answer_box(fake_providers: FakeProviders
             "attributes": {"Author": "William Shakespeare"},
         }
     }
-    first = search(make(fake_providers, "serper"), k=2)[0]
+    first = search(make(fake, "serper"), k=2)[0]
     assert first.title == "Hamlet (Play)"
     assert first.text == "Tragedy by William Shakespeare.\nAuthor: William Shakespeare"
     assert first.url == "https://en.wikipedia.org/wiki/Hamlet"
 
 
-def test_tavily_request_and_documents(fake_providers: FakeProviders) -> None:
-    docs = search(make(fake_providers, "tavily", search_depth="basic"), k=2)
-    (req,) = fake_providers.requests_for("tavily")
+def test_tavily_request_and_documents(fake: FakeProviders) -> None:
+    docs = search(make(fake, "tavily", search_depth="basic"), k=2)
+    (req,) = fake.requests_for("tavily")
     assert (req.method, req.path) == ("POST", "/search")
     assert req.headers["authorization"] == f"Bearer {FAKE_KEYS['tavily']}"
     assert req.json == {"query": QUERY, "max_results": 2, "search_depth": "basic"}
@@ -141,16 +155,16 @@ def test_tavily_request_and_documents(fake_providers: FakeProviders) -> None:
     assert docs[1].text == "Text of document 1 about the topic."
 
 
-def test_tavily_k_is_capped_at_20(fake_providers: FakeProviders) -> None:
-    fake_providers.docs = [FakeDoc(f"T{i}", f"https://x/{i}", "t", 0.5) for i in range(30)]
-    docs = search(make(fake_providers, "tavily"), k=50)
-    assert fake_providers.requests[-1].json["max_results"] == 20
+def test_tavily_k_is_capped_at_20(fake: FakeProviders) -> None:
+    fake.docs = [FakeDoc(f"T{i}", f"https://x/{i}", "t", 0.5) for i in range(30)]
+    docs = search(make(fake, "tavily"), k=50)
+    assert fake.requests[-1].json["max_results"] == 20
     assert len(docs) == 20
 
 
-def test_brave_request_and_documents(fake_providers: FakeProviders) -> None:
-    docs = search(make(fake_providers, "brave", country="us"), k=2)
-    (req,) = fake_providers.requests_for("brave")
+def test_brave_request_and_documents(fake: FakeProviders) -> None:
+    docs = search(make(fake, "brave", country="us"), k=2)
+    (req,) = fake.requests_for("brave")
     assert (req.method, req.path) == ("GET", "/res/v1/web/search")
     assert req.headers["x-subscription-token"] == FAKE_KEYS["brave"]
     assert req.query == {"q": QUERY, "count": "2", "country": "us"}
@@ -164,31 +178,31 @@ def test_brave_request_and_documents(fake_providers: FakeProviders) -> None:
     assert docs[0].score == 1.0 and docs[1].score == 0.5
 
 
-def test_brave_cuts_query_to_400_chars_and_count_to_20(fake_providers: FakeProviders) -> None:
-    docs = search(make(fake_providers, "brave"), query="word " * 200, k=50)
-    req = fake_providers.requests[-1]
+def test_brave_cuts_query_to_400_chars_and_count_to_20(fake: FakeProviders) -> None:
+    docs = search(make(fake, "brave"), query="word " * 200, k=50)
+    req = fake.requests[-1]
     assert len(req.query["q"]) <= 400
     assert req.query["count"] == "20"
     assert len(docs) == 12  # everything the fake has; the fake answers 422 past the limits
 
 
-def test_brave_without_web_results_is_empty(fake_providers: FakeProviders) -> None:
-    fake_providers.script(respond({"type": "search", "query": {"original": QUERY}}))
-    assert search(make(fake_providers, "brave")) == []
+def test_brave_without_web_results_is_empty(fake: FakeProviders) -> None:
+    fake.script(respond({"type": "search", "query": {"original": QUERY}}))
+    assert search(make(fake, "brave")) == []
 
 
-def test_brave_rate_limit_reset_header(fake_providers: FakeProviders) -> None:
-    fake_providers.script(
+def test_brave_rate_limit_reset_header(fake: FakeProviders) -> None:
+    fake.script(
         status(429, headers={"X-RateLimit-Remaining": "0, 900", "X-RateLimit-Reset": "1, 86400"})
     )
-    err = search_error(make(fake_providers, "brave"))
+    err = search_error(make(fake, "brave"))
     assert isinstance(err, SearchHTTPError) and err.retry_after == 1.0
 
 
-def test_searxng_request_and_documents(fake_providers: FakeProviders) -> None:
-    backend = make(fake_providers, "searxng", engines="duckduckgo, wikipedia", categories="general")
+def test_searxng_request_and_documents(fake: FakeProviders) -> None:
+    backend = make(fake, "searxng", engines="duckduckgo, wikipedia", categories="general")
     docs = search(backend, k=4)
-    (req,) = fake_providers.requests_for("searxng")
+    (req,) = fake.requests_for("searxng")
     assert (req.method, req.path) == ("GET", "/search")
     assert req.query == {
         "q": QUERY,
@@ -205,16 +219,16 @@ def test_searxng_request_and_documents(fake_providers: FakeProviders) -> None:
     )
 
 
-def test_searxng_403_says_json_is_disabled(fake_providers: FakeProviders) -> None:
-    fake_providers.searxng_json = False
-    err = search_error(make(fake_providers, "searxng"))
+def test_searxng_403_says_json_is_disabled(fake: FakeProviders) -> None:
+    fake.searxng_json = False
+    err = search_error(make(fake, "searxng"))
     assert isinstance(err, SearchHTTPError) and err.status == 403 and not err.retryable
     assert "search.formats" in str(err) and "json" in str(err).lower()
 
 
-def test_exa_request_and_documents(fake_providers: FakeProviders) -> None:
-    docs = search(make(fake_providers, "exa", type="auto"), k=2)
-    (req,) = fake_providers.requests_for("exa")
+def test_exa_request_and_documents(fake: FakeProviders) -> None:
+    docs = search(make(fake, "exa", type="auto"), k=2)
+    (req,) = fake.requests_for("exa")
     assert (req.method, req.path) == ("POST", "/search")
     assert req.headers["x-api-key"] == FAKE_KEYS["exa"]
     assert req.json == {
@@ -229,17 +243,17 @@ def test_exa_request_and_documents(fake_providers: FakeProviders) -> None:
     ]
 
 
-def test_exa_falls_back_to_highlights(fake_providers: FakeProviders) -> None:
-    fake_providers.script(
+def test_exa_falls_back_to_highlights(fake: FakeProviders) -> None:
+    fake.script(
         respond({"results": [{"title": "T", "url": "https://t", "highlights": ["a", "b"]}]})
     )
-    (doc,) = search(make(fake_providers, "exa"))
+    (doc,) = search(make(fake, "exa"))
     assert doc.text == "a\nb" and doc.score == 1.0
 
 
-def test_google_request_and_documents(fake_providers: FakeProviders) -> None:
-    docs = search(make(fake_providers, "google"), k=15)
-    (req,) = fake_providers.requests_for("google")
+def test_google_request_and_documents(fake: FakeProviders) -> None:
+    docs = search(make(fake, "google"), k=15)
+    (req,) = fake.requests_for("google")
     assert (req.method, req.path) == ("GET", "/customsearch/v1")
     assert req.query == {
         "key": FAKE_KEYS["google"],
@@ -256,14 +270,14 @@ def test_google_request_and_documents(fake_providers: FakeProviders) -> None:
     )
 
 
-def test_google_without_items_is_empty(fake_providers: FakeProviders) -> None:
-    fake_providers.docs = []
-    assert search(make(fake_providers, "google")) == []
+def test_google_without_items_is_empty(fake: FakeProviders) -> None:
+    fake.docs = []
+    assert search(make(fake, "google")) == []
 
 
-def test_wikipedia_search_then_summaries(fake_providers: FakeProviders) -> None:
-    docs = search(make(fake_providers, "wikipedia", user_agent="ssrl-tests/1.0 (ops@x)"), k=3)
-    searches = fake_providers.requests_for("wikipedia", "/w/api.php")
+def test_wikipedia_search_then_summaries(fake: FakeProviders) -> None:
+    docs = search(make(fake, "wikipedia", user_agent="ssrl-tests/1.0 (ops@x)"), k=3)
+    searches = fake.requests_for("wikipedia", "/w/api.php")
     assert len(searches) == 1
     assert searches[0].method == "GET"
     assert searches[0].query == {
@@ -274,12 +288,12 @@ def test_wikipedia_search_then_summaries(fake_providers: FakeProviders) -> None:
         "srlimit": "3",
     }
     assert searches[0].headers["user-agent"] == "ssrl-tests/1.0 (ops@x)"
-    summaries = sorted(r.path for r in fake_providers.requests_for("wikipedia") if r not in searches)
+    summaries = sorted(r.path for r in fake.requests_for("wikipedia") if r not in searches)
     assert summaries == [f"/api/rest_v1/page/summary/Document_{i}" for i in range(3)]
     assert [d.text for d in docs] == [
         f"Document {i}. Text of document {i} about the topic." for i in range(3)
     ]
-    assert [(d.title, d.url, d.id, d.source) for d in docs][0] == (
+    assert (docs[0].title, docs[0].url, docs[0].id, docs[0].source) == (
         "Document 0",
         "https://example.org/doc/0",
         "1000",
@@ -288,39 +302,39 @@ def test_wikipedia_search_then_summaries(fake_providers: FakeProviders) -> None:
     assert docs[0].score > docs[1].score > docs[2].score
 
 
-def test_wikipedia_falls_back_to_the_stripped_snippet(fake_providers: FakeProviders) -> None:
-    fake_providers.script(status(500), provider="wikipedia", path="/api/rest_v1/page/summary/Document_1")
-    fake_providers.script(hang(), provider="wikipedia", path="/api/rest_v1/page/summary/Document_2")
-    docs = search(make(fake_providers, "wikipedia", timeout="0.2"), k=3)
+def test_wikipedia_falls_back_to_the_stripped_snippet(fake: FakeProviders) -> None:
+    fake.script(status(500), provider="wikipedia", path="/api/rest_v1/page/summary/Document_1")
+    fake.script(hang(), provider="wikipedia", path="/api/rest_v1/page/summary/Document_2")
+    docs = search(make(fake, "wikipedia", timeout="0.2"), k=3)
     assert docs[0].text == "Document 0. Text of document 0 about the topic."
     # The search snippet, its <span class="searchmatch"> removed.
     assert docs[1].text == "Text of document 1 about the topic."
     assert docs[2].text == "Text of document 2 about the topic."
-    assert docs[1].url == f"{fake_providers.url('wikipedia')}/wiki/Document_1"
+    assert docs[1].url == f"{fake.url('wikipedia')}/wiki/Document_1"
 
 
-def test_wikipedia_escapes_titles_in_the_summary_path(fake_providers: FakeProviders) -> None:
-    fake_providers.docs = [FakeDoc("AC/DC", "https://w/AC/DC", "Band & more.", 1.0)]
-    (doc,) = search(make(fake_providers, "wikipedia"), k=1)
-    summary = fake_providers.requests[-1]
+def test_wikipedia_escapes_titles_in_the_summary_path(fake: FakeProviders) -> None:
+    fake.docs = [FakeDoc("AC/DC", "https://w/AC/DC", "Band & more.", 1.0)]
+    (doc,) = search(make(fake, "wikipedia"), k=1)
+    summary = fake.requests[-1]
     assert summary.raw_path == "/api/rest_v1/page/summary/AC%2FDC"
     assert doc.text == "AC/DC. Band & more."
 
 
-def test_wikipedia_api_error_is_a_response_error(fake_providers: FakeProviders) -> None:
-    fake_providers.script(respond({"error": {"code": "srsearch-text-disabled", "info": "x"}}))
-    err = search_error(make(fake_providers, "wikipedia"))
+def test_wikipedia_api_error_is_a_response_error(fake: FakeProviders) -> None:
+    fake.script(respond({"error": {"code": "srsearch-text-disabled", "info": "x"}}))
+    err = search_error(make(fake, "wikipedia"))
     assert isinstance(err, SearchResponseError) and "srsearch-text-disabled" in str(err)
 
 
-def test_wikipedia_refuses_the_default_httpx_agent(fake_providers: FakeProviders) -> None:
-    err = search_error(make(fake_providers, "wikipedia", user_agent="python-httpx/0.28"))
+def test_wikipedia_refuses_the_default_httpx_agent(fake: FakeProviders) -> None:
+    err = search_error(make(fake, "wikipedia", user_agent="python-httpx/0.28"))
     assert isinstance(err, SearchHTTPError) and err.status == 403
 
 
-def test_retriever_request_and_documents(fake_providers: FakeProviders) -> None:
-    docs = search(make(fake_providers, "retriever"), k=2)
-    (req,) = fake_providers.requests_for("retriever")
+def test_retriever_request_and_documents(fake: FakeProviders) -> None:
+    docs = search(make(fake, "retriever"), k=2)
+    (req,) = fake.requests_for("retriever")
     assert (req.method, req.path) == ("POST", "/retrieve")
     assert req.json == {"queries": [QUERY], "topk": 2, "return_scores": True}
     assert docs == [
@@ -336,11 +350,17 @@ def test_retriever_request_and_documents(fake_providers: FakeProviders) -> None:
     ]
 
 
-def test_retriever_accepts_the_shape_without_scores(fake_providers: FakeProviders) -> None:
-    fake_providers.script(
-        respond({"result": [[{"id": "7", "contents": '"Hamlet"\nA play.'}, {"id": 8, "contents": "x\ny"}]]})
+def test_retriever_accepts_the_shape_without_scores(fake: FakeProviders) -> None:
+    fake.script(
+        respond(
+            {
+                "result": [
+                    [{"id": "7", "contents": '"Hamlet"\nA play.'}, {"id": 8, "contents": "x\ny"}]
+                ]
+            }
+        )
     )
-    docs = search(make(fake_providers, "retriever"), k=5)
+    docs = search(make(fake, "retriever"), k=5)
     assert [(d.id, d.title, d.text, d.score) for d in docs] == [
         ("7", "Hamlet", "A play.", 1.0),
         ("8", "x", "y", 0.5),
@@ -348,17 +368,17 @@ def test_retriever_accepts_the_shape_without_scores(fake_providers: FakeProvider
 
 
 @pytest.mark.parametrize("name", PROVIDERS)
-def test_text_is_cut_to_the_limit(fake_providers: FakeProviders, name: str) -> None:
-    fake_providers.docs = [FakeDoc("Long", "https://l", "word " * 1000, 0.5)]
-    (doc,) = search(make(fake_providers, name, max_text_chars="100"), k=1)
+def test_text_is_cut_to_the_limit(fake: FakeProviders, name: str) -> None:
+    fake.docs = [FakeDoc("Long", "https://l", "word " * 1000, 0.5)]
+    (doc,) = search(make(fake, name, max_text_chars="100"), k=1)
     assert 0 < len(doc.text) <= 100
 
 
 @pytest.mark.parametrize("name", PROVIDERS)
-def test_blank_query_or_k_0_makes_no_call(fake_providers: FakeProviders, name: str) -> None:
-    assert search(make(fake_providers, name), query="   ") == []
-    assert search(make(fake_providers, name), k=0) == []
-    assert fake_providers.requests == []
+def test_blank_query_or_k_0_makes_no_call(fake: FakeProviders, name: str) -> None:
+    assert search(make(fake, name), query="   ") == []
+    assert search(make(fake, name), k=0) == []
+    assert fake.requests == []
 
 
 # --------------------------------------------------------------------------------------------
@@ -366,52 +386,52 @@ def test_blank_query_or_k_0_makes_no_call(fake_providers: FakeProviders, name: s
 
 
 @pytest.mark.parametrize("name", PROVIDERS)
-def test_401_is_a_non_retryable_http_error(fake_providers: FakeProviders, name: str) -> None:
-    fake_providers.script(status(401))
-    err = search_error(make(fake_providers, name))
+def test_401_is_a_non_retryable_http_error(fake: FakeProviders, name: str) -> None:
+    fake.script(status(401))
+    err = search_error(make(fake, name))
     assert isinstance(err, SearchHTTPError)
     assert (err.status, err.retryable, err.retry_after) == (401, False, None)
-    assert len(fake_providers.requests) == 1  # one attempt; retrying is the caller's choice
+    assert len(fake.requests) == 1  # one attempt; retrying is the caller's choice
 
 
 @pytest.mark.parametrize("name", KEYED)
-def test_a_wrong_key_is_refused_with_401(fake_providers: FakeProviders, name: str) -> None:
+def test_a_wrong_key_is_refused_with_401(fake: FakeProviders, name: str) -> None:
     wrong = {env: f"WRONG-{value}" for env, value in FAKE_SECRETS.items()}
-    err = search_error(make(fake_providers, name, secrets=wrong))
+    err = search_error(make(fake, name, secrets=wrong))
     assert isinstance(err, SearchHTTPError) and err.status == 401
     assert "WRONG" not in str(err)  # the fake echoed the presented key in its body
 
 
 @pytest.mark.parametrize("name", PROVIDERS)
-def test_429_retry_after_seconds(fake_providers: FakeProviders, name: str) -> None:
-    fake_providers.script(status(429, retry_after=1))
-    err = search_error(make(fake_providers, name))
+def test_429_retry_after_seconds(fake: FakeProviders, name: str) -> None:
+    fake.script(status(429, retry_after=1))
+    err = search_error(make(fake, name))
     assert isinstance(err, SearchHTTPError)
     assert (err.status, err.retryable, err.retry_after) == (429, True, 1.0)
 
 
 @pytest.mark.parametrize("name", PROVIDERS)
-def test_429_retry_after_http_date(fake_providers: FakeProviders, name: str) -> None:
+def test_429_retry_after_http_date(fake: FakeProviders, name: str) -> None:
     when = format_datetime(datetime.now(UTC) + timedelta(seconds=120), usegmt=True)
-    fake_providers.script(status(429, retry_after=when))
-    err = search_error(make(fake_providers, name))
+    fake.script(status(429, retry_after=when))
+    err = search_error(make(fake, name))
     assert isinstance(err, SearchHTTPError) and err.retry_after is not None
     assert 60 < err.retry_after <= 121
 
 
 @pytest.mark.parametrize("name", PROVIDERS)
 @pytest.mark.parametrize("code", [500, 502, 503])
-def test_5xx_is_retryable(fake_providers: FakeProviders, name: str, code: int) -> None:
-    fake_providers.script(status(code))
-    err = search_error(make(fake_providers, name))
+def test_5xx_is_retryable(fake: FakeProviders, name: str, code: int) -> None:
+    fake.script(status(code))
+    err = search_error(make(fake, name))
     assert isinstance(err, SearchHTTPError) and err.status == code and err.retryable
 
 
 @pytest.mark.parametrize("name", PROVIDERS)
 @pytest.mark.parametrize("after_headers", [False, True], ids=["before-headers", "mid-body"])
-def test_hang_is_a_transport_error(fake_providers: FakeProviders, name: str, after_headers: bool) -> None:
-    fake_providers.script(hang(5.0, after_headers=after_headers))
-    err = search_error(make(fake_providers, name, timeout="0.1"))
+def test_hang_is_a_transport_error(fake: FakeProviders, name: str, after_headers: bool) -> None:
+    fake.script(hang(5.0, after_headers=after_headers))
+    err = search_error(make(fake, name, timeout="0.1"))
     assert isinstance(err, SearchTransportError)
     assert "ReadTimeout" in str(err)
 
@@ -434,15 +454,15 @@ def test_connection_refused_is_a_transport_error() -> None:
     [malformed_json(), html_error_page(), respond({"unexpected": 1}), respond([1, 2])],
     ids=["malformed-json", "html", "missing-fields", "not-an-object"],
 )
-def test_bad_bodies_are_response_errors(fake_providers: FakeProviders, name: str, behaviour: Any) -> None:
-    fake_providers.script(behaviour)
-    err = search_error(make(fake_providers, name))
+def test_bad_bodies_are_response_errors(fake: FakeProviders, name: str, behaviour: Any) -> None:
+    fake.script(behaviour)
+    err = search_error(make(fake, name))
     assert isinstance(err, SearchResponseError)
 
 
-def test_html_page_is_named_in_the_error(fake_providers: FakeProviders) -> None:
-    fake_providers.script(html_error_page())
-    assert "HTML" in str(search_error(make(fake_providers, "serper")))
+def test_html_page_is_named_in_the_error(fake: FakeProviders) -> None:
+    fake.script(html_error_page())
+    assert "HTML" in str(search_error(make(fake, "serper")))
 
 
 BAD_ITEMS = {
@@ -458,35 +478,37 @@ BAD_ITEMS = {
 
 
 @pytest.mark.parametrize("name", PROVIDERS)
-def test_results_missing_their_fields_are_response_errors(fake_providers: FakeProviders, name: str) -> None:
-    fake_providers.script(respond(BAD_ITEMS[name]))
-    err = search_error(make(fake_providers, name))
+def test_results_missing_their_fields_are_response_errors(fake: FakeProviders, name: str) -> None:
+    fake.script(respond(BAD_ITEMS[name]))
+    err = search_error(make(fake, name))
     assert isinstance(err, SearchResponseError)
 
 
 @pytest.mark.parametrize("name", PROVIDERS)
 @pytest.mark.parametrize("declare_length", [False, True], ids=["streamed", "content-length"])
-def test_huge_body_is_a_response_error(fake_providers: FakeProviders, name: str, declare_length: bool) -> None:
-    fake_providers.script(huge_body(1_000_000, declare_length=declare_length))
-    err = search_error(make(fake_providers, name, max_body_bytes="65536"))
+def test_huge_body_is_a_response_error(
+    fake: FakeProviders, name: str, declare_length: bool
+) -> None:
+    fake.script(huge_body(1_000_000, declare_length=declare_length))
+    err = search_error(make(fake, name, max_body_bytes="65536"))
     assert isinstance(err, SearchResponseError) and "65536" in str(err)
 
 
-def test_default_body_cap_is_2_mib(fake_providers: FakeProviders) -> None:
-    fake_providers.script(huge_body(3 * 1024 * 1024))
-    err = search_error(make(fake_providers, "serper"))
+def test_default_body_cap_is_2_mib(fake: FakeProviders) -> None:
+    fake.script(huge_body(3 * 1024 * 1024))
+    err = search_error(make(fake, "serper"))
     assert isinstance(err, SearchResponseError) and str(2 * 1024 * 1024) in str(err)
 
 
 @pytest.mark.parametrize("name", PROVIDERS)
-def test_close_mid_body(fake_providers: FakeProviders, name: str) -> None:
-    fake_providers.script(close_mid_body())
-    err = search_error(make(fake_providers, name))
+def test_close_mid_body(fake: FakeProviders, name: str) -> None:
+    fake.script(close_mid_body())
+    err = search_error(make(fake, name))
     assert isinstance(err, (SearchTransportError, SearchResponseError))
 
 
-def test_a_closed_backend_refuses_to_search(fake_providers: FakeProviders) -> None:
-    backend = make(fake_providers, "serper")
+def test_a_closed_backend_refuses_to_search(fake: FakeProviders) -> None:
+    backend = make(fake, "serper")
 
     async def go() -> None:
         await backend.aclose()
@@ -533,18 +555,16 @@ LEAK_BEHAVIOURS = [
 
 
 @pytest.mark.parametrize("name", KEYED)
-def test_keys_never_leak(
-    fake_providers: FakeProviders, name: str, caplog: pytest.LogCaptureFixture
-) -> None:
+def test_keys_never_leak(fake: FakeProviders, name: str, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG)
     secrets = [FAKE_KEYS[name]] + ([FAKE_KEYS["google_cx"]] if name == "google" else [])
-    backend = make(fake_providers, name, timeout="0.1", max_body_bytes="65536")
+    backend = make(fake, name, timeout="0.2", max_body_bytes="65536")
     texts = [repr(backend), str(backend)]
-    asyncio.run(_success_then_each_failure(backend, fake_providers, name, texts))
+    asyncio.run(_success_then_each_failure(backend, fake, name, texts))
 
     # Through the service too: its outcome carries the error text to the trace.
     wrong = {env: f"WRONG-{value}" for env, value in FAKE_SECRETS.items()}
-    outcome = asyncio.run(SearchService([make(fake_providers, name, secrets=wrong)]).search(QUERY, 2))
+    outcome = asyncio.run(SearchService([make(fake, name, secrets=wrong)]).search(QUERY, 2))
     assert outcome.error and "401" in outcome.error
     texts.append(outcome.error)
 
@@ -577,11 +597,28 @@ async def _success_then_each_failure(
         await backend.aclose()
 
 
+@pytest.mark.parametrize(
+    "error", [httpx.ReadError, httpx.ConnectTimeout, httpx.RemoteProtocolError, httpx.DecodingError]
+)
+def test_httpx_messages_with_the_url_are_not_passed_on(error: type[httpx.HTTPError]) -> None:
+    backend = create_backend("google", {}, FAKE_SECRETS)
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        raise error(f"failed on {request.url}", request=request)
+
+    # Swap in a transport that fails with the full URL (key included) in its message.
+    backend._client = httpx.AsyncClient(transport=httpx.MockTransport(handler))
+    err = search_error(backend)
+    assert isinstance(err, (SearchTransportError, SearchResponseError))
+    assert error.__name__ in str(err)
+    assert FAKE_KEYS["google"] not in _all_text(err)
+
+
 def test_google_request_lines_are_logged_redacted(
-    fake_providers: FakeProviders, caplog: pytest.LogCaptureFixture
+    fake: FakeProviders, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, logger="httpx")
-    search(make(fake_providers, "google"))
+    search(make(fake, "google"))
     (line,) = [r.getMessage() for r in caplog.records if r.name == "httpx"]
     assert "key=***" in line and "cx=***" in line and "/customsearch/v1" in line
 
@@ -591,9 +628,9 @@ def test_redact_url_secrets() -> None:
     assert redact_url_secrets(text) == 'GET https://***@h/x?q=1&key=***&api_key=***&cx=*** "200"'
 
 
-def test_repr_shows_no_key(fake_providers: FakeProviders) -> None:
+def test_repr_shows_no_key(fake: FakeProviders) -> None:
     for name in KEYED:
-        backend = make(fake_providers, name)
+        backend = make(fake, name)
         for secret in FAKE_SECRETS.values():
             assert secret not in repr(backend)
         assert name in repr(backend)

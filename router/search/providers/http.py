@@ -21,11 +21,13 @@ and when; a backend makes exactly one attempt per call.
 
 from __future__ import annotations
 
+import functools
 import html
 import json
 import logging
 import math
 import re
+import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -217,6 +219,13 @@ _STATUS_HINTS = {
 }
 
 
+@functools.cache
+def _shared_ssl_context() -> ssl.SSLContext:
+    # Building a context loads the CA bundle (~15 ms); every backend can share one, as httpx's
+    # own default would be identical (it honours SSL_CERT_FILE / SSL_CERT_DIR the same way).
+    return httpx.create_ssl_context()
+
+
 def normalize_base_url(base_url: str) -> str:
     try:
         url = httpx.URL(base_url.strip())
@@ -265,6 +274,7 @@ class HttpBackend:
             # A redirect would resend custom key headers (X-API-KEY...) to wherever it points;
             # httpx strips only Authorization. A moved API is a configuration error to fix.
             follow_redirects=False,
+            verify=_shared_ssl_context(),
         )
         self._closed = False
 
