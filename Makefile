@@ -23,4 +23,4 @@ model: setup
 	$(VENV)/bin/ssrl model prepare
 
 bench: setup
-	$(PY) -m bench.run $(ARGS)
+	$(PY) -m bench.run $(or $(BENCH),suite) $(ARGS)

@@ -3,6 +3,7 @@
     .venv/bin/python -m bench.run                              # serving, default options
     .venv/bin/python -m bench.run serving --enforce-eager      # ssrl vs vLLM OpenAI server
     .venv/bin/python -m bench.run local-index --docs 100000    # local FTS5 index
+    .venv/bin/python -m bench.run suite --skip serving         # every part (`make bench`)
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ BENCHMARKS = {
     "serving": "bench.serving",
     "local-index": str(HERE / "bench_local_index.py"),
     "loop": "bench.loop",
+    "suite": "bench.suite",
 }
 
 
@@ -37,7 +39,10 @@ def main(argv: list[str] | None = None) -> int:
 
         return serving_main(argv)
     sys.argv = [target, *argv]
-    runpy.run_path(target, run_name="__main__")
+    if target.endswith(".py"):
+        runpy.run_path(target, run_name="__main__")
+    else:
+        runpy.run_module(target, run_name="__main__", alter_sys=True)
     return 0
 
 

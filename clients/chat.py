@@ -307,7 +307,7 @@ def run(args: dict[str, Any]) -> int:
     try:
         client = SSRLClient(
             args.get("base_url"), args.get("api_key"), timeout=args.get("timeout") or 300.0,
-            max_retries=max(0, args.get("max_retries") if args.get("max_retries") is not None else 2),
+            max_retries=max(0, int(args.get("max_retries", 2) or 0)),
         )
     except (SSRLError, ValueError) as exc:
         _error(exc)

@@ -51,7 +51,7 @@ def add_settings_flags(parser: argparse.ArgumentParser, fields: dict[str, FieldI
             )
 
 
-EXTRA_COMMANDS: tuple[str, ...] = ("clients.chat",)
+EXTRA_COMMANDS: tuple[str, ...] = ("clients.chat", "clients.eval_cli")
 
 
 def build_parser() -> argparse.ArgumentParser:

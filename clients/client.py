@@ -21,9 +21,9 @@ import json
 import os
 import random
 import time
-from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
 from email.utils import parsedate_to_datetime
-from typing import Any
+from typing import Any, Self
 
 import httpx
 from tenacity import (
@@ -65,7 +65,7 @@ __all__ = [
     "DEFAULT_BASE_URL",
     "Aggregate", "AnswerDelta", "AsyncSSRLClient", "ChatResult", "Choice", "Citation", "Decision",
     "Document", "Entropy", "Mode", "Model", "Policy", "ReasoningDelta", "RetrievedDocument",
-    "SSEDecoder", "SSRLAPIError", "SSRLClient", "SSRLConnectionError", "SSRLError", "SearchDecided",
+    "RetryHook", "SSEDecoder", "SSRLAPIError", "SSRLClient", "SSRLConnectionError", "SSRLError", "SearchDecided",
     "SearchHit", "SearchRecord", "SearchResult", "StreamEvent", "Trace", "TraceEvent", "Usage",
     "Vote", "VoteSample", "build_chat_body", "iter_sse_data", "parse_chat_response",
     "parse_chunk",
@@ -135,7 +135,7 @@ class SSRLAPIError(SSRLError):
 def _env_base_url(base_url: str | None) -> str:
     url = (base_url or os.environ.get("SSRL_BASE_URL") or DEFAULT_BASE_URL).rstrip("/")
     # Accept the SDK-style ".../v1" too: the client adds /v1 itself (and /retrieve is at root).
-    return url[: -len("/v1")] if url.endswith("/v1") else url
+    return url.removesuffix("/v1")
 
 
 def _messages(messages: str | Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
@@ -302,7 +302,7 @@ class SSEDecoder:
         if not line.startswith(":"):
             field, _, value = line.partition(":")
             if field == "data":
-                self._buffer.append(value[1:] if value.startswith(" ") else value)
+                self._buffer.append(value.removeprefix(" "))
         return None
 
     def flush(self) -> str | None:
@@ -357,13 +357,19 @@ def _retryable(response: httpx.Response) -> bool:
     return response.status_code in RETRY_STATUSES
 
 
+RetryHook = Callable[[int, float, str], None]
+
+
 class _RetryPolicy:
-    def __init__(self, max_retries: int, max_retry_wait: float, backoff: float) -> None:
+    def __init__(
+        self, max_retries: int, max_retry_wait: float, backoff: float, on_retry: RetryHook | None
+    ) -> None:
         if max_retries < 0:
             raise ValueError("max_retries must be >= 0")
         self.max_retries = max_retries
         self.max_retry_wait = max_retry_wait
         self.backoff = backoff
+        self.on_retry = on_retry
 
     def wait(self, state: RetryCallState) -> float:
         outcome = state.outcome
@@ -374,12 +380,31 @@ class _RetryPolicy:
         base = min(self.backoff * 2 ** (state.attempt_number - 1), self.max_retry_wait)
         return base * random.uniform(0.75, 1.0)
 
-    @staticmethod
-    def _discard(state: RetryCallState) -> None:
-        # A retried 429/503 response is dropped; free its connection.
+    def notify(self, state: RetryCallState) -> httpx.Response | None:
+        """Report a retry about to happen; returns the dropped response (to be closed)."""
         outcome = state.outcome
-        if outcome is not None and not outcome.failed:
-            outcome.result().close()
+        assert outcome is not None
+        response: httpx.Response | None = None if outcome.failed else outcome.result()
+        if self.on_retry is not None:
+            if response is not None:
+                reason = f"HTTP {response.status_code}"
+            else:
+                reason = type(outcome.exception()).__name__
+            upcoming = getattr(state, "upcoming_sleep", None)
+            if upcoming is None:
+                upcoming = getattr(state.next_action, "sleep", 0.0)
+            self.on_retry(state.attempt_number, float(upcoming or 0.0), reason)
+        return response
+
+    def _before_sleep(self, state: RetryCallState) -> None:
+        response = self.notify(state)
+        if response is not None:
+            response.close()  # free the connection of the dropped 429/503
+
+    async def _abefore_sleep(self, state: RetryCallState) -> None:
+        response = self.notify(state)
+        if response is not None:
+            await response.aclose()
 
     @staticmethod
     def _give_up(state: RetryCallState) -> Any:
@@ -388,12 +413,12 @@ class _RetryPolicy:
         assert state.outcome is not None
         return state.outcome.result()
 
-    def kwargs(self) -> dict[str, Any]:
+    def kwargs(self, *, is_async: bool = False) -> dict[str, Any]:
         return {
             "stop": stop_after_attempt(self.max_retries + 1),
             "retry": retry_if_exception_type(RETRY_EXCEPTIONS) | retry_if_result(_retryable),
             "wait": self.wait,
-            "before_sleep": self._discard,
+            "before_sleep": self._abefore_sleep if is_async else self._before_sleep,
             "retry_error_callback": self._give_up,
         }
 
@@ -431,11 +456,11 @@ def _connection_error(base_url: str, exc: httpx.HTTPError) -> SSRLConnectionErro
 class _Base:
     def __init__(
         self, base_url: str | None, api_key: str | None, max_retries: int,
-        max_retry_wait: float, backoff: float,
+        max_retry_wait: float, backoff: float, on_retry: RetryHook | None,
     ) -> None:
         self.base_url = _env_base_url(base_url)
         self.api_key = api_key if api_key is not None else os.environ.get("SSRL_API_KEY")
-        self.retry = _RetryPolicy(max_retries, max_retry_wait, backoff)
+        self.retry = _RetryPolicy(max_retries, max_retry_wait, backoff, on_retry)
         self._model: str | None = None
 
     def _check(self, response: httpx.Response) -> httpx.Response:
@@ -448,8 +473,12 @@ class _Base:
 
 
 class SSRLClient(_Base):
-    """Sync client. `base_url` defaults to `SSRL_BASE_URL` (else http://127.0.0.1:8000),
-    `api_key` to `SSRL_API_KEY`. `http_client` (or `transport`) replaces the httpx client."""
+    """Sync client. `base_url` defaults to `SSRL_BASE_URL` (else http://127.0.0.1:8000; a
+    trailing `/v1` is accepted), `api_key` to `SSRL_API_KEY`. Connection errors and 429/503
+    answers are retried up to `max_retries` times, waiting `Retry-After` (at most
+    `max_retry_wait` seconds) or an exponential backoff from `backoff`; `on_retry(attempt,
+    wait_s, reason)` is called before each wait. `http_client` (or `transport`) replaces the
+    httpx client."""
 
     def __init__(
         self,
@@ -461,10 +490,11 @@ class SSRLClient(_Base):
         max_retry_wait: float = 30.0,
         backoff: float = 0.5,
         headers: Mapping[str, str] | None = None,
+        on_retry: RetryHook | None = None,
         transport: httpx.BaseTransport | None = None,
         http_client: httpx.Client | None = None,
     ) -> None:
-        super().__init__(base_url, api_key, max_retries, max_retry_wait, backoff)
+        super().__init__(base_url, api_key, max_retries, max_retry_wait, backoff, on_retry)
         self._owns_http = http_client is None
         self._http = http_client or httpx.Client(timeout=timeout, transport=transport)
         self._headers = _auth_headers(self.api_key, headers)
@@ -473,7 +503,7 @@ class SSRLClient(_Base):
         if self._owns_http:
             self._http.close()
 
-    def __enter__(self) -> SSRLClient:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -627,10 +657,11 @@ class AsyncSSRLClient(_Base):
         max_retry_wait: float = 30.0,
         backoff: float = 0.5,
         headers: Mapping[str, str] | None = None,
+        on_retry: RetryHook | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
         http_client: httpx.AsyncClient | None = None,
     ) -> None:
-        super().__init__(base_url, api_key, max_retries, max_retry_wait, backoff)
+        super().__init__(base_url, api_key, max_retries, max_retry_wait, backoff, on_retry)
         self._owns_http = http_client is None
         self._http = http_client or httpx.AsyncClient(timeout=timeout, transport=transport)
         self._headers = _auth_headers(self.api_key, headers)
@@ -639,7 +670,7 @@ class AsyncSSRLClient(_Base):
         if self._owns_http:
             await self._http.aclose()
 
-    async def __aenter__(self) -> AsyncSSRLClient:
+    async def __aenter__(self) -> Self:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -647,18 +678,8 @@ class AsyncSSRLClient(_Base):
 
     async def _send(self, method: str, path: str, *, stream: bool = False, **kwargs: Any) -> httpx.Response:
         request = self._http.build_request(method, self.base_url + path, headers=self._headers, **kwargs)
-        kwargs = self.retry.kwargs()
-        discard = kwargs.pop("before_sleep")
-
-        async def before_sleep(state: RetryCallState) -> None:
-            outcome = state.outcome
-            if outcome is not None and not outcome.failed:
-                await outcome.result().aclose()
-            else:
-                discard(state)
-
         try:
-            response = await AsyncRetrying(before_sleep=before_sleep, **kwargs)(
+            response: httpx.Response = await AsyncRetrying(**self.retry.kwargs(is_async=True))(
                 self._http.send, request, stream=stream
             )
         except httpx.HTTPError as exc:

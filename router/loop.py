@@ -89,6 +89,11 @@ class SearchRecord:
     information: str = ""
     # Why an external decision fell back to self-fill (search failed, timed out, ...).
     fallback: str | None = None
+    # Failures of backends tried before the one that answered (or all of them), attempts
+    # sent to providers, and whether the documents came from the cache.
+    errors: list[str] = field(default_factory=list)
+    attempts: int = 0
+    cache_hit: bool = False
 
     @property
     def decision(self) -> str:
@@ -104,6 +109,9 @@ class SearchRecord:
             "policy": self.policy,
             "fallback": self.fallback,
             "backend": self.backend,
+            "errors": list(self.errors),
+            "attempts": self.attempts,
+            "cache_hit": self.cache_hit,
             "latency_s": round(self.latency_s, 4),
             "documents": [
                 {"title": d.title, "url": d.url, "snippet": d.text, "score": d.score,
@@ -308,6 +316,9 @@ class SelfSearchLoop:
             outcome = await self.search.search(query, self.config.docs_per_search)
             record.backend = outcome.backend
             record.latency_s = outcome.latency_s
+            record.errors = list(outcome.errors)
+            record.attempts = outcome.attempts
+            record.cache_hit = outcome.cache_hit
             if outcome.error is None:
                 record.documents = outcome.documents
                 record.information = format_documents(outcome.documents, self.config.max_doc_chars)

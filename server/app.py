@@ -14,13 +14,12 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from router.engine.base import Engine, EngineDeadError, SamplingOptions
 from router.prompts import system_prompt
-from router.search.base import SearchBackend
-from router.search.service import SearchService
 from server.auth import AuthMiddleware, KeyChecker
 from server.errors import APIError, install_error_handlers
 from server.lifecycle import DrainMiddleware, Drainer
 from server.limits import BodySizeLimitMiddleware
-from server.metrics import HTTPMetrics, MetricsMiddleware
+from server.metrics import HTTPMetrics, MetricsMiddleware, SearchMetricsObserver
+from server.search_config import build_search_service
 from server.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -92,29 +91,12 @@ def start_vllm_engine(settings: ServeSettings) -> Engine:
     return VLLMEngine.start(config)
 
 
-def build_search_service(settings: ServeSettings) -> SearchService:
-    """The configured backend chain (the search issue adds the remote providers)."""
-    backends: list[SearchBackend] = []
-    for name in (n.strip() for n in settings.search.split(",")):
-        if name in ("", "none"):
-            continue
-        if name == "local":
-            from router.search.default_corpus import ensure_default_index
-            from router.search.local_index import LocalIndexBackend
-
-            index_dir = settings.index_dir or ensure_default_index(settings.cache_dir)
-            backends.append(LocalIndexBackend(index_dir))
-        else:
-            raise ValueError(f"unknown search backend {name!r} (known: local, none)")
-    return SearchService(backends, timeout_s=settings.search_timeout)
-
-
 def build_self_search(settings: ServeSettings) -> SelfSearchRuntime:
     mode = settings.resolved_search_mode
     override = settings.system_prompt_file.read_text() if settings.system_prompt_file else None
     return SelfSearchRuntime(
         settings=settings,
-        search=build_search_service(settings),
+        search=build_search_service(settings, SearchMetricsObserver(shared_metrics())),
         system_prompts={
             m: system_prompt(m, override if m == mode else None) for m in ("guided", "native")
         },

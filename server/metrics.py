@@ -68,6 +68,27 @@ class HTTPMetrics:
             buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30), registry=registry,
         )
 
+        self.search_attempts = Counter(
+            "ssrl_search_attempts", "Requests sent to search providers (retries included).",
+            ["backend"], registry=registry,
+        )
+        self.search_retries = Counter(
+            "ssrl_search_retries", "Search attempts retried, by reason (transport, rate_limited, "
+            "server_error).", ["backend", "reason"], registry=registry,
+        )
+        self.search_results = Counter(
+            "ssrl_search_results", "Searches through the resilience layer by outcome (ok, error, "
+            "circuit_open, timeout).", ["backend", "outcome"], registry=registry,
+        )
+        self.search_breaker = Gauge(
+            "ssrl_search_breaker_open", "1 while a backend's circuit breaker is open, 0.5 half-open, "
+            "0 closed.", ["backend"], registry=registry,
+        )
+        self.search_cache = Counter(
+            "ssrl_search_cache", "Search cache lookups by result (hit, miss).",
+            ["backend", "result"], registry=registry,
+        )
+
     def record_trajectory(self, searches: Sequence[Any]) -> None:
         """Count one finished trajectory's searches (router.loop.SearchRecord objects)."""
         self.turns.observe(len(searches))
@@ -130,3 +151,29 @@ class MetricsMiddleware:
             gauge.dec()
             self.metrics.requests.labels(route, scope["method"], str(status)).inc()
             self.metrics.latency.labels(route).observe(time.perf_counter() - start)
+
+
+_BREAKER_VALUES = {"closed": 0.0, "half_open": 0.5, "open": 1.0}
+
+
+class SearchMetricsObserver:
+    """The resilience and cache layers' callbacks (router.search.resilience.SearchObserver),
+    mapped onto Prometheus; router/ reports, server/ owns the metrics."""
+
+    def __init__(self, metrics: HTTPMetrics) -> None:
+        self.m = metrics
+
+    def on_attempt(self, backend: str, attempt: int) -> None:
+        self.m.search_attempts.labels(backend).inc()
+
+    def on_retry(self, backend: str, reason: str, wait_s: float) -> None:
+        self.m.search_retries.labels(backend, reason).inc()
+
+    def on_result(self, backend: str, outcome: str, latency_s: float) -> None:
+        self.m.search_results.labels(backend, outcome).inc()
+
+    def on_breaker(self, backend: str, state: str) -> None:
+        self.m.search_breaker.labels(backend).set(_BREAKER_VALUES.get(state, 0.0))
+
+    def on_cache(self, backend: str, hit: bool) -> None:
+        self.m.search_cache.labels(backend, "hit" if hit else "miss").inc()

@@ -130,14 +130,43 @@ class ServeSettings(BaseSettings):
         None, description="Replace the shipped system prompt of the active mode with this file."
     )
     search: str = Field(
-        "local", description="Search backend chain, comma-separated (local, none)."
+        "local", description="Search backend chain, comma-separated, tried in order: local, "
+        "serper, tavily, brave, searxng, exa, google, wikipedia, retriever, an entry-point "
+        "backend, or none.",
     )
+    search_option: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="A backend option as BACKEND.KEY=VALUE, e.g. retriever.base_url=http://h:8000 "
+        "(repeatable; comma-separated in SSRL_SEARCH_OPTION).",
+    )
+    searxng_url: str | None = Field(None, description="Base URL of a SearXNG instance.")
+    secrets_file: Path | None = Field(
+        None, description="KEY=VALUE or JSON file of provider keys (SERPER_API_KEY, ...); "
+        "environment variables win. Keys are never accepted as flags.",
+    )
+    search_max_attempts: int = Field(3, ge=1, le=10, description="Attempts per search call.")
+    search_breaker_failures: int = Field(
+        5, ge=0, description="Consecutive failures that open a backend's circuit (0: never)."
+    )
+    search_breaker_reset: float = Field(
+        30.0, gt=0, description="Seconds an open circuit waits before one trial call."
+    )
+    search_concurrency: int = Field(8, ge=1, description="Concurrent calls per backend.")
+    search_rate_limit: float | None = Field(
+        None, gt=0, description="Calls per second per backend (none: unlimited)."
+    )
+    search_cache_size: int = Field(
+        1024, ge=0, description="Cached queries (normalised query -> documents); 0 turns it off."
+    )
+    search_cache_ttl: float = Field(600.0, gt=0, description="Seconds a cached result lives.")
     index_dir: Path | None = Field(
         None, description="Local BM25 index directory; default: the offline Wikipedia summaries index."
     )
-    search_timeout: float = Field(10.0, gt=0, description="Deadline of one search call in seconds.")
+    search_timeout: float = Field(
+        15.0, gt=0, description="Deadline of one search (all its attempts) in seconds."
+    )
 
-    _split_keys = field_validator("api_key", "engine_arg", mode="before")(_split_csv)
+    _split_keys = field_validator("api_key", "engine_arg", "search_option", mode="before")(_split_csv)
 
     @property
     def uses_default_model(self) -> bool:

@@ -194,8 +194,53 @@ def model_name(http: httpx.Client, server: RunningServer) -> str:
     return response.json()["data"][0]["id"]
 
 
+# ----- a second engine: vLLM's own OpenAI server, for remote-engine routers ----------------
+
+
+def _start(argv: list[str], log_path, env: dict[str, str]) -> subprocess.Popen:
+    with open(log_path, "wb") as log:
+        return subprocess.Popen(argv, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, env=env, start_new_session=True)
+
+
+ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "VLLM_CPU_KVCACHE_SPACE": "1"}
+
+
+@pytest.fixture(scope="session")
+def upstream(tmp_path_factory) -> Iterator[RunningServer]:
+    """vLLM's own OpenAI server on the default checkpoint."""
+    from router.engine.default_model import ensure_default_checkpoint
+
+    log = tmp_path_factory.mktemp("vllm") / "vllm.log"
+    port = _free_port()
+    vllm = _start([sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+                   "--model", str(ensure_default_checkpoint()), "--served-model-name", "upstream",
+                   "--port", str(port), "--host", "127.0.0.1", "--max-model-len", "2048",
+                   "--enforce-eager"], log, ENV)
+    running = RunningServer(f"http://127.0.0.1:{port}", "", log, vllm)
+    try:
+        _wait_healthy(running, 420)
+        yield running
+    finally:
+        _stop(vllm)
+
+
+def start_router(
+    upstream: RunningServer, api_key: str, log, *extra: str, env: dict[str, str] | None = None
+) -> RunningServer:
+    """An ssrl router (no engine of its own, so it starts in seconds) in front of `upstream`."""
+    port = _free_port()
+    process = _start([sys.executable, "-m", "clients.cli", "serve", "--host", "127.0.0.1",
+                      "--port", str(port), "--engine-url", upstream.base_url + "/v1",
+                      "--api-key", api_key, *extra], log, {**ENV, **(env or {})})
+    running = RunningServer(f"http://127.0.0.1:{port}", api_key, log, process)
+    _wait_healthy(running, 120)
+    return running
+
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     # `fixturenames` is the closure of every fixture a test needs, so indirect use counts too.
     for item in items:
-        if "server" in getattr(item, "fixturenames", ()):
+        if {"server", "upstream"} & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.engine)

@@ -1,55 +1,71 @@
 """Loopback fakes of every remote search provider's wire format, scriptable per test.
 
-One Starlette app serves all providers, each under its own path prefix, so a backend under
-test is pointed at ``fake.url("serper")`` (= ``http://127.0.0.1:PORT/serper``) and calls the
+One Starlette app serves all providers, each under its own path prefix: a backend under test
+gets ``fake.url("serper")`` (``http://127.0.0.1:PORT/serper``) as its base URL and calls the
 real paths below it (``/search``, ``/res/v1/web/search``, ``/customsearch/v1``...).
+Prefixes: serper, tavily, brave, searxng, exa, google, wikipedia, retriever (``PROVIDERS``).
 
-    from tests.fake_providers import FAKE_KEYS, FakeProviders, running_fake, status, hang
+    from tests.fake_providers import FAKE_KEYS, FakeProviders, running_fake, status
 
     fake = FakeProviders()
-    with running_fake(fake):                       # or use the pytest fixtures below
-        fake.script(status(429, retry_after=1), provider="serper")   # next serper call: 429
-        ... SerperBackend(FAKE_KEYS["serper"], base_url=fake.url("serper")).search("q", 3)
+    with running_fake(fake):                   # or the pytest fixtures at the bottom
+        fake.script(status(429, retry_after=1), provider="serper")  # next serper call: 429
+        backend = SerperBackend(FAKE_KEYS["serper"], base_url=fake.url("serper"))
+        ...
         assert fake.requests[-1].json == {"q": "q", "num": 3}
+        assert len(fake.requests_for("serper")) == 2                 # count retries
 
-API
----
-``FakeProviders(keys=FAKE_KEYS)``
-    ``.app``            the Starlette app
-    ``.url(provider)``  base URL of one provider (needs ``.base_url``: set while running)
-    ``.script(*behaviours, provider=None, path=None)``
-                        queue behaviours for the next matching requests, one each; a queue
-                        with a provider and/or a ``path`` prefix (provider-relative, such as
-                        ``"/api/rest_v1/page/summary/"``) is used before a less specific one;
-                        an empty queue means ``ok()``
-    ``.requests``       every request received, in order, as ``Recorded(provider, method,
-                        path, raw_path, query, headers, json, body)`` (path relative to the provider,
-                        headers with lower-case names); ``.requests_for(provider, path=None)``
-    ``.docs``           the corpus ``ok()`` answers from (``FakeDoc(title, url, text, score)``),
-                        cut to the requested count; default: ``default_docs()`` (12 docs)
-    ``.extra[provider]`` a dict merged into that provider's ``ok()`` answer (e.g.
-                        ``{"answerBox": {...}}`` for serper)
-    ``.searxng_json``   False makes SearXNG answer 403, as when JSON output is disabled
-    (wikipedia: search snippets are a doc's ``text`` with HTML highlighting; a page summary's
-    ``extract`` is ``f"{title}. {text}"``, 404 for a title not in ``.docs``)
-    ``.reset()``        back to the defaults, queues and requests emptied
+FakeProviders(keys=FAKE_KEYS)
+    .app                the Starlette app
+    .base_url / .url(provider)
+                        root URL while running / one provider's base URL
+    .script(*behaviours, provider=None, path=None)
+                        queue behaviours, one per coming request that matches; ``path`` is a
+                        provider-relative prefix (``"/api/rest_v1/page/summary/Foo"``). The most
+                        specific non-empty queue wins; nothing queued means ``ok()``.
+    .requests           every request received, in order: ``Recorded(provider, method, path,
+                        raw_path, query, headers, json, body)``; ``path`` is provider-relative
+                        and decoded, ``raw_path`` still percent-encoded, header names lower-case
+    .requests_for(provider, path=None)
+    .docs               what ``ok()`` answers from: ``FakeDoc(title, url, text, score)``s, cut to
+                        the requested count (``default_docs()``: 12)
+    .extra[provider]    a dict merged into that provider's ``ok()`` answers
+                        (``{"answerBox": {...}}`` for serper)
+    .searxng_json       False: SearXNG answers 403, as when its JSON output is disabled
+    .reset()            defaults back, queues and requests emptied
 
-Behaviours: ``ok()``, ``status(code, retry_after=None, body=None, headers=None)``,
-``respond(body, code=200, headers=None)`` (any JSON, or bytes as-is), ``hang(seconds=5,
-after_headers=False)`` (bounded; stops early when the client goes away or the server
-stops), ``malformed_json()``, ``html_error_page(code=200)``, ``huge_body(n_bytes,
-declare_length=False)`` (streamed, chunked unless declared), ``close_mid_body()`` (headers and
-part of the body, then the connection is dropped).
+Behaviours
+    ok()                answer like the real API, credentials checked (below)
+    status(code, retry_after=None, body=None, headers=None)
+                        an error status; ``retry_after`` in seconds or an HTTP-date string
+    respond(body, code=200, headers=None)
+                        a given answer: JSON-encoded, or ``bytes`` as they are
+    hang(seconds=5.0, after_headers=False)
+                        silence before the headers (then ``ok()``), or after part of the body;
+                        bounded, and ends early when the client leaves or the server stops
+    malformed_json()    a 200 JSON body cut short
+    html_error_page(code=200)
+                        an HTML page where JSON was expected (a proxy, a captive portal)
+    huge_body(n_bytes, declare_length=False)
+                        a streamed ``n_bytes`` JSON body, chunked unless the length is declared
+    close_mid_body()    headers promising 4 KiB, a few bytes, then the connection dropped
+                        (uvicorn logs "ASGI callable returned without completing response")
 
-``ok()`` checks credentials like the real API: serper/exa ``X-API-KEY``/``x-api-key``,
-tavily ``Authorization: Bearer``, brave ``X-Subscription-Token``, google ``key`` and ``cx``
-query parameters (wrong -> 401 here; the real Google says 400), wikipedia a non-default
-``User-Agent`` (else 403). A rejection echoes the presented key in its body, as some
-providers do, so tests can check that clients never copy bodies into errors.
+Credentials checked by ``ok()`` (``FAKE_KEYS``; ``FAKE_SECRETS`` has them by env name):
+serper and exa ``x-api-key``, tavily ``Authorization: Bearer``, brave
+``X-Subscription-Token``, google ``key`` and ``cx`` query parameters (401 here; the real Google
+answers 400), wikipedia a ``User-Agent`` other than httpx's default (else 403). A 401 echoes
+the presented key in its body, as some providers do, so tests can check that clients never
+copy bodies into errors. Wikipedia: search snippets are a doc's ``text`` with HTML
+highlighting; a summary's ``extract`` is ``f"{title}. {text}"``, 404 for an unknown title.
+Retriever: honours ``return_scores`` like Search-R1's server.
 
-Server: ``running_fake(app)`` (context manager -> root URL, uvicorn in a thread on a free
-port; given a ``FakeProviders`` it also sets its ``base_url``). Fixtures (import them into a test module): ``fake_providers_server`` (module scope)
-and ``fake_providers`` (per test, reset, ``.base_url`` set).
+running_fake(app)       context manager: serve ``app`` (an ASGI app or a ``FakeProviders``) on
+                        127.0.0.1 with uvicorn in a thread, on a free port; yields the root URL
+Fixtures                ``fake_providers_server`` (module scope, running) and
+                        ``fake_providers`` (per test, reset). Import both into a test module
+                        (``# noqa: F401, F811`` for linters), or build your own with
+                        ``running_fake`` as tests/unit/test_providers.py does.
 """
 
 from __future__ import annotations

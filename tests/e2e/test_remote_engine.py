@@ -14,48 +14,9 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import REPO_ROOT, RunningServer, _free_port, _stop, _wait_healthy
+from tests.conftest import RunningServer, _stop, start_router
 
 QUESTION = "Who painted the Mona Lisa?"
-
-
-def _start(argv: list[str], log_path, env: dict[str, str]) -> subprocess.Popen:
-    with open(log_path, "wb") as log:
-        return subprocess.Popen(argv, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, env=env, start_new_session=True)
-
-
-ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "VLLM_CPU_KVCACHE_SPACE": "1"}
-
-
-@pytest.fixture(scope="module")
-def upstream(tmp_path_factory) -> Iterator[RunningServer]:
-    """vLLM's own OpenAI server on the default checkpoint."""
-    from router.engine.default_model import ensure_default_checkpoint
-
-    log = tmp_path_factory.mktemp("vllm") / "vllm.log"
-    port = _free_port()
-    vllm = _start([sys.executable, "-m", "vllm.entrypoints.openai.api_server",
-                   "--model", str(ensure_default_checkpoint()), "--served-model-name", "upstream",
-                   "--port", str(port), "--host", "127.0.0.1", "--max-model-len", "2048",
-                   "--enforce-eager"], log, ENV)
-    running = RunningServer(f"http://127.0.0.1:{port}", "", log, vllm)
-    try:
-        _wait_healthy(running, 420)
-        yield running
-    finally:
-        _stop(vllm)
-
-
-def start_router(upstream: RunningServer, api_key: str, log, *extra: str) -> RunningServer:
-    """An ssrl router (no engine of its own) in front of the upstream vLLM server."""
-    port = _free_port()
-    process = _start([sys.executable, "-m", "clients.cli", "serve", "--host", "127.0.0.1",
-                      "--port", str(port), "--engine-url", upstream.base_url + "/v1",
-                      "--api-key", api_key, *extra], log, ENV)
-    running = RunningServer(f"http://127.0.0.1:{port}", api_key, log, process)
-    _wait_healthy(running, 120)
-    return running
 
 
 @pytest.fixture(scope="module")

@@ -11,10 +11,10 @@ import asyncio
 import importlib.metadata
 import logging
 import traceback
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 from pathlib import Path
-from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -30,7 +30,12 @@ from router.search.base import (
 )
 from router.search.local_index import LocalIndexBackend
 from router.search.providers import BUILTIN, ENTRY_POINT_GROUP, create_backend, load_secrets
-from router.search.providers.http import parse_retry_after, redact_url_secrets, strip_html
+from router.search.providers.http import (
+    HttpBackend,
+    parse_retry_after,
+    redact_url_secrets,
+    strip_html,
+)
 from router.search.service import SearchService
 from tests.fake_providers import (
     FAKE_KEYS,
@@ -39,12 +44,12 @@ from tests.fake_providers import (
     FakeDoc,
     FakeProviders,
     close_mid_body,
-    running_fake,
     hang,
     html_error_page,
     huge_body,
     malformed_json,
     respond,
+    running_fake,
     status,
 )
 
@@ -123,7 +128,7 @@ def test_serper_answer_box_comes_first(fake: FakeProviders) -> None:
     )
     assert docs[0].source == "serper"
     assert [d.title for d in docs[1:]] == ["Document 0", "Document 1"]
-    assert docs[0].score > docs[1].score > docs[2].score
+    assert [d.score for d in docs] == [1.0, 0.5, pytest.approx(1 / 3)]
 
 
 def test_serper_knowledge_graph_when_no_answer_box(fake: FakeProviders) -> None:
@@ -299,7 +304,7 @@ def test_wikipedia_search_then_summaries(fake: FakeProviders) -> None:
         "1000",
         "wikipedia",
     )
-    assert docs[0].score > docs[1].score > docs[2].score
+    assert [d.score for d in docs] == [1.0, 0.5, pytest.approx(1 / 3)]
 
 
 def test_wikipedia_falls_back_to_the_stripped_snippet(fake: FakeProviders) -> None:
@@ -600,8 +605,9 @@ async def _success_then_each_failure(
 @pytest.mark.parametrize(
     "error", [httpx.ReadError, httpx.ConnectTimeout, httpx.RemoteProtocolError, httpx.DecodingError]
 )
-def test_httpx_messages_with_the_url_are_not_passed_on(error: type[httpx.HTTPError]) -> None:
+def test_httpx_messages_with_the_url_are_not_passed_on(error: type[httpx.RequestError]) -> None:
     backend = create_backend("google", {}, FAKE_SECRETS)
+    assert isinstance(backend, HttpBackend)
 
     def handler(request: httpx.Request) -> httpx.Response:
         raise error(f"failed on {request.url}", request=request)
@@ -700,6 +706,7 @@ def test_options_are_parsed_and_checked() -> None:
         {"timeout": "2.5", "connect_timeout": "1", "max_connections": "4", "name": "serper-eu"},
         FAKE_SECRETS,
     )
+    assert isinstance(backend, HttpBackend)
     assert (backend.settings.timeout, backend.settings.connect_timeout) == (2.5, 1.0)
     assert backend.settings.max_connections == 4 and backend.name == "serper-eu"
     assert backend.base_url == "https://google.serper.dev"
@@ -720,6 +727,7 @@ def test_options_are_parsed_and_checked() -> None:
 
 def test_defaults_follow_the_documented_limits() -> None:
     backend = create_backend("wikipedia", {"lang": "de"}, {})
+    assert isinstance(backend, HttpBackend)
     assert backend.base_url == "https://de.wikipedia.org"
     assert (backend.settings.connect_timeout, backend.settings.timeout) == (3.0, 10.0)
     assert (backend.settings.max_body_bytes, backend.settings.max_text_chars) == (2097152, 2000)

@@ -116,7 +116,7 @@ def run_app(
     if backend is not None:
         assert monkeypatch is not None
         monkeypatch.setattr(server.app, "build_search_service",
-                            lambda s: SearchService([backend], timeout_s=s.search_timeout))
+                            lambda s, observer=None: SearchService([backend], timeout_s=s.search_timeout))
     app = create_app(ServeSettings(**values), engine_factory=lambda s: engine)
 
     async def main() -> Any:

@@ -46,7 +46,9 @@ from router.search.base import (
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_USER_AGENT = "ssrl-search/0.1 (+https://github.com/ssrl; self-search inference server)"
+# Wikimedia asks for a User-Agent naming the tool and a contact; the deployment knows its
+# contact, so the `user_agent` option should be set there.
+DEFAULT_USER_AGENT = "ssrl-search/0.1 (self-search inference server)"
 # A model may paste a paragraph as its query; no provider wants more, and GET providers put it
 # in the URL. Providers with a documented lower limit (Brave 400, Wikipedia 300) cut further.
 MAX_QUERY_CHARS = 2_000
@@ -281,7 +283,8 @@ class HttpBackend:
     def __repr__(self) -> str:
         # base_url may hold userinfo (a SearXNG behind basic auth); keys are never attributes
         # shown here.
-        return f"{type(self).__name__}(name={self.name!r}, base_url={redact_url_secrets(self.base_url)!r})"
+        shown = redact_url_secrets(self.base_url)
+        return f"{type(self).__name__}(name={self.name!r}, base_url={shown!r})"
 
     async def aclose(self) -> None:
         self._closed = True

@@ -67,7 +67,10 @@ class SearxngBackend(HttpBackend):
 
     def status_hint(self, status: int) -> str | None:
         if status == 403:
-            return "JSON output is disabled on this instance: add 'json' to search.formats in its settings.yml"
+            return (
+                "JSON output is disabled on this instance: "
+                "add 'json' to search.formats in its settings.yml"
+            )
         if status == 429:
             return "rate limited by the instance's limiter (exempt this client in limiter.toml)"
         return super().status_hint(status)

@@ -7,7 +7,8 @@ fetched concurrently. A summary that fails (any error, or an empty extract) fall
 search snippet with its HTML stripped, so one bad page never fails the whole search.
 
 Wikimedia refuses (403) clients without a descriptive User-Agent; set the ``user_agent``
-option to one naming your deployment and a contact, per https://meta.wikimedia.org/wiki/User-Agent_policy.
+option to one naming your deployment and a contact, as
+https://meta.wikimedia.org/wiki/User-Agent_policy asks.
 """
 
 from __future__ import annotations

@@ -1,0 +1,1171 @@
+"""`ssrl eval` and `ssrl calibrate`: accuracy, search calls and thresholds, against a live server.
+
+`ssrl eval` sends every question of a QA set (`{id, question, answers}` per JSONL line) as a
+chat completion to a running ssrl server, scores the answer (`message.content`, the last
+`<answer>`) with SQuAD exact match and F1 against the gold answers, and writes to `--out`:
+
+- `results.jsonl`: one row per question, appended atomically (line + flush + fsync) as each
+  answer arrives, so an interrupted run loses nothing finished; re-running the same command
+  skips every question that already has a row without error.
+- `summary.json` (written atomically), `report.md`, and PNG plots (`entropy_hist.png`; with
+  `--sweep` also `call_rate_accuracy.png`).
+- `config.json`: what defines the run; a resumed run must match it.
+
+`ssrl eval --sweep` runs the questions twice, with policy `never` (into OUT/never) and
+`always` (OUT/always), and derives the accuracy against external-call rate of every
+threshold counterfactually (see `router.calibration` and docs/evaluation.md).
+
+`ssrl calibrate RUN [RUN]` picks the threshold for a target call rate or a maximum accuracy
+loss from such runs and writes `calibration.env` (`SSRL_SEARCH_THRESHOLD=...`, read by
+`ssrl serve` from the environment) and `calibration.json`.
+
+Pure scoring lives in `router.scoring` and `router.calibration`; this module does the I/O.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import os
+import random
+import sys
+import tempfile
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from router.calibration import (
+    Calibration,
+    CurvePoint,
+    Question,
+    aggregate_auroc,
+    calibrate,
+    choose_for_call_rate,
+    random_routing_accuracy,
+    render_env,
+    run_accuracies,
+    ssrl_rule_point,
+    threshold_curve,
+    uncertainty,
+)
+from router.entropy import AGGREGATES
+from router.scoring import (
+    best_exact_match,
+    best_f1,
+    majority_vote,
+    mean,
+    pass_at_k_curve,
+)
+
+RESULTS = "results.jsonl"
+SUMMARY = "summary.json"
+REPORT = "report.md"
+CONFIG = "config.json"
+ENTROPY_PLOT = "entropy_hist.png"
+CURVE_PLOT = "call_rate_accuracy.png"
+CALIBRATION_ENV = "calibration.env"
+CALIBRATION_JSON = "calibration.json"
+CALIBRATION_PLOT = "calibration_curve.png"
+SWEEP_POLICIES = ("never", "always")
+POLICY_CHOICES = ("threshold", "ssrl", "budget", "always", "never")
+AGGREGATE_LABELS = {
+    "mean": "mean entropy",
+    "max": "max entropy",
+    "min_prob": "1 - min token prob",
+    "ssrl": "SSRL sampled-token term",
+}
+# Call rates at which reports tabulate the curves.
+TABLE_RATES = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+# Fields of config.json that define a run: a resumed run must agree on all of them.
+IDENTITY_FIELDS = (
+    "data", "model", "n", "temperature", "seed", "max_tokens", "self_search", "shuffle",
+)
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+class EvalError(Exception):
+    """A problem the user must fix (bad data, mismatched run directory, server unreachable)."""
+
+
+# ----------------------------------------------------------------------------- small I/O
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write a temporary file beside `path`, fsync it, rename it over `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def atomic_write_json(path: Path, data: Any) -> None:
+    atomic_write_text(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+
+
+def percentile(values: Sequence[float], q: float) -> float | None:
+    """Linear-interpolated percentile (q in 0..100), numpy's default; None when empty."""
+    data = sorted(values)
+    if not data:
+        return None
+    pos = (len(data) - 1) * q / 100.0
+    low = math.floor(pos)
+    high = min(low + 1, len(data) - 1)
+    return data[low] + (data[high] - data[low]) * (pos - low)
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+class ResultsFile:
+    """`results.jsonl`: rows appended one whole line at a time, each flushed and fsynced.
+
+    A crash can at worst leave a partial last line; `repair()` cuts it off before appending,
+    and `read()` skips any line that does not parse.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+
+    def read(self) -> list[dict[str, Any]]:
+        if not self.path.is_file():
+            return []
+        rows = []
+        with open(self.path, encoding="utf-8") as f:
+            for line in f:
+                line = line.strip()
+                if not line:
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if isinstance(row, dict) and "id" in row:
+                    rows.append(row)
+        return rows
+
+    def repair(self) -> None:
+        """Drop a partial last line (a row whose write was interrupted)."""
+        if not self.path.is_file():
+            return
+        with open(self.path, "rb+") as f:
+            data = f.read()
+            if not data or data.endswith(b"\n"):
+                return
+            cut = data.rfind(b"\n") + 1
+            f.truncate(cut)
+            f.flush()
+            os.fsync(f.fileno())
+
+    def append(self, row: Mapping[str, Any]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        line = json.dumps(row, ensure_ascii=False) + "\n"
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(line)
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def final_rows(rows: Iterable[Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The row that counts per question id: the last without error, else the last one."""
+    chosen: dict[str, dict[str, Any]] = {}
+    for row in rows:
+        rid = str(row["id"])
+        previous = chosen.get(rid)
+        if previous is None or row.get("error") is None or previous.get("error") is not None:
+            chosen[rid] = dict(row)
+    return chosen
+
+
+# ----------------------------------------------------------------------------- questions
+
+
+def resolve_data(spec: str) -> Path:
+    """A JSONL path, or the name of a shared QA set (`nq_open_dev`) under ../shared/data/qa."""
+    path = Path(spec).expanduser()
+    if path.is_file():
+        return path.resolve()
+    if "/" not in spec:
+        name = spec if spec.endswith(".jsonl") else spec + ".jsonl"
+        for base in (REPO_ROOT.parent / "shared" / "data" / "qa", Path("/work/shared/data/qa")):
+            if (base / name).is_file():
+                return (base / name).resolve()
+    raise EvalError(f"no question file {spec!r} (a JSONL path or a set in ../shared/data/qa)")
+
+
+def load_questions(
+    path: Path, limit: int | None = None, shuffle: bool = False, seed: int | None = None
+) -> list[dict[str, Any]]:
+    """`{id, question, answers}` rows; shuffled with `seed` when asked, then cut to `limit`."""
+    questions: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                item = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise EvalError(f"{path}:{number}: not JSON ({exc.msg})") from exc
+            if not isinstance(item, dict) or not isinstance(item.get("question"), str):
+                raise EvalError(f"{path}:{number}: expected an object with a 'question' string")
+            answers = item.get("answers", item.get("answer"))
+            if isinstance(answers, str):
+                answers = [answers]
+            if not isinstance(answers, list) or not answers or not all(isinstance(a, str) for a in answers):
+                raise EvalError(f"{path}:{number}: 'answers' must be a non-empty list of strings")
+            qid = str(item.get("id", f"line-{number}"))
+            if qid in seen:
+                raise EvalError(f"{path}:{number}: duplicate id {qid!r}")
+            seen.add(qid)
+            questions.append({"id": qid, "question": item["question"], "answers": answers})
+    if shuffle:
+        random.Random(seed if seed is not None else 0).shuffle(questions)
+    if limit is not None:
+        questions = questions[: max(0, limit)]
+    return questions
+
+
+# ----------------------------------------------------------------------------- configuration
+
+
+@dataclass
+class EvalConfig:
+    base_url: str
+    data: Path
+    out: Path
+    api_key: str | None = None
+    model: str | None = None
+    concurrency: int = 8
+    limit: int | None = None
+    seed: int | None = None
+    shuffle: bool = False
+    n: int = 1
+    temperature: float | None = None
+    max_tokens: int | None = None
+    # The request's `self_search` object (only the fields given).
+    self_search: dict[str, Any] = field(default_factory=dict)
+    timeout_s: float = 600.0
+    progress: bool = True
+    plots: bool = True
+
+    @property
+    def effective_temperature(self) -> float:
+        if self.temperature is not None:
+            return self.temperature
+        return 0.0 if self.n == 1 else 0.7
+
+    def identity(self) -> dict[str, Any]:
+        return {
+            "data": str(self.data),
+            "model": self.model,
+            "n": self.n,
+            "temperature": self.effective_temperature,
+            "seed": self.seed,
+            "max_tokens": self.max_tokens,
+            "self_search": dict(sorted(self.self_search.items())),
+            "shuffle": self.shuffle,
+        }
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            **self.identity(),
+            "base_url": self.base_url,
+            "limit": self.limit,
+            "concurrency": self.concurrency,
+            "timeout_s": self.timeout_s,
+        }
+
+    def for_policy(self, policy: str, out: Path) -> EvalConfig:
+        from dataclasses import replace
+
+        return replace(self, out=out, self_search={**self.self_search, "policy": policy})
+
+
+def normalise_base_url(url: str) -> str:
+    url = url.rstrip("/")
+    return url[: -len("/v1")] if url.endswith("/v1") else url
+
+
+def _headers(api_key: str | None) -> dict[str, str]:
+    return {"Authorization": f"Bearer {api_key}"} if api_key else {}
+
+
+def check_run_dir(config: EvalConfig) -> None:
+    """Write config.json for a new run; for an existing one, insist on the same identity."""
+    path = config.out / CONFIG
+    if path.is_file():
+        try:
+            saved = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            raise EvalError(f"{path} is not JSON: {exc.msg}") from exc
+        mine = config.identity()
+        diff = [
+            f"{k}: {saved.get(k)!r} there, {mine[k]!r} now"
+            for k in IDENTITY_FIELDS
+            if _canon(saved.get(k)) != _canon(mine[k])
+        ]
+        if diff:
+            raise EvalError(
+                f"{config.out} holds a run with other settings ({'; '.join(diff)}); "
+                "resume it with the same settings or choose another --out"
+            )
+    atomic_write_json(path, config.to_json())
+
+
+def _canon(value: Any) -> str:
+    return json.dumps(value, sort_keys=True)
+
+
+# ----------------------------------------------------------------------------- scoring a response
+
+
+def first_search(trace: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """The first search of a trajectory that was decided (not skipped as empty)."""
+    for search in (trace or {}).get("searches") or []:
+        if search.get("decision") in ("external", "internal"):
+            return search
+    return None
+
+
+def first_entropy(trace: Mapping[str, Any] | None) -> dict[str, float] | None:
+    """{mean, max, min_prob, ssrl} of the first decided search, None without one."""
+    search = first_search(trace)
+    if search is None:
+        return None
+    entropy = search.get("entropy") or {}
+    if entropy.get("kind") == "empty" or not all(a in entropy for a in AGGREGATES):
+        return None
+    return {a: float(entropy[a]) for a in AGGREGATES}
+
+
+def first_route(trace: Mapping[str, Any] | None) -> str | None:
+    """How the first search was actually served: external, internal (a fallback counts as
+    internal: the model filled it), or None without a search."""
+    search = first_search(trace)
+    if search is None:
+        return None
+    if search.get("decision") == "external" and not search.get("fallback"):
+        return "external"
+    return "internal"
+
+
+def trace_counts(trace: Mapping[str, Any] | None) -> dict[str, int]:
+    """External calls, internal fills, fallbacks and turns of a choice (all its vote samples)."""
+    trace = trace or {}
+    parts = (trace.get("vote") or {}).get("samples") or [trace]
+    keys = ("external_calls", "internal_fills", "fallbacks", "turns")
+    return {k: sum(int(p.get(k) or 0) for p in parts) for k in keys}
+
+
+def score_response(question: Mapping[str, Any], body: Mapping[str, Any], latency_s: float) -> dict[str, Any]:
+    """The result row of one answered question."""
+    gold = list(question["answers"])
+    choices = sorted(body.get("choices") or [], key=lambda c: c.get("index", 0))
+    if not choices:
+        raise ValueError("the response has no choices")
+    samples = []
+    for choice in choices:
+        message = choice.get("message") or {}
+        answer = message.get("content")
+        answer = answer if isinstance(answer, str) else ""
+        trace = choice.get("self_search") or {}
+        samples.append({
+            "answer": answer,
+            "correct": best_exact_match(answer, gold),
+            "f1": best_f1(answer, gold),
+            "finish_reason": choice.get("finish_reason"),
+            "answered": trace.get("answered"),
+            "trace": trace,
+        })
+    head = samples[0]
+    counts = [trace_counts(s["trace"]) for s in samples]
+    row: dict[str, Any] = {
+        "id": question["id"],
+        "question": question["question"],
+        "gold": gold,
+        "answer": head["answer"],
+        "correct": head["correct"],
+        "f1": head["f1"],
+        "answers": [s["answer"] for s in samples],
+        "n": len(samples),
+        "n_correct": sum(1 for s in samples if s["correct"]),
+        "trace": head["trace"],
+        "entropy": first_entropy(head["trace"]),
+        "first_route": first_route(head["trace"]),
+        "external_calls": sum(c["external_calls"] for c in counts),
+        "internal_fills": sum(c["internal_fills"] for c in counts),
+        "fallbacks": sum(c["fallbacks"] for c in counts),
+        "turns": sum(c["turns"] for c in counts),
+        "latency_s": round(latency_s, 4),
+        "usage": body.get("usage") or {},
+        "error": None,
+        "finished_at": _now(),
+    }
+    if len(samples) > 1:
+        vote = majority_vote([s["answer"] for s in samples])
+        row["majority"] = {
+            "answer": vote.answer,
+            "count": vote.count,
+            "correct": best_exact_match(vote.answer, gold),
+        }
+        row["samples"] = samples
+    return row
+
+
+def error_row(question: Mapping[str, Any], status: int | None, message: str, latency_s: float) -> dict[str, Any]:
+    return {
+        "id": question["id"],
+        "question": question["question"],
+        "gold": list(question["answers"]),
+        "answer": None,
+        "correct": None,
+        "f1": None,
+        "latency_s": round(latency_s, 4),
+        "error": {"status": status, "message": message[:2000]},
+        "finished_at": _now(),
+    }
+
+
+def _error_message(response: Any) -> str:
+    try:
+        body = response.json()
+        err = body.get("error") if isinstance(body, dict) else None
+        if isinstance(err, dict) and err.get("message"):
+            return str(err["message"])
+    except ValueError:
+        pass
+    return (response.text or "")[:500] or f"HTTP {response.status_code}"
+
+
+# ----------------------------------------------------------------------------- running
+
+
+def request_body(config: EvalConfig, question: Mapping[str, Any]) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "model": config.model,
+        "messages": [{"role": "user", "content": question["question"]}],
+        "n": config.n,
+        "temperature": config.effective_temperature,
+    }
+    if config.seed is not None:
+        body["seed"] = config.seed
+    if config.max_tokens is not None:
+        body["max_tokens"] = config.max_tokens
+    if config.self_search:
+        body["self_search"] = dict(config.self_search)
+    return body
+
+
+async def ask(client: Any, config: EvalConfig, question: Mapping[str, Any]) -> dict[str, Any]:
+    """One question, one request; any failure becomes an error row, never an exception."""
+    import httpx
+
+    started = time.perf_counter()
+    try:
+        response = await client.post(
+            "/v1/chat/completions", json=request_body(config, question),
+            headers=_headers(config.api_key),
+        )
+    except httpx.HTTPError as exc:
+        return error_row(question, None, f"{type(exc).__name__}: {exc}", time.perf_counter() - started)
+    latency = time.perf_counter() - started
+    if response.status_code != 200:
+        return error_row(question, response.status_code, _error_message(response), latency)
+    try:
+        return score_response(question, response.json(), latency)
+    except (ValueError, TypeError, AttributeError, KeyError) as exc:
+        return error_row(question, 200, f"unreadable response: {type(exc).__name__}: {exc}", latency)
+
+
+async def resolve_model(client: Any, api_key: str | None) -> str:
+    import httpx
+
+    try:
+        response = await client.get("/v1/models", headers=_headers(api_key))
+    except httpx.HTTPError as exc:
+        raise EvalError(f"cannot reach the server: {type(exc).__name__}: {exc}") from exc
+    if response.status_code != 200:
+        raise EvalError(f"GET /v1/models answered {response.status_code}: {_error_message(response)}")
+    data = response.json().get("data") or []
+    if not data:
+        raise EvalError("the server lists no model; pass --model")
+    return str(data[0]["id"])
+
+
+def _progress(total: int, initial: int, enabled: bool, desc: str) -> Any:
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, disable=not enabled, desc=desc, unit="q",
+                dynamic_ncols=True, file=sys.stderr)
+
+
+async def run_eval_async(config: EvalConfig, questions: Sequence[Mapping[str, Any]] | None = None) -> dict[str, Any]:
+    """Run (or resume) one evaluation; returns its summary. Writes everything under config.out."""
+    import httpx
+
+    if questions is None:
+        questions = load_questions(config.data, config.limit, config.shuffle, config.seed)
+    config.out.mkdir(parents=True, exist_ok=True)
+    results = ResultsFile(config.out / RESULTS)
+    limits = httpx.Limits(max_connections=config.concurrency, max_keepalive_connections=config.concurrency)
+    timeout = httpx.Timeout(config.timeout_s, connect=min(30.0, config.timeout_s))
+    started = time.perf_counter()
+    async with httpx.AsyncClient(base_url=config.base_url, timeout=timeout, limits=limits) as client:
+        if config.model is None:
+            config.model = await resolve_model(client, config.api_key)
+        check_run_dir(config)
+        results.repair()
+        done = {str(r["id"]) for r in results.read() if r.get("error") is None}
+        todo = [q for q in questions if q["id"] not in done]
+        bar = _progress(len(questions), len(questions) - len(todo), config.progress,
+                        config.self_search.get("policy") or "eval")
+        queue: asyncio.Queue[Mapping[str, Any]] = asyncio.Queue()
+        for q in todo:
+            queue.put_nowait(q)
+        tally = {"right": 0, "done": 0, "errors": 0}
+
+        async def worker() -> None:
+            while True:
+                try:
+                    q = queue.get_nowait()
+                except asyncio.QueueEmpty:
+                    return
+                row = await ask(client, config, q)
+                results.append(row)  # one event loop: appends never interleave
+                tally["done"] += 1
+                tally["errors"] += row.get("error") is not None
+                tally["right"] += bool(row.get("correct"))
+                bar.update(1)
+                bar.set_postfix(em=f"{tally['right'] / tally['done']:.3f}", errors=tally["errors"],
+                                refresh=False)
+
+        try:
+            await asyncio.gather(*(worker() for _ in range(max(1, config.concurrency))))
+        finally:
+            bar.close()
+    wall_s = time.perf_counter() - started
+    rows = final_rows(results.read())
+    summary = summarize([rows[q["id"]] for q in questions if q["id"] in rows], len(questions), config)
+    summary["wall_s_this_invocation"] = round(wall_s, 3)
+    summary["requests_this_invocation"] = len(todo)
+    write_outputs(config, summary, [rows[q["id"]] for q in questions if q["id"] in rows])
+    return summary
+
+
+def run_eval(config: EvalConfig) -> dict[str, Any]:
+    return asyncio.run(run_eval_async(config))
+
+
+# ----------------------------------------------------------------------------- summary
+
+
+def _usage_total(rows: Sequence[Mapping[str, Any]], key: str) -> int:
+    return sum(int((r.get("usage") or {}).get(key) or 0) for r in rows)
+
+
+def questions_of_run(rows: Sequence[Mapping[str, Any]]) -> list[Question]:
+    """Calibration inputs of one run: each question's first-search entropy and its outcome
+    under the route that search actually took."""
+    out = []
+    for r in rows:
+        if r.get("error") is not None:
+            continue
+        route = r.get("first_route")
+        correct = float(bool(r.get("correct")))
+        out.append(Question(
+            id=str(r["id"]),
+            entropy=r.get("entropy"),
+            correct_internal=correct if route in ("internal", None) else None,
+            correct_external=correct if route == "external" else None,
+        ))
+    return out
+
+
+def summarize(rows: Sequence[Mapping[str, Any]], selected: int, config: EvalConfig | None = None) -> dict[str, Any]:
+    """Aggregate figures of a run's final rows (errors reported, not scored)."""
+    ok = [r for r in rows if r.get("error") is None]
+    errors = [r for r in rows if r.get("error") is not None]
+    external = sum(int(r.get("external_calls") or 0) for r in ok)
+    internal = sum(int(r.get("internal_fills") or 0) for r in ok)
+    latencies = [float(r["latency_s"]) for r in ok if r.get("latency_s") is not None]
+    n = min((int(r.get("n") or 1) for r in ok), default=1)
+    summary: dict[str, Any] = {
+        "kind": "eval",
+        "config": config.to_json() if config is not None else None,
+        "questions": selected,
+        "scored": len(ok),
+        "errors": len(errors),
+        "not_run": selected - len(rows),
+        "em": mean(float(bool(r["correct"])) for r in ok),
+        "f1": mean(float(r["f1"]) for r in ok),
+        "answered_rate": mean(float(bool((r.get("trace") or {}).get("answered"))) for r in ok),
+        "n": n,
+        "searches": external + internal,
+        "external_calls": external,
+        "internal_fills": internal,
+        "fallbacks": sum(int(r.get("fallbacks") or 0) for r in ok),
+        "external_call_rate": external / (external + internal) if external + internal else None,
+        "turns_mean": mean(float(r.get("turns") or 0) for r in ok),
+        "external_calls_per_question": mean(float(r.get("external_calls") or 0) for r in ok),
+        "tokens": {
+            "prompt": _usage_total(ok, "prompt_tokens"),
+            "completion": _usage_total(ok, "completion_tokens"),
+            "total": _usage_total(ok, "total_tokens"),
+            "completion_mean": mean(float((r.get("usage") or {}).get("completion_tokens") or 0) for r in ok),
+        },
+        "latency_s": {
+            "mean": mean(latencies),
+            "p50": percentile(latencies, 50),
+            "p99": percentile(latencies, 99),
+            "max": max(latencies, default=None),
+        },
+        "error_examples": [{"id": r["id"], **r["error"]} for r in errors[:10]],
+        "finished_at": _now(),
+    }
+    if n > 1:
+        counts = [(int(r["n"]), int(r["n_correct"])) for r in ok]
+        summary["pass_at_k"] = {str(k): v for k, v in pass_at_k_curve(counts, n).items()}
+        summary["majority_accuracy"] = mean(float(bool(r["majority"]["correct"])) for r in ok)
+    qs = questions_of_run(rows)
+    summary["entropy_recorded"] = sum(1 for q in qs if q.entropy is not None)
+    summary["auroc_wrong_self_fill"] = {a: aggregate_auroc(qs, a) for a in AGGREGATES}
+    summary["self_filled_scored"] = sum(1 for q in qs if q.entropy is not None and q.correct_internal is not None)
+    return summary
+
+
+# ----------------------------------------------------------------------------- reports and plots
+
+
+def _fmt(value: Any, digits: int = 3) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def render_report(summary: Mapping[str, Any], plots: Sequence[str]) -> str:
+    cfg = summary.get("config") or {}
+    lat = summary["latency_s"]
+    tok = summary["tokens"]
+    lines = [
+        "# ssrl eval report", "",
+        f"- Data: `{cfg.get('data')}` ({summary['questions']} questions selected)",
+        f"- Server: `{cfg.get('base_url')}`, model `{cfg.get('model')}`",
+        f"- Request: n={cfg.get('n')}, temperature={cfg.get('temperature')}, seed={cfg.get('seed')}, "
+        f"self_search={json.dumps(cfg.get('self_search') or {})}",
+        f"- Finished: {summary['finished_at']}", "",
+        "| metric | value |", "|---|---|",
+        f"| exact match | {_fmt(summary['em'])} |",
+        f"| F1 | {_fmt(summary['f1'])} |",
+        f"| scored / errors / not run | {summary['scored']} / {summary['errors']} / {summary['not_run']} |",
+        f"| answered with an `<answer>` | {_fmt(summary['answered_rate'])} |",
+        f"| searches | {summary['searches']} |",
+        f"| external calls | {summary['external_calls']} |",
+        f"| internal fills | {summary['internal_fills']} (fallbacks {summary['fallbacks']}) |",
+        f"| external-call rate (external / searches) | {_fmt(summary['external_call_rate'])} |",
+        f"| turns per question | {_fmt(summary['turns_mean'], 2)} |",
+        f"| tokens prompt / completion | {tok['prompt']} / {tok['completion']} |",
+        f"| latency mean / p50 / p99 (s) | {_fmt(lat['mean'], 2)} / {_fmt(lat['p50'], 2)} / {_fmt(lat['p99'], 2)} |",
+    ]
+    if "pass_at_k" in summary:
+        lines += [f"| majority-vote accuracy ({summary['n']} samples) | {_fmt(summary['majority_accuracy'])} |",
+                  "", "| k | pass@k |", "|---|---|"]
+        lines += [f"| {k} | {_fmt(v)} |" for k, v in summary["pass_at_k"].items()]
+    lines += [
+        "", "### Entropy of the first query as a predictor of a wrong self-filled answer", "",
+        f"{summary['self_filled_scored']} questions whose first search was self-filled. AUROC "
+        "(1.0: the aggregate ranks every wrong answer above every right one; 0.5: no signal).", "",
+        "| aggregate | AUROC |", "|---|---|",
+    ]
+    for agg in AGGREGATES:
+        lines.append(f"| {AGGREGATE_LABELS[agg]} | {_fmt(summary['auroc_wrong_self_fill'].get(agg))} |")
+    if summary["error_examples"]:
+        lines += ["", "### Errors", ""]
+        lines += [f"- `{e['id']}`: {e.get('status')} {e.get('message')}" for e in summary["error_examples"]]
+    if plots:
+        lines += ["", "### Plots", ""] + [f"![{p}]({p})" for p in plots]
+    return "\n".join(lines) + "\n"
+
+
+def _pyplot() -> Any | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    return plt
+
+
+def plot_entropy_histograms(questions: Sequence[Question], path: Path) -> bool:
+    """Histograms per aggregate of the first query's uncertainty, self-filled right vs wrong."""
+    plt = _pyplot()
+    if plt is None:
+        return False
+    usable = [q for q in questions if q.entropy is not None and q.correct_internal is not None]
+    if not usable:
+        return False
+    fig, axes = plt.subplots(2, 2, figsize=(10, 7))
+    for ax, agg in zip(axes.flat, AGGREGATES, strict=True):
+        values = [uncertainty(q.entropy, agg) for q in usable]
+        right = [v for v, q in zip(values, usable, strict=True) if q.correct_internal >= 0.5]
+        wrong = [v for v, q in zip(values, usable, strict=True) if q.correct_internal < 0.5]
+        lo, hi = min(values), max(values)
+        bins = 20 if hi > lo else 1
+        rng = (lo, hi) if hi > lo else (lo - 0.5, lo + 0.5)
+        ax.hist(right, bins=bins, range=rng, alpha=0.6, label=f"right ({len(right)})", color="tab:green")
+        ax.hist(wrong, bins=bins, range=rng, alpha=0.6, label=f"wrong ({len(wrong)})", color="tab:red")
+        score = aggregate_auroc(usable, agg)
+        ax.set_title(f"{AGGREGATE_LABELS[agg]} (AUROC {_fmt(score)})")
+        ax.set_xlabel("uncertainty of the first query")
+        ax.set_ylabel("questions")
+        ax.legend()
+    fig.suptitle("First-query uncertainty: self-filled answer right vs wrong")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def plot_curves(
+    curves: Mapping[str, Sequence[CurvePoint]], acc_internal: float, acc_external: float,
+    path: Path, chosen: CurvePoint | None = None,
+) -> bool:
+    """Accuracy against external-call rate: one line per aggregate, random routing, SSRL."""
+    plt = _pyplot()
+    if plt is None:
+        return False
+    fig, ax = plt.subplots(figsize=(7.5, 5.5))
+    markers = {"mean": "o", "max": "s", "min_prob": "^", "ssrl": "D"}
+    for agg, points in curves.items():
+        pts = sorted((p for p in points if p.accuracy is not None), key=lambda p: p.call_rate)
+        if not pts:
+            continue
+        ax.plot([p.call_rate for p in pts], [p.accuracy for p in pts], marker=markers.get(agg, "."),
+                markersize=3, linewidth=1.4, label=f"threshold on {AGGREGATE_LABELS[agg]}")
+    ax.plot([0, 1], [acc_internal, acc_external], linestyle="--", color="gray",
+            label="random routing (expected)")
+    ssrl = ssrl_rule_point(acc_external)
+    ax.scatter([ssrl["call_rate"]], [ssrl["accuracy"]], marker="*", s=160, color="black", zorder=5,
+               label="SSRL rule (first search external)")
+    if chosen is not None and chosen.accuracy is not None:
+        ax.scatter([chosen.call_rate], [chosen.accuracy], marker="X", s=120, color="tab:red", zorder=6,
+                   label=f"chosen: {chosen.aggregate} tau={chosen.threshold:.4g}")
+    ax.set_xlabel("external-call rate (external searches / searches)")
+    ax.set_ylabel("exact match (counterfactual)")
+    ax.set_xlim(-0.02, 1.02)
+    ax.set_title("Accuracy against external-call rate, thresholds swept")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def write_outputs(config: EvalConfig, summary: dict[str, Any], rows: Sequence[Mapping[str, Any]]) -> None:
+    plots: list[str] = []
+    if config.plots:
+        if plot_entropy_histograms(questions_of_run(rows), config.out / ENTROPY_PLOT):
+            plots.append(ENTROPY_PLOT)
+    summary["plots"] = plots
+    atomic_write_json(config.out / SUMMARY, summary)
+    atomic_write_text(config.out / REPORT, render_report(summary, plots))
+
+
+# ----------------------------------------------------------------------------- sweep
+
+
+def paired_questions(
+    never_rows: Sequence[Mapping[str, Any]], always_rows: Sequence[Mapping[str, Any]]
+) -> list[Question]:
+    """Questions answered in both runs: entropy of the first query (from the `never` run,
+    else the `always` run), correctness self-filled and searched."""
+    never = {str(r["id"]): r for r in never_rows if r.get("error") is None}
+    always = {str(r["id"]): r for r in always_rows if r.get("error") is None}
+    out = []
+    for qid, r in never.items():
+        a = always.get(qid)
+        if a is None:
+            continue
+        out.append(Question(
+            id=qid,
+            entropy=r.get("entropy") or a.get("entropy"),
+            correct_internal=float(bool(r.get("correct"))),
+            correct_external=float(bool(a.get("correct"))),
+        ))
+    return out
+
+
+def curve_table(
+    curves: Mapping[str, Sequence[CurvePoint]], acc_internal: float | None, acc_external: float | None,
+    rates: Sequence[float] = TABLE_RATES,
+) -> list[str]:
+    """Markdown: per target call rate, the accuracy (and threshold) each aggregate reaches."""
+    aggs = [a for a in AGGREGATES if curves.get(a)]
+    head = "| call rate ≤ | " + " | ".join(AGGREGATE_LABELS[a] for a in aggs) + " | random routing |"
+    lines = [head, "|---:|" + "---|" * (len(aggs) + 1)]
+    for rate in rates:
+        cells = []
+        for agg in aggs:
+            p = choose_for_call_rate(curves[agg], rate)
+            cells.append(f"{_fmt(p.accuracy)} @ {p.call_rate:.2f} (tau {p.threshold:.4g})")
+        rnd = (random_routing_accuracy(rate, acc_external, acc_internal)
+               if acc_internal is not None and acc_external is not None else None)
+        lines.append(f"| {rate:.1f} | " + " | ".join(cells) + f" | {_fmt(rnd)} |")
+    return lines
+
+
+def sweep_summary(
+    questions: Sequence[Question], never: Mapping[str, Any], always: Mapping[str, Any]
+) -> dict[str, Any]:
+    acc_int, acc_ext = run_accuracies(questions)
+    curves = {a: threshold_curve(questions, a) for a in AGGREGATES}
+    return {
+        "kind": "sweep",
+        "paired_questions": len(questions),
+        "with_entropy": sum(1 for q in questions if q.entropy is not None),
+        "accuracy_never": acc_int,
+        "accuracy_always": acc_ext,
+        "ssrl_rule": ssrl_rule_point(acc_ext),
+        "auroc_wrong_self_fill": {a: aggregate_auroc(questions, a) for a in AGGREGATES},
+        "curves": {a: [p.to_dict() for p in pts] for a, pts in curves.items()},
+        "never": {k: never.get(k) for k in ("em", "f1", "external_call_rate", "errors", "scored", "latency_s")},
+        "always": {k: always.get(k) for k in ("em", "f1", "external_call_rate", "errors", "scored", "latency_s")},
+        "finished_at": _now(),
+    }
+
+
+def render_sweep_report(summary: Mapping[str, Any], curves: Mapping[str, Sequence[CurvePoint]], plots: Sequence[str]) -> str:
+    acc_int, acc_ext = summary["accuracy_never"], summary["accuracy_always"]
+    lines = [
+        "# ssrl eval sweep: accuracy against external-call rate", "",
+        f"{summary['paired_questions']} questions answered by both runs (policy `never` in `never/`, "
+        f"`always` in `always/`); {summary['with_entropy']} with a recorded first-query entropy.", "",
+        "| run | exact match | external-call rate | mean latency (s) |", "|---|---|---|---|",
+        f"| never (self-filled) | {_fmt(summary['never']['em'])} | {_fmt(summary['never']['external_call_rate'])} | "
+        f"{_fmt((summary['never']['latency_s'] or {}).get('mean'), 2)} |",
+        f"| always (external) | {_fmt(summary['always']['em'])} | {_fmt(summary['always']['external_call_rate'])} | "
+        f"{_fmt((summary['always']['latency_s'] or {}).get('mean'), 2)} |", "",
+        "Counterfactual accuracy of a threshold policy: a question is routed external when its "
+        "first query's uncertainty is above tau and takes the `always` run's outcome, else the "
+        "`never` run's (docs/evaluation.md). Each cell: accuracy @ the call rate actually reached "
+        "(tau in the server's units). SSRL's rule (first search always external) is the point "
+        f"call rate 1.0, accuracy {_fmt(acc_ext)}.", "",
+        *curve_table(curves, acc_int, acc_ext), "",
+        "| aggregate | AUROC (wrong self-filled answer) |", "|---|---|",
+    ]
+    for agg in AGGREGATES:
+        lines.append(f"| {AGGREGATE_LABELS[agg]} | {_fmt(summary['auroc_wrong_self_fill'].get(agg))} |")
+    if plots:
+        lines += ["", "### Plots", ""] + [f"![{p}]({p})" for p in plots]
+    return "\n".join(lines) + "\n"
+
+
+def write_sweep(out: Path, never_rows: Sequence[Mapping[str, Any]], always_rows: Sequence[Mapping[str, Any]],
+                never: Mapping[str, Any], always: Mapping[str, Any], plots_enabled: bool) -> dict[str, Any]:
+    questions = paired_questions(never_rows, always_rows)
+    summary = sweep_summary(questions, never, always)
+    curves = {a: threshold_curve(questions, a) for a in AGGREGATES}
+    plots: list[str] = []
+    acc_int, acc_ext = summary["accuracy_never"], summary["accuracy_always"]
+    if plots_enabled and acc_int is not None and acc_ext is not None and summary["with_entropy"]:
+        if plot_curves(curves, acc_int, acc_ext, out / CURVE_PLOT):
+            plots.append(CURVE_PLOT)
+    if plots_enabled and plot_entropy_histograms(questions, out / ENTROPY_PLOT):
+        plots.append(ENTROPY_PLOT)
+    summary["plots"] = plots
+    atomic_write_json(out / SUMMARY, summary)
+    atomic_write_text(out / REPORT, render_sweep_report(summary, curves, plots))
+    return summary
+
+
+def run_sweep(config: EvalConfig) -> dict[str, Any]:
+    """`never` then `always` on the same questions, then the counterfactual curves."""
+    results = {}
+    for policy in SWEEP_POLICIES:
+        sub = config.for_policy(policy, config.out / policy)
+        results[policy] = run_eval(sub)
+        config.model = sub.model
+    never_rows = list(final_rows(ResultsFile(config.out / "never" / RESULTS).read()).values())
+    always_rows = list(final_rows(ResultsFile(config.out / "always" / RESULTS).read()).values())
+    selected = {q["id"] for q in load_questions(config.data, config.limit, config.shuffle, config.seed)}
+    never_rows = [r for r in never_rows if r["id"] in selected]
+    always_rows = [r for r in always_rows if r["id"] in selected]
+    return write_sweep(config.out, never_rows, always_rows, results["never"], results["always"], config.plots)
+
+
+# ----------------------------------------------------------------------------- calibrate
+
+
+@dataclass
+class LoadedRun:
+    path: Path
+    config: dict[str, Any]
+    rows: list[dict[str, Any]]
+
+    @property
+    def policy(self) -> str | None:
+        return (self.config.get("self_search") or {}).get("policy")
+
+
+def load_run(path: Path) -> LoadedRun:
+    path = Path(path)
+    results = path / RESULTS
+    if not results.is_file():
+        raise EvalError(f"{path} has no {RESULTS}: not an `ssrl eval` run directory")
+    config_path = path / CONFIG
+    config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}
+    rows = list(final_rows(ResultsFile(results).read()).values())
+    return LoadedRun(path, config, rows)
+
+
+def calibration_inputs(paths: Sequence[Path]) -> tuple[list[Question], str]:
+    """Questions for calibration from one run, a pair of runs, or a sweep directory."""
+    if len(paths) == 1 and all((Path(paths[0]) / p / RESULTS).is_file() for p in SWEEP_POLICIES):
+        paths = [Path(paths[0]) / p for p in SWEEP_POLICIES]
+    runs = [load_run(p) for p in paths]
+    if len(runs) == 1:
+        run = runs[0]
+        return questions_of_run(run.rows), f"one run ({run.path}, policy {run.policy or 'server default'})"
+    if len(runs) != 2:
+        raise EvalError("give one run directory, a sweep directory, or a `never` and an `always` run")
+    by_policy = {r.policy: r for r in runs}
+    if set(by_policy) != set(SWEEP_POLICIES):
+        found = ", ".join(str(r.policy) for r in runs)
+        raise EvalError(f"two runs must be one with policy `never` and one with `always` (found: {found})")
+    never, always = by_policy["never"], by_policy["always"]
+    questions = paired_questions(never.rows, always.rows)
+    if not questions:
+        raise EvalError("the two runs have no question answered in both")
+    return questions, f"counterfactual pair (never: {never.path}, always: {always.path})"
+
+
+def render_calibration(cal: Calibration, source: str) -> str:
+    p = cal.point
+    target = (f"external-call rate ≤ {cal.target_value:g}" if cal.target == "call_rate"
+              else f"accuracy loss ≤ {cal.target_value:g} against always-search")
+    lines = [
+        f"Calibrated from {source}.",
+        f"Target: {target}.",
+        f"Chosen: aggregate {cal.aggregate}, tau {p.threshold:.6g} -> call rate {p.call_rate:.3f} "
+        f"({p.calls}/{p.searches} first searches)"
+        + (f", counterfactual exact match {p.accuracy:.3f}" if p.accuracy is not None else ""),
+    ]
+    if cal.accuracy_internal is not None and cal.accuracy_external is not None:
+        rnd = random_routing_accuracy(p.call_rate, cal.accuracy_external, cal.accuracy_internal)
+        lines.append(f"Reference: never {cal.accuracy_internal:.3f}, always {cal.accuracy_external:.3f}, "
+                     f"random routing at this rate {rnd:.3f}, SSRL rule (rate 1.0) {cal.accuracy_external:.3f}.")
+    lines += ["", "AUROC of each aggregate for a wrong self-filled answer:"]
+    for agg in AGGREGATES:
+        lines.append(f"  {AGGREGATE_LABELS[agg]:<26} {_fmt(cal.auroc.get(agg))}")
+    lines += ["", f"Curve of {cal.aggregate} (tau in the server's units):",
+              f"  {'tau':>12}  {'call rate':>9}  {'calls':>7}  {'accuracy':>8}"]
+    for point in cal.curves[cal.aggregate]:
+        mark = "  <- chosen" if point == p else ""
+        lines.append(f"  {point.threshold:>12.6g}  {point.call_rate:>9.3f}  {point.calls:>7}  "
+                     f"{_fmt(point.accuracy):>8}{mark}")
+    return "\n".join(lines)
+
+
+def cmd_calibrate(args: Mapping[str, Any]) -> int:
+    paths = [Path(p) for p in args["runs"]]
+    target_rate = args.get("target_call_rate")
+    max_loss = args.get("max_accuracy_loss")
+    if target_rate is None and max_loss is None:
+        target_rate = 0.3
+    try:
+        questions, source = calibration_inputs(paths)
+        cal = calibrate(questions, target_call_rate=target_rate, max_accuracy_loss=max_loss,
+                        aggregate=args.get("aggregate"))
+    except (EvalError, ValueError) as exc:
+        print(f"ssrl calibrate: {exc}", file=sys.stderr)
+        return 2
+    out = Path(args.get("out") or paths[0])
+    out.mkdir(parents=True, exist_ok=True)
+    text = render_calibration(cal, source)
+    print(text)
+    comments = [
+        f"written by `ssrl calibrate` on {_now()} from {source}",
+        f"target {cal.target} {cal.target_value:g}; call rate {cal.point.call_rate:.3f}"
+        + (f", counterfactual exact match {cal.point.accuracy:.3f}" if cal.point.accuracy is not None else ""),
+        "use: set -a; . ./calibration.env; set +a; ssrl serve   (or docker run --env-file calibration.env)",
+    ]
+    atomic_write_text(out / CALIBRATION_ENV, render_env(cal.aggregate, cal.threshold, comments))
+    data = {**cal.to_dict(), "source": source, "questions": len(questions), "written_at": _now()}
+    atomic_write_json(out / CALIBRATION_JSON, data)
+    if (not args.get("no_plots") and cal.accuracy_internal is not None and cal.accuracy_external is not None
+            and cal.point.accuracy is not None):
+        plot_curves(cal.curves, cal.accuracy_internal, cal.accuracy_external, out / CALIBRATION_PLOT, cal.point)
+    print(f"\nwrote {out / CALIBRATION_ENV} and {out / CALIBRATION_JSON}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- eval command
+
+
+def config_from_args(args: Mapping[str, Any]) -> EvalConfig:
+    self_search = {
+        key: args[key]
+        for key in ("mode", "policy", "threshold", "aggregate", "max_turns", "docs_per_search")
+        if args.get(key) is not None
+    }
+    api_key = args.get("api_key")
+    if api_key is None:
+        env = os.environ.get("SSRL_API_KEY", "")
+        api_key = env.split(",")[0].strip() or None
+    if args["n"] < 1:
+        raise EvalError("--n must be at least 1")
+    if args["concurrency"] < 1:
+        raise EvalError("--concurrency must be at least 1")
+    return EvalConfig(
+        base_url=normalise_base_url(args["base_url"]),
+        api_key=api_key,
+        model=args.get("model"),
+        data=resolve_data(args["data"]),
+        out=Path(args["out"]),
+        concurrency=args["concurrency"],
+        limit=args.get("limit"),
+        seed=args.get("seed"),
+        shuffle=bool(args.get("shuffle")),
+        n=args["n"],
+        temperature=args.get("temperature"),
+        max_tokens=args.get("max_tokens"),
+        self_search=self_search,
+        timeout_s=args["timeout"],
+        progress=not args.get("no_progress"),
+        plots=not args.get("no_plots"),
+    )
+
+
+def print_summary(summary: Mapping[str, Any], out: Path) -> None:
+    if summary.get("kind") == "sweep":
+        print(f"sweep: never EM {_fmt(summary['accuracy_never'])}, always EM "
+              f"{_fmt(summary['accuracy_always'])} over {summary['paired_questions']} questions")
+        for agg, score in summary["auroc_wrong_self_fill"].items():
+            print(f"  AUROC {AGGREGATE_LABELS[agg]:<26} {_fmt(score)}")
+    else:
+        lat = summary["latency_s"]
+        print(f"EM {_fmt(summary['em'])}  F1 {_fmt(summary['f1'])}  scored {summary['scored']}  "
+              f"errors {summary['errors']}  external-call rate {_fmt(summary['external_call_rate'])}  "
+              f"latency p50 {_fmt(lat['p50'], 2)} s p99 {_fmt(lat['p99'], 2)} s")
+        if "pass_at_k" in summary:
+            print("pass@k " + "  ".join(f"{k}:{v:.3f}" for k, v in summary["pass_at_k"].items())
+                  + f"  majority {_fmt(summary['majority_accuracy'])}")
+    print(f"wrote {out / SUMMARY} and {out / REPORT}")
+
+
+def cmd_eval(args: Mapping[str, Any]) -> int:
+    try:
+        config = config_from_args(args)
+        if args.get("sweep"):
+            if config.self_search.get("policy") is not None:
+                raise EvalError("--sweep runs policies never and always itself; drop --policy")
+            if config.n != 1:
+                raise EvalError("--sweep pairs one trajectory per question: use --n 1")
+            if config.effective_temperature > 0:
+                print("ssrl eval: warning: --sweep at temperature > 0 may write different first "
+                      "queries in the two runs; the counterfactual assumes the same", file=sys.stderr)
+            summary = run_sweep(config)
+        else:
+            summary = run_eval(config)
+    except EvalError as exc:
+        print(f"ssrl eval: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\nssrl eval: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+    print_summary(summary, config.out)
+    return 0
+
+
+def register(subparsers: Any) -> None:
+    """Add `eval` and `calibrate` to the `ssrl` command (see clients.cli.EXTRA_COMMANDS)."""
+    ev = subparsers.add_parser(
+        "eval", help="Score a QA set against a running server (EM, F1, pass@k, search calls).",
+        description="Run a question set ({id, question, answers} JSONL) against a running ssrl "
+        "server. Interrupted runs resume: questions with a row without error are skipped.",
+    )
+    ev.add_argument("--data", required=True,
+                    help="Question JSONL, or the name of a set in ../shared/data/qa (e.g. nq_open_dev).")
+    ev.add_argument("--out", required=True, help="Run directory (created; reused to resume).")
+    ev.add_argument("--base-url", default="http://127.0.0.1:8000", help="Server URL (with or without /v1).")
+    ev.add_argument("--api-key", default=None, help="Bearer key (default: first of SSRL_API_KEY).")
+    ev.add_argument("--model", default=None, help="Model name (default: the server's first model).")
+    ev.add_argument("--concurrency", type=int, default=8, help="Requests in flight (default 8).")
+    ev.add_argument("--limit", type=int, default=None, help="Only the first N questions.")
+    ev.add_argument("--shuffle", action="store_true", help="Shuffle the questions with --seed before --limit.")
+    ev.add_argument("--seed", type=int, default=None, help="Sampling seed sent with each request.")
+    ev.add_argument("--n", type=int, default=1, help="Samples per question (request n); pass@k for k=1..n.")
+    ev.add_argument("--temperature", type=float, default=None,
+                    help="Sampling temperature (default 0 with --n 1, 0.7 with --n > 1).")
+    ev.add_argument("--max-tokens", type=int, default=None, help="Token budget of each trajectory.")
+    ev.add_argument("--mode", choices=["native", "guided"], default=None, help="self_search.mode")
+    ev.add_argument("--policy", choices=POLICY_CHOICES, default=None, help="self_search.policy")
+    ev.add_argument("--threshold", type=float, default=None, help="self_search.threshold")
+    ev.add_argument("--aggregate", choices=AGGREGATES, default=None, help="self_search.aggregate")
+    ev.add_argument("--max-turns", type=int, default=None, help="self_search.max_turns")
+    ev.add_argument("--docs-per-search", type=int, default=None, help="self_search.docs_per_search")
+    ev.add_argument("--sweep", action="store_true",
+                    help="Run policies never and always into OUT/never and OUT/always, then the "
+                    "counterfactual accuracy/call-rate curves of every threshold.")
+    ev.add_argument("--timeout", type=float, default=600.0, help="Seconds per request (default 600).")
+    ev.add_argument("--no-progress", action="store_true", help="No progress bar.")
+    ev.add_argument("--no-plots", action="store_true", help="Skip the PNG plots.")
+    ev.set_defaults(handler=cmd_eval)
+
+    cal = subparsers.add_parser(
+        "calibrate", help="Choose the routing threshold from eval runs; write calibration.env.",
+        description="From one eval run (call-rate target only), a sweep directory, or a `never` "
+        "and an `always` run of the same questions, choose the threshold and aggregate, print "
+        "the curve, and write calibration.env (SSRL_SEARCH_* lines for `ssrl serve`).",
+    )
+    cal.add_argument("runs", nargs="+", help="Run directories (one, a sweep dir, or never + always).")
+    target = cal.add_mutually_exclusive_group()
+    target.add_argument("--target-call-rate", type=float, default=None,
+                        help="Highest external-call rate allowed (default 0.3).")
+    target.add_argument("--max-accuracy-loss", type=float, default=None,
+                        help="Largest exact-match loss against always-search allowed (needs both runs).")
+    cal.add_argument("--aggregate", choices=AGGREGATES, default=None,
+                     help="Aggregate to calibrate (default: the best one for the target).")
+    cal.add_argument("--out", default=None, help="Where to write calibration.env/.json (default: the first run dir).")
+    cal.add_argument("--no-plots", action="store_true", help="Skip the PNG plot.")
+    cal.set_defaults(handler=cmd_calibrate)
+
+
+__all__ = [
+    "EvalConfig",
+    "EvalError",
+    "ResultsFile",
+    "calibration_inputs",
+    "cmd_calibrate",
+    "cmd_eval",
+    "final_rows",
+    "load_questions",
+    "paired_questions",
+    "register",
+    "run_eval",
+    "run_eval_async",
+    "run_sweep",
+    "score_response",
+    "summarize",
+]

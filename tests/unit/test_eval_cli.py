@@ -1,0 +1,340 @@
+"""`ssrl eval` / `ssrl calibrate` against a loopback fake OpenAI-style server.
+
+The fake (a Starlette app under uvicorn in a thread on 127.0.0.1) answers chat completions
+with canned answers and a self-search trace whose routing follows the request's policy, and
+counts the requests it saw per question, so resuming can be checked by what was re-asked.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from clients.cli import main
+from clients.eval_cli import RESULTS, ResultsFile, final_rows
+
+# question -> (gold answers, mean entropy of its query, answer self-filled, answer searched)
+QUESTIONS: dict[str, tuple[list[str], float, str, str]] = {
+    "capital of France": (["Paris"], 0.2, "Paris", "Paris"),
+    "author of Hamlet": (["Shakespeare"], 1.8, "Marlowe", "Shakespeare"),
+    "largest planet": (["Jupiter"], 0.4, "Jupiter", "Saturn"),
+    "tallest mountain": (["Everest", "Mount Everest"], 2.5, "K2", "Mount Everest"),
+    "speed of light": (["299,792 km/s"], 1.0, "300,000 km/s", "186,000 miles per second"),
+}
+# With several samples, choice i answers SAMPLE_PATTERN[i % 4] ("right"/"wrong").
+SAMPLE_PATTERN = {"capital of France": "RWWR", "author of Hamlet": "WWWW", "largest planet": "RRRW",
+                  "tallest mountain": "WWWR", "speed of light": "WWWW"}
+
+
+class FakeState:
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.requests: Counter[str] = Counter()
+        self.bodies: list[dict[str, Any]] = []
+        self.fail: set[str] = set()
+        self.lock = threading.Lock()
+
+
+STATE = FakeState()
+
+
+def trace_for(question: str, policy: str, threshold: float) -> dict[str, Any]:
+    _, mean, _, _ = QUESTIONS[question]
+    if policy == "always":
+        external = True
+    elif policy == "never":
+        external = False
+    else:
+        external = mean > threshold
+    return {
+        "searches": [{
+            "index": 0, "query": question,
+            "entropy": {"mean": mean, "max": mean + 0.5, "min_prob": max(0.0, 1 - mean / 3),
+                        "ssrl": 0.3, "tokens": 3, "kind": "topk_lower_bound", "per_token": []},
+            "decision": "external" if external else "internal", "reason": "fake",
+            "policy": policy, "fallback": None, "backend": "fake" if external else None,
+            "latency_s": 0.0, "documents": [], "information": "",
+        }],
+        "external_calls": int(external), "internal_fills": int(not external), "fallbacks": 0,
+        "turns": 1, "answered": True, "notes": [],
+    }
+
+
+async def models(_: Request) -> JSONResponse:
+    return JSONResponse({"object": "list", "data": [{"id": "fake-model", "object": "model"}]})
+
+
+async def chat(request: Request) -> JSONResponse:
+    body = await request.json()
+    question = body["messages"][-1]["content"]
+    with STATE.lock:
+        STATE.requests[question] += 1
+        STATE.bodies.append(body)
+        failing = question in STATE.fail
+    if failing:
+        return JSONResponse({"error": {"message": "engine exploded", "type": "server_error",
+                                       "param": None, "code": None}}, status_code=500)
+    options = body.get("self_search") or {}
+    policy = options.get("policy", "threshold")
+    gold, _, internal, external = QUESTIONS[question]
+    trace = trace_for(question, policy, options.get("threshold", 1.5))
+    routed_external = trace["external_calls"] == 1
+    choices = []
+    for i in range(body.get("n", 1)):
+        if body.get("n", 1) > 1:
+            content = gold[0] if SAMPLE_PATTERN[question][i % 4] == "R" else "nonsense"
+        else:
+            content = external if routed_external else internal
+        choices.append({"index": i, "finish_reason": "stop", "self_search": trace,
+                        "message": {"role": "assistant", "content": content, "reasoning": "..."}})
+    return JSONResponse({
+        "id": "chatcmpl-fake", "object": "chat.completion", "created": 0, "model": body["model"],
+        "choices": choices,
+        "usage": {"prompt_tokens": 10, "completion_tokens": 5 * len(choices),
+                  "total_tokens": 10 + 5 * len(choices)},
+    })
+
+
+@pytest.fixture(scope="module")
+def fake_url() -> Iterator[str]:
+    app = Starlette(routes=[Route("/v1/models", models), Route("/v1/chat/completions", chat, methods=["POST"])])
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started:
+        assert time.monotonic() < deadline, "fake server did not start"
+        time.sleep(0.02)
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(timeout=10)
+    sock.close()
+
+
+@pytest.fixture
+def fake(fake_url: str) -> Iterator[str]:
+    STATE.reset()
+    yield fake_url
+    STATE.reset()
+
+
+@pytest.fixture
+def data(tmp_path: Path) -> Path:
+    path = tmp_path / "qa.jsonl"
+    with open(path, "w", encoding="utf-8") as f:
+        for i, (question, (gold, *_)) in enumerate(QUESTIONS.items()):
+            f.write(json.dumps({"id": f"q{i}", "question": question, "answers": gold}) + "\n")
+    return path
+
+
+def run_eval(url: str, data: Path, out: Path, *extra: str) -> int:
+    return main(["eval", "--data", str(data), "--out", str(out), "--base-url", url,
+                 "--no-progress", "--concurrency", "3", *extra])
+
+
+def read_lines(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def test_eval_writes_rows_summary_report(fake, data, tmp_path):
+    out = tmp_path / "run"
+    STATE.fail = {"speed of light"}
+    assert run_eval(fake, data, out, "--policy", "never", "--seed", "7") == 0
+
+    rows = read_lines(out / RESULTS)
+    assert len(rows) == 5
+    by_id = {r["id"]: r for r in rows}
+    paris = by_id["q0"]
+    assert paris["question"] == "capital of France" and paris["gold"] == ["Paris"]
+    assert paris["answers"] == ["Paris"] and paris["correct"] is True and paris["f1"] == 1.0
+    assert paris["trace"]["searches"][0]["decision"] == "internal"
+    assert paris["entropy"]["mean"] == 0.2 and paris["first_route"] == "internal"
+    assert paris["usage"]["completion_tokens"] == 5 and paris["latency_s"] >= 0
+    assert by_id["q1"]["correct"] is False and by_id["q1"]["f1"] == 0.0
+    assert by_id["q4"]["error"] == {"status": 500, "message": "engine exploded"}
+
+    summary = json.loads((out / "summary.json").read_text())
+    # q0 and q2 right when self-filled, q1 and q3 wrong; q4 failed (not scored)
+    assert summary["scored"] == 4 and summary["errors"] == 1 and summary["questions"] == 5
+    assert summary["em"] == 0.5
+    assert summary["external_call_rate"] == 0.0
+    assert summary["internal_fills"] == 4 and summary["searches"] == 4
+    assert summary["tokens"]["prompt"] == 40 and summary["tokens"]["completion"] == 20
+    assert summary["latency_s"]["p50"] is not None and summary["latency_s"]["p99"] >= summary["latency_s"]["p50"]
+    # wrong self-fills (q1: 1.8, q3: 2.5) are the most uncertain: a perfect separator
+    assert summary["auroc_wrong_self_fill"]["mean"] == 1.0
+    report = (out / "report.md").read_text()
+    assert "exact match | 0.500" in report and "engine exploded" in report
+
+    sent = STATE.bodies[0]
+    assert sent["model"] == "fake-model" and sent["n"] == 1 and sent["temperature"] == 0.0
+    assert sent["seed"] == 7 and sent["self_search"] == {"policy": "never"}
+
+
+def test_eval_plots(fake, data, tmp_path):
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "run"
+    assert run_eval(fake, data, out, "--policy", "never") == 0
+    png = out / "entropy_hist.png"
+    assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["plots"] == ["entropy_hist.png"]
+    assert "![entropy_hist.png](entropy_hist.png)" in (out / "report.md").read_text()
+
+
+def test_resume_requests_only_the_remaining_questions(fake, data, tmp_path):
+    out = tmp_path / "run"
+    assert run_eval(fake, data, out, "--limit", "3") == 0
+    first = set(STATE.requests)
+    assert len(first) == 3 and sum(STATE.requests.values()) == 3
+
+    assert run_eval(fake, data, out) == 0  # the full set: only the two left are asked
+    assert sum(STATE.requests.values()) == 5
+    assert all(count == 1 for count in STATE.requests.values())
+    assert len(read_lines(out / RESULTS)) == 5
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["scored"] == 5 and summary["requests_this_invocation"] == 2
+
+    assert run_eval(fake, data, out) == 0  # nothing left
+    assert sum(STATE.requests.values()) == 5
+
+
+def test_interrupted_row_write_is_repaired_and_redone(fake, data, tmp_path):
+    out = tmp_path / "run"
+    assert run_eval(fake, data, out, "--limit", "2") == 0
+    with open(out / RESULTS, "a", encoding="utf-8") as f:
+        f.write('{"id": "q2", "question": "largest pla')  # a crash in the middle of a row
+    assert run_eval(fake, data, out) == 0
+    assert STATE.requests["largest planet"] == 1
+    rows = read_lines(out / RESULTS)  # every line parses again
+    assert sorted(r["id"] for r in rows) == ["q0", "q1", "q2", "q3", "q4"]
+
+
+def test_error_rows_do_not_abort_and_are_retried_on_resume(fake, data, tmp_path):
+    out = tmp_path / "run"
+    STATE.fail = {"author of Hamlet", "tallest mountain"}
+    assert run_eval(fake, data, out, "--policy", "always") == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["errors"] == 2 and summary["scored"] == 3
+    assert {e["id"] for e in summary["error_examples"]} == {"q1", "q3"}
+    assert summary["external_call_rate"] == 1.0
+
+    STATE.fail = set()
+    assert run_eval(fake, data, out, "--policy", "always") == 0
+    assert STATE.requests["author of Hamlet"] == 2 and STATE.requests["capital of France"] == 1
+    rows = ResultsFile(out / RESULTS).read()
+    assert len(rows) == 7  # error rows stay in the log; the later success counts
+    assert final_rows(rows)["q1"]["error"] is None
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["errors"] == 0 and summary["scored"] == 5
+    assert summary["em"] == pytest.approx(3 / 5)  # searched: q0, q1, q3 right
+
+
+def test_unreachable_server_is_a_clean_error(data, tmp_path, capsys):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again: nothing listens there
+    assert run_eval(f"http://127.0.0.1:{port}", data, tmp_path / "run") == 2
+    assert "cannot reach the server" in capsys.readouterr().err
+
+
+def test_n_samples_report_pass_at_k_and_majority(fake, data, tmp_path):
+    out = tmp_path / "run"
+    assert run_eval(fake, data, out, "--n", "4", "--no-plots") == 0
+    assert STATE.bodies[0]["n"] == 4 and STATE.bodies[0]["temperature"] == 0.7
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["n"] == 4
+    # correct samples per question: 2, 0, 3, 1, 0 of 4
+    assert summary["pass_at_k"]["1"] == pytest.approx((2 + 0 + 3 + 1 + 0) / 20)
+    assert summary["pass_at_k"]["2"] == pytest.approx((1 - 1 / 6 + 0 + 1 + 0.5 + 0) / 5)
+    assert summary["pass_at_k"]["4"] == pytest.approx(3 / 5)
+    # majority: q2 (3 of 4 right) wins; q0 ties 2-2, the first seen ("paris") wins
+    assert summary["majority_accuracy"] == pytest.approx(2 / 5)
+    row = {r["id"]: r for r in read_lines(out / RESULTS)}["q2"]
+    assert row["n_correct"] == 3 and len(row["samples"]) == 4 and row["majority"]["correct"] is True
+
+
+def test_a_different_run_in_the_same_directory_is_refused(fake, data, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run_eval(fake, data, out, "--policy", "never") == 0
+    before = sum(STATE.requests.values())
+    assert run_eval(fake, data, out, "--policy", "always") == 2
+    assert "other settings" in capsys.readouterr().err
+    assert sum(STATE.requests.values()) == before
+
+
+def test_sweep_then_calibrate(fake, data, tmp_path, capsys):
+    out = tmp_path / "sweep"
+    assert run_eval(fake, data, out, "--sweep", "--no-plots") == 0
+    never = json.loads((out / "never" / "summary.json").read_text())
+    always = json.loads((out / "always" / "summary.json").read_text())
+    assert never["external_call_rate"] == 0.0 and always["external_call_rate"] == 1.0
+    sweep = json.loads((out / "summary.json").read_text())
+    assert sweep["kind"] == "sweep" and sweep["paired_questions"] == 5
+    assert sweep["accuracy_never"] == pytest.approx(0.4) and sweep["accuracy_always"] == pytest.approx(0.6)
+    mean_curve = [(p["call_rate"], p["accuracy"]) for p in sweep["curves"]["mean"]]
+    # routing the two most uncertain (q1 1.8, q3 2.5) to search answers 4 of 5
+    assert (0.4, pytest.approx(0.8)) in mean_curve
+    assert mean_curve[0] == (1.0, pytest.approx(0.6)) and mean_curve[-1] == (0.0, pytest.approx(0.4))
+    assert sweep["ssrl_rule"] == {"call_rate": 1.0, "accuracy": pytest.approx(0.6)}
+    assert "random routing" in (out / "report.md").read_text()
+
+    capsys.readouterr()
+    assert main(["calibrate", str(out), "--max-accuracy-loss", "0", "--aggregate", "mean", "--no-plots"]) == 0
+    printed = capsys.readouterr().out
+    assert "<- chosen" in printed and "AUROC" in printed
+    env = (out / "calibration.env").read_text().splitlines()
+    # cheapest rate keeping always-search accuracy 0.6: only q3 (2.5) searched, tau between 1.8 and 2.5
+    assert "SSRL_SEARCH_AGGREGATE=mean" in env and "SSRL_SEARCH_POLICY=threshold" in env
+    tau = float(next(line for line in env if line.startswith("SSRL_SEARCH_THRESHOLD=")).split("=")[1])
+    assert 1.8 < tau < 2.5
+    cal = json.loads((out / "calibration.json").read_text())
+    assert cal["chosen"]["call_rate"] == pytest.approx(0.2) and cal["chosen"]["accuracy"] == pytest.approx(0.6)
+
+    target = tmp_path / "cal"
+    assert main(["calibrate", str(out / "always"), str(out / "never"), "--target-call-rate", "0.4",
+                 "--aggregate", "mean", "--out", str(target), "--no-plots"]) == 0
+    cal = json.loads((target / "calibration.json").read_text())
+    assert cal["chosen"]["call_rate"] == pytest.approx(0.4) and cal["chosen"]["accuracy"] == pytest.approx(0.8)
+    assert 1.0 < cal["threshold"] < 1.8
+
+    # two runs of the same policy cannot be paired
+    assert main(["calibrate", str(out / "never"), str(out / "never")]) == 2
+    # one run: a call-rate target works, an accuracy target needs both runs
+    assert main(["calibrate", str(out / "never"), "--target-call-rate", "0.2", "--out",
+                 str(tmp_path / "one"), "--no-plots"]) == 0
+    assert main(["calibrate", str(out / "never"), "--max-accuracy-loss", "0.1",
+                 "--out", str(tmp_path / "two")]) == 2
+
+
+def test_sweep_plots(fake, data, tmp_path):
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "sweep"
+    assert run_eval(fake, data, out, "--sweep") == 0
+    for name in ("call_rate_accuracy.png", "entropy_hist.png", "never/entropy_hist.png"):
+        assert (out / name).read_bytes()[:4] == b"\x89PNG", name
+    assert main(["calibrate", str(out), "--target-call-rate", "0.3"]) == 0
+    assert (out / "calibration_curve.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_sweep_refuses_a_policy(fake, data, tmp_path):
+    assert run_eval(fake, data, tmp_path / "s", "--sweep", "--policy", "always") == 2
+    assert sum(STATE.requests.values()) == 0
