@@ -151,6 +151,7 @@ def _serve(flags: dict[str, Any]) -> int:
         port=settings.port,
         log_level=settings.log_level.lower(),
         timeout_keep_alive=30,
+        h11_max_incomplete_event_size=settings.max_header_bytes,
         # The drain already waited for requests; this bounds what is left (connections).
         timeout_graceful_shutdown=max(1, int(settings.shutdown_grace)),
     )

@@ -17,7 +17,7 @@ from router.prompts import system_prompt
 from server.auth import AuthMiddleware, KeyChecker
 from server.errors import APIError, install_error_handlers
 from server.lifecycle import DrainMiddleware, Drainer
-from server.limits import BodySizeLimitMiddleware
+from server.limits import BodySizeLimitMiddleware, RateLimitMiddleware
 from server.metrics import HTTPMetrics, MetricsMiddleware, SearchMetricsObserver
 from server.search_config import build_search_service
 from server.protocol import (
@@ -159,11 +159,23 @@ def create_app(settings: ServeSettings, engine_factory: EngineFactory = start_en
             await engine.shutdown()
 
     app = FastAPI(title="ssrl", version=_version(), lifespan=lifespan)
-    app.state.drainer = drainer = Drainer(grace_s=settings.shutdown_grace)
+    app.state.drainer = drainer = Drainer(
+        grace_s=settings.shutdown_grace, max_in_flight=settings.max_in_flight
+    )
     install_error_handlers(app)
 
     def ctx() -> ServingContext:
         return state["ctx"]
+
+    def check_caps(n: int, max_tokens: int | None) -> None:
+        """Server caps, so that one request cannot monopolise the engine."""
+        if n > settings.max_n:
+            raise APIError(400, f"n must be at most {settings.max_n} on this server.", param="n",
+                           code="invalid_value")
+        limit = settings.max_tokens_limit
+        if limit is not None and max_tokens is not None and max_tokens > limit:
+            raise APIError(400, f"max_tokens must be at most {limit} on this server.",
+                           param="max_tokens", code="invalid_value")
 
     @app.get("/health")
     async def health() -> Response:
@@ -202,6 +214,7 @@ def create_app(settings: ServeSettings, engine_factory: EngineFactory = start_en
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+        check_caps(body.n, body.token_limit)
         runtime = state.get("self_search")
         if wants_self_search(runtime, body):
             chat: PlainChat | SelfSearchChat = SelfSearchChat(ctx(), runtime, body)
@@ -214,6 +227,7 @@ def create_app(settings: ServeSettings, engine_factory: EngineFactory = start_en
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Response:
+        check_caps(body.n * len(body.prompts()), body.max_tokens)
         completion = Completion(ctx(), body)
         if body.stream:
             return StreamingResponse(completion.stream(), media_type="text/event-stream")
@@ -231,6 +245,8 @@ def create_app(settings: ServeSettings, engine_factory: EngineFactory = start_en
         return await search_once(state["self_search"].search, q, k)
 
     # Outermost first: metrics see every answer, the size cap runs before auth reads nothing.
+    if settings.rate_limit is not None:
+        app.add_middleware(RateLimitMiddleware, per_minute=settings.rate_limit)
     app.add_middleware(AuthMiddleware, checker=KeyChecker(settings.api_key))
     app.add_middleware(DrainMiddleware, drainer=drainer)
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_request_bytes)

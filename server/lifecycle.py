@@ -25,11 +25,14 @@ UNCOUNTED_PATHS = ("/health", "/ready", "/metrics")
 
 
 class Drainer:
-    """Shared state of a draining server: the flag and the count of requests in flight."""
+    """Shared admission state: the draining flag, requests in flight, and their cap."""
 
-    def __init__(self, grace_s: float = 30.0, retry_after_s: int = 5) -> None:
+    def __init__(
+        self, grace_s: float = 30.0, retry_after_s: int = 5, max_in_flight: int | None = None
+    ) -> None:
         self.grace_s = grace_s
         self.retry_after_s = retry_after_s
+        self.max_in_flight = max_in_flight
         self.draining = False
         self.in_flight = 0
 
@@ -42,7 +45,9 @@ class Drainer:
 
 
 class DrainMiddleware:
-    """Counts requests in flight; while draining, answers new ones 503 + Retry-After."""
+    """Admission: counts requests in flight; answers new ones 503 + Retry-After while
+    draining, and 429 + Retry-After past the in-flight cap (backpressure instead of an
+    unbounded queue in front of the engine)."""
 
     def __init__(self, app: ASGIApp, drainer: Drainer) -> None:
         self.app = app
@@ -57,6 +62,14 @@ class DrainMiddleware:
                 503, "The server is shutting down; retry on another replica.",
                 code="server_shutting_down",
                 headers={"Retry-After": str(self.drainer.retry_after_s)},
+            )
+            await error.response()(scope, receive, send)
+            return
+        cap = self.drainer.max_in_flight
+        if cap is not None and self.drainer.in_flight >= cap:
+            error = APIError(
+                429, f"The server is at its limit of {cap} requests in flight; retry shortly.",
+                code="server_overloaded", headers={"Retry-After": "1"},
             )
             await error.response()(scope, receive, send)
             return

@@ -1,7 +1,13 @@
-"""A cap on request body size, enforced while the body is read (413 past it)."""
+"""Request limits: body size (413 past it) and a per-key request rate (429 past it)."""
 
 from __future__ import annotations
 
+import hashlib
+import math
+import time
+from collections.abc import Callable
+
+from cachetools import LRUCache
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -45,3 +51,51 @@ class BodySizeLimitMiddleware:
             return message
 
         await self.app(scope, counting_receive, send)
+
+
+class RateLimitMiddleware:
+    """A token bucket per API key (per client address when there are no keys).
+
+    Buckets are keyed by a digest of the key, never the key itself, and kept in an LRU of
+    bounded size so that a flood of distinct keys cannot grow memory without bound.
+    """
+
+    def __init__(
+        self, app: ASGIApp, per_minute: float, burst: float | None = None,
+        clock: Callable[[], float] = time.monotonic, max_clients: int = 10_000,
+    ) -> None:
+        self.app = app
+        self.rate = per_minute / 60.0
+        self.burst = burst if burst is not None else max(1.0, per_minute / 6.0)
+        self.clock = clock
+        self.buckets: LRUCache[bytes, tuple[float, float]] = LRUCache(maxsize=max_clients)
+
+    def _client(self, scope: Scope) -> bytes:
+        auth = dict(scope["headers"]).get(b"authorization")
+        if auth:
+            return hashlib.sha256(auth).digest()
+        client = scope.get("client") or ("?", 0)
+        return hashlib.sha256(str(client[0]).encode()).digest()
+
+    def _take(self, client: bytes) -> float:
+        """0 when a token was taken, else the seconds until one is available."""
+        now = self.clock()
+        tokens, last = self.buckets.get(client, (self.burst, now))
+        tokens = min(self.burst, tokens + (now - last) * self.rate)
+        if tokens >= 1.0:
+            self.buckets[client] = (tokens - 1.0, now)
+            return 0.0
+        self.buckets[client] = (tokens, now)
+        return (1.0 - tokens) / self.rate
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"].startswith(("/v1", "/retrieve")):
+            wait = self._take(self._client(scope))
+            if wait > 0:
+                error = APIError(
+                    429, "Rate limit reached for this API key; retry after the indicated time.",
+                    code="rate_limit_exceeded", headers={"Retry-After": str(math.ceil(wait))},
+                )
+                await error.response()(scope, receive, send)
+                return
+        await self.app(scope, receive, send)

@@ -37,6 +37,18 @@ class ServeSettings(BaseSettings):
         4 * 1024 * 1024, gt=0, description="Largest request body accepted (bytes); larger -> 413."
     )
     log_level: str = Field("info", description="Log level (debug, info, warning, error).")
+    max_in_flight: int | None = Field(
+        None, ge=1, description="Requests served at once; past it 429 with Retry-After (none: no cap)."
+    )
+    rate_limit: float | None = Field(
+        None, gt=0, description="Requests per minute per API key (per client address without "
+        "keys); past it 429 with Retry-After (none: unlimited).",
+    )
+    max_header_bytes: int = Field(16384, ge=1024, description="Largest request head accepted (bytes).")
+    max_n: int = Field(16, ge=1, description="Largest `n` a request may ask for.")
+    max_tokens_limit: int | None = Field(
+        None, ge=1, description="Largest max_tokens a request may ask for (none: the context)."
+    )
     shutdown_grace: float = Field(
         30.0, ge=0, description="Seconds requests in flight may take to finish after SIGTERM."
     )
