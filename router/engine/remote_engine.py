@@ -25,9 +25,8 @@ from router.engine.base import (
     PromptTooLongError,
     SamplingOptions,
     TokenLogprobs,
-    Tokenizer,
 )
-from router.engine.vllm_engine import _token_ids
+from router.engine.hf_tokenizer import HFTokenizerEngine
 
 logger = logging.getLogger(__name__)
 
@@ -70,7 +69,7 @@ def parse_logprobs(token_ids: Sequence[int], logprobs: Mapping[str, Any] | None)
     return tuple(converted)
 
 
-class RemoteEngine:
+class RemoteEngine(HFTokenizerEngine):
     """`Engine` over a vLLM OpenAI-compatible server."""
 
     def __init__(self, config: RemoteEngineConfig, tokenizer: Any, model: str, max_model_len: int) -> None:
@@ -105,23 +104,6 @@ class RemoteEngine:
         max_len = card.get("max_model_len") or getattr(tokenizer, "model_max_length", 2048)
         return cls(config, tokenizer, card["id"], int(max_len))
 
-    @property
-    def max_model_len(self) -> int:
-        return self._max_model_len
-
-    @property
-    def tokenizer(self) -> Tokenizer:
-        return self._tokenizer
-
-    def apply_chat_template(
-        self, messages: list[dict[str, str]], add_generation_prompt: bool = True
-    ) -> list[int]:
-        return _token_ids(
-            self._tokenizer.apply_chat_template(
-                messages, add_generation_prompt=add_generation_prompt, tokenize=True
-            )
-        )
-
     def _body(self, prompt_ids: list[int], options: SamplingOptions) -> dict[str, Any]:
         body: dict[str, Any] = {
             "model": self.model,
@@ -147,16 +129,7 @@ class RemoteEngine:
     async def generate(
         self, prompt: str | Sequence[int], options: SamplingOptions, request_id: str
     ) -> AsyncIterator[GenerationDelta]:
-        prompt_ids = (
-            self._tokenizer.encode(prompt, add_special_tokens=True)
-            if isinstance(prompt, str)
-            else list(prompt)
-        )
-        if len(prompt_ids) + options.max_tokens > self._max_model_len:
-            raise PromptTooLongError(
-                f"This model's maximum context length is {self._max_model_len} tokens. "
-                f"However, you requested {len(prompt_ids) + options.max_tokens} tokens."
-            )
+        prompt_ids = self.prompt_ids(prompt, options.max_tokens)
         first = True
         try:
             async with self._client.stream(

@@ -10,11 +10,10 @@ from typing import Any
 from router.engine.base import (
     EngineDeadError,
     GenerationDelta,
-    PromptTooLongError,
     SamplingOptions,
     TokenLogprobs,
-    Tokenizer,
 )
+from router.engine.hf_tokenizer import HFTokenizerEngine
 
 logger = logging.getLogger(__name__)
 
@@ -55,14 +54,7 @@ class EngineConfig:
         return {k: v for k, v in args.items() if v is not None}
 
 
-def _token_ids(encoded: Any) -> list[int]:
-    """`apply_chat_template(tokenize=True)` returns a list or a BatchEncoding by version."""
-    if isinstance(encoded, Mapping):
-        encoded = encoded["input_ids"]
-    return list(encoded)
-
-
-class VLLMEngine:
+class VLLMEngine(HFTokenizerEngine):
     """`Engine` over an `AsyncLLM` running in this process (its core in a child process)."""
 
     def __init__(self, llm: Any, config: EngineConfig) -> None:
@@ -83,23 +75,6 @@ class VLLMEngine:
         llm = AsyncLLM.from_engine_args(args, usage_context=UsageContext.OPENAI_API_SERVER)
         return cls(llm, config)
 
-    @property
-    def max_model_len(self) -> int:
-        return self._max_model_len
-
-    @property
-    def tokenizer(self) -> Tokenizer:
-        return self._tokenizer
-
-    def apply_chat_template(
-        self, messages: list[dict[str, str]], add_generation_prompt: bool = True
-    ) -> list[int]:
-        return _token_ids(
-            self._tokenizer.apply_chat_template(
-                messages, add_generation_prompt=add_generation_prompt, tokenize=True
-            )
-        )
-
     async def generate(
         self, prompt: str | Sequence[int], options: SamplingOptions, request_id: str
     ) -> AsyncIterator[GenerationDelta]:
@@ -108,17 +83,7 @@ class VLLMEngine:
         from vllm.sampling_params import RequestOutputKind
         from vllm.v1.engine.exceptions import EngineDeadError as VLLMEngineDeadError
 
-        prompt_ids = (
-            self._tokenizer.encode(prompt, add_special_tokens=True)
-            if isinstance(prompt, str)
-            else list(prompt)
-        )
-        if len(prompt_ids) + options.max_tokens > self._max_model_len:
-            raise PromptTooLongError(
-                f"This model's maximum context length is {self._max_model_len} tokens. "
-                f"However, you requested {len(prompt_ids) + options.max_tokens} tokens "
-                f"({len(prompt_ids)} in the prompt, {options.max_tokens} in the completion)."
-            )
+        prompt_ids = self.prompt_ids(prompt, options.max_tokens)
         params = SamplingParams(
             max_tokens=options.max_tokens,
             temperature=options.temperature,
