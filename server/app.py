@@ -10,7 +10,9 @@ from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
 from fastapi import FastAPI, Query, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from pydantic.json_schema import models_json_schema
 
 from router.engine.base import Engine, EngineDeadError, SamplingOptions
 from router.prompts import system_prompt
@@ -21,11 +23,17 @@ from server.limits import BodySizeLimitMiddleware, RateLimitMiddleware
 from server.metrics import HTTPMetrics, MetricsMiddleware, SearchMetricsObserver
 from server.search_config import build_search_service
 from server.protocol import (
+    ChatCompletionChunk,
     ChatCompletionRequest,
+    ChatCompletionResponse,
     CompletionRequest,
+    CompletionResponse,
+    ErrorResponse,
+    HealthStatus,
     ModelCard,
     ModelList,
     RetrieveRequest,
+    RetrieveResponse,
     SearchResult,
 )
 from server.serving import ServingContext
@@ -42,6 +50,51 @@ T = TypeVar("T")
 EngineFactory = Callable[[ServeSettings], Engine]
 
 _metrics: HTTPMetrics | None = None
+
+# ----- what the OpenAPI schema documents beyond the request models -----------------------------
+
+
+def _error(description: str, headers: dict[str, Any] | None = None) -> dict[str, Any]:
+    return {"model": ErrorResponse, "description": description, **({"headers": headers} if headers else {})}
+
+
+def _header(description: str, required: bool) -> dict[str, Any]:
+    return {"description": description, "required": required, "schema": {"type": "string"}}
+
+
+def _schema_ref(model: type) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{model.__name__}"}
+
+
+def _event_stream(*models: type) -> dict[str, Any]:
+    """`text/event-stream` of `data: <JSON>` events (any of `models`), ending `data: [DONE]`."""
+    json_data = {"type": "string", "contentMediaType": "application/json",
+                 "contentSchema": {"anyOf": [_schema_ref(m) for m in models]}}
+    return {"text/event-stream": {"itemSchema": {
+        "type": "object",
+        "required": ["data"],
+        "properties": {"data": {"anyOf": [{"const": "[DONE]"}, json_data]}},
+    }}}
+
+
+# Every /v1 and /retrieve route: validation and server caps (400), auth (401), body size (413),
+# rate limit and in-flight cap (429), draining or a dead engine (503); "4XX" says any other
+# client error has the same shape (and stops FastAPI from documenting a 422 it never sends).
+_API_ERRORS: dict[int | str, dict[str, Any]] = {
+    400: _error("Invalid request: validation, a server cap, or the context length."),
+    401: _error("Missing or wrong API key.", {"WWW-Authenticate": _header("Bearer", True)}),
+    413: _error("Request body over --max-request-bytes."),
+    429: _error("Over --rate-limit for this key, or --max-in-flight requests in flight.",
+                {"Retry-After": _header("Seconds to wait before retrying.", True)}),
+    503: _error("The server is draining (with Retry-After), or its engine is not available.",
+                {"Retry-After": _header("Seconds to wait before retrying.", False)}),
+    "4XX": _error("Any other client error, in the same shape."),
+}
+_MODEL_ERRORS = {**_API_ERRORS, 404: _error("The model does not exist on this server.")}
+_SEARCH_ERRORS = {**_API_ERRORS, 502: _error("Every search backend failed.")}
+_PROBE = {200: {"model": HealthStatus}, 503: {"model": HealthStatus, "description": "Not ready."}}
+# Models only streams use: the schema lists them next to the ones FastAPI collects itself.
+_STREAM_MODELS = (ChatCompletionChunk, CompletionResponse, ErrorResponse)
 
 
 def shared_metrics() -> HTTPMetrics:
@@ -159,6 +212,21 @@ def create_app(settings: ServeSettings, engine_factory: EngineFactory = start_en
             await engine.shutdown()
 
     app = FastAPI(title="ssrl", version=_version(), lifespan=lifespan)
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+            _, defs = models_json_schema(
+                [(m, "serialization") for m in _STREAM_MODELS],
+                ref_template="#/components/schemas/{model}",
+            )
+            components = schema.setdefault("components", {}).setdefault("schemas", {})
+            for name, definition in defs.get("$defs", {}).items():
+                components.setdefault(name, definition)
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
     app.state.drainer = drainer = Drainer(
         grace_s=settings.shutdown_grace, max_in_flight=settings.max_in_flight
     )
@@ -177,7 +245,7 @@ def create_app(settings: ServeSettings, engine_factory: EngineFactory = start_en
             raise APIError(400, f"max_tokens must be at most {limit} on this server.",
                            param="max_tokens", code="invalid_value")
 
-    @app.get("/health")
+    @app.get("/health", response_model=HealthStatus, responses=_PROBE)
     async def health() -> Response:
         try:
             await ctx().engine.check_health()
@@ -185,25 +253,25 @@ def create_app(settings: ServeSettings, engine_factory: EngineFactory = start_en
             return JSONResponse({"status": "unavailable"}, status_code=503)
         return JSONResponse({"status": "ok"})
 
-    @app.get("/ready")
+    @app.get("/ready", response_model=HealthStatus, responses=_PROBE)
     async def ready() -> Response:
         """Readiness: false at once when draining, and whenever the engine is not healthy."""
         if drainer.draining:
             return JSONResponse({"status": "draining"}, status_code=503)
         return await health()
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse)
     async def prometheus_metrics() -> Response:
         return Response(metrics.exposition(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
-    @app.get("/v1/models", response_model=ModelList)
+    @app.get("/v1/models", response_model=ModelList, responses=_API_ERRORS)
     async def list_models() -> ModelList:
         c = ctx()
         return ModelList(data=[ModelCard(
             id=c.model_name, root=settings.model or c.model_name, max_model_len=c.engine.max_model_len
         )])
 
-    @app.get("/v1/models/{model_id:path}", response_model=ModelCard)
+    @app.get("/v1/models/{model_id:path}", response_model=ModelCard, responses=_MODEL_ERRORS)
     async def get_model(model_id: str) -> ModelCard:
         c = ctx()
         if model_id != c.model_name:
@@ -212,7 +280,9 @@ def create_app(settings: ServeSettings, engine_factory: EngineFactory = start_en
         return ModelCard(id=c.model_name, root=settings.model or c.model_name,
                          max_model_len=c.engine.max_model_len)
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses={
+        200: {"content": _event_stream(ChatCompletionChunk, ErrorResponse)}, **_MODEL_ERRORS,
+    })
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         check_caps(body.n, body.token_limit)
         runtime = state.get("self_search")
@@ -225,7 +295,9 @@ def create_app(settings: ServeSettings, engine_factory: EngineFactory = start_en
         result = await until_disconnect(request, chat.complete())
         return JSONResponse(result.model_dump(exclude_none=True))
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", response_model=CompletionResponse, responses={
+        200: {"content": _event_stream(CompletionResponse, ErrorResponse)}, **_MODEL_ERRORS,
+    })
     async def completions(body: CompletionRequest, request: Request) -> Response:
         check_caps(body.n * len(body.prompts()), body.max_tokens)
         completion = Completion(ctx(), body)
@@ -234,11 +306,11 @@ def create_app(settings: ServeSettings, engine_factory: EngineFactory = start_en
         result = await until_disconnect(request, completion.complete())
         return JSONResponse(result.model_dump(exclude_none=True))
 
-    @app.post("/retrieve")
+    @app.post("/retrieve", response_model=RetrieveResponse, responses=_SEARCH_ERRORS)
     async def retrieve_documents(body: RetrieveRequest) -> JSONResponse:
         return JSONResponse(await retrieve(state["self_search"].search, body))
 
-    @app.get("/v1/search", response_model=SearchResult)
+    @app.get("/v1/search", response_model=SearchResult, responses=_SEARCH_ERRORS)
     async def search_documents(
         q: str = Query(..., max_length=2000), k: int = Query(5, ge=1, le=50)
     ) -> SearchResult:

