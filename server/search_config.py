@@ -6,7 +6,7 @@ import os
 from collections import defaultdict
 
 from router.search.base import SearchBackend
-from router.search.cache import SearchCache
+from router.search.cache import ResultCache, SearchCache
 from router.search.providers import create_backend, load_secrets
 from router.search.resilience import ResiliencePolicy, SearchObserver
 from router.search.service import SearchService
@@ -60,11 +60,13 @@ def build_search_service(
     settings: ServeSettings, observer: SearchObserver | None = None
 ) -> SearchService:
     """Each backend wrapped in retries, a breaker and limits; one shared result cache."""
-    cache = (
-        SearchCache(maxsize=settings.search_cache_size, ttl_s=settings.search_cache_ttl)
-        if settings.search_cache_size > 0
-        else None
-    )
+    cache: ResultCache | None = None
+    if settings.search_cache_url:
+        from router.search.redis_cache import RedisSearchCache
+
+        cache = RedisSearchCache(settings.search_cache_url, ttl_s=settings.search_cache_ttl)
+    elif settings.search_cache_size > 0:
+        cache = SearchCache(maxsize=settings.search_cache_size, ttl_s=settings.search_cache_ttl)
     return SearchService.from_backends(
         build_backends(settings), resilience_policy(settings), cache, observer
     )

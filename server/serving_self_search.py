@@ -178,7 +178,11 @@ class SelfSearchChat:
         # The protocol's system prompt comes first; the user's own system text follows it.
         own = [m for m in request.messages if m.role in ("system", "developer")]
         mode = self.config_mode(runtime, request)
-        system = "\n\n".join([runtime.system_prompts[mode], *(m.text() for m in own)])
+        try:
+            own_text = [m.text() for m in own]
+        except ValueError as exc:  # a non-text content part: the same 400 as plain chat's
+            raise APIError(400, str(exc), param="messages", code="invalid_value") from exc
+        system = "\n\n".join([runtime.system_prompts[mode], *own_text])
         examples = [ChatMessage(**m) for m in example_messages(mode)]
         conversation = [ChatMessage(role="system", content=system), *examples] + [
             m for m in request.messages if m.role not in ("system", "developer")

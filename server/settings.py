@@ -171,6 +171,10 @@ class ServeSettings(BaseSettings):
         1024, ge=0, description="Cached queries (normalised query -> documents); 0 turns it off."
     )
     search_cache_ttl: float = Field(600.0, gt=0, description="Seconds a cached result lives.")
+    search_cache_url: str | None = Field(
+        None, description="redis://host:port/db to share the search cache between replicas "
+        "(default: in memory, per process).",
+    )
     index_dir: Path | None = Field(
         None, description="Local BM25 index directory; default: the offline Wikipedia summaries index."
     )

@@ -21,6 +21,7 @@ from __future__ import annotations
 import time
 import unicodedata
 from collections.abc import Callable, Sequence
+from typing import Protocol
 
 from cachetools import TTLCache
 
@@ -43,6 +44,16 @@ def normalise_query(query: str) -> str:
     while end > start and _is_edge_junk(text[end - 1]):
         end -= 1
     return text[start:end]
+
+
+class ResultCache(Protocol):
+    """What `CachedBackend` needs of a cache: in memory (`SearchCache`) or shared (Redis)."""
+
+    enabled: bool
+
+    async def aget(self, backend: str, query: str, k: int) -> list[Document] | None: ...
+
+    async def aput(self, backend: str, query: str, k: int, documents: Sequence[Document]) -> None: ...
 
 
 class SearchCache:
@@ -89,6 +100,13 @@ class SearchCache:
             return
         self._entries[self.key(backend, query, k)] = tuple(documents)
 
+    # The async face every cache offers (a shared cache such as Redis needs I/O).
+    async def aget(self, backend: str, query: str, k: int) -> list[Document] | None:
+        return self.get(backend, query, k)
+
+    async def aput(self, backend: str, query: str, k: int, documents: Sequence[Document]) -> None:
+        self.put(backend, query, k, documents)
+
     def clear(self) -> None:
         if self._entries is not None:
             self._entries.clear()
@@ -109,7 +127,7 @@ class CachedBackend:
     def __init__(
         self,
         inner: SearchBackend,
-        cache: SearchCache,
+        cache: ResultCache,
         observer: SearchObserver | None = None,
     ) -> None:
         self.inner = inner
@@ -125,7 +143,7 @@ class CachedBackend:
     ) -> list[Document]:
         stats = stats if stats is not None else CallStats()
         if self.cache.enabled:
-            cached = self.cache.get(self.name, query, k)
+            cached = await self.cache.aget(self.name, query, k)
             notify(self.observer, "on_cache", self.name, cached is not None)
             if cached is not None:
                 stats.cache_hit = True
@@ -136,7 +154,7 @@ class CachedBackend:
         else:
             docs = list(await self.inner.search(query, k))
             stats.attempts += 1
-        self.cache.put(self.name, query, k, docs)
+        await self.cache.aput(self.name, query, k, docs)
         return docs
 
     async def aclose(self) -> None:

@@ -21,7 +21,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from router.search.base import Document, SearchBackend
-from router.search.cache import CachedBackend, SearchCache
+from router.search.cache import CachedBackend, ResultCache
 from router.search.resilience import (
     CallStats,
     ResiliencePolicy,
@@ -65,7 +65,7 @@ class SearchService:
         cls,
         backends: Sequence[SearchBackend],
         policy: ResiliencePolicy | None = None,
-        cache: SearchCache | None = None,
+        cache: ResultCache | None = None,
         observer: SearchObserver | None = None,
         *,
         policies: Mapping[str, ResiliencePolicy] | None = None,
