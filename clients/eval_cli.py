@@ -73,6 +73,7 @@ CALIBRATION_JSON = "calibration.json"
 CALIBRATION_PLOT = "calibration_curve.png"
 SWEEP_POLICIES = ("never", "always")
 POLICY_CHOICES = ("threshold", "ssrl", "budget", "always", "never")
+METRIC_LABELS = {"em": "exact match", "f1": "F1"}
 AGGREGATE_LABELS = {
     "mean": "mean entropy",
     "max": "max entropy",
@@ -580,15 +581,27 @@ def _usage_total(rows: Sequence[Mapping[str, Any]], key: str) -> int:
     return sum(int((r.get("usage") or {}).get(key) or 0) for r in rows)
 
 
-def questions_of_run(rows: Sequence[Mapping[str, Any]]) -> list[Question]:
+METRICS = ("em", "f1")
+
+
+def outcome(row: Mapping[str, Any], metric: str = "em") -> float:
+    """A scored row's outcome in 0..1: exact match (1/0) or its F1."""
+    if metric == "em":
+        return float(bool(row.get("correct")))
+    if metric == "f1":
+        return float(row.get("f1") or 0.0)
+    raise ValueError(f"unknown metric {metric!r}; expected one of {', '.join(METRICS)}")
+
+
+def questions_of_run(rows: Sequence[Mapping[str, Any]], metric: str = "em") -> list[Question]:
     """Calibration inputs of one run: each question's first-search entropy and its outcome
-    under the route that search actually took."""
+    (exact match, or F1 with metric "f1") under the route that search actually took."""
     out = []
     for r in rows:
         if r.get("error") is not None:
             continue
         route = r.get("first_route")
-        correct = float(bool(r.get("correct")))
+        correct = outcome(r, metric)
         out.append(Question(
             id=str(r["id"]),
             entropy=r.get("entropy"),
@@ -748,7 +761,7 @@ def plot_entropy_histograms(questions: Sequence[Question], path: Path) -> bool:
 
 def plot_curves(
     curves: Mapping[str, Sequence[CurvePoint]], acc_internal: float, acc_external: float,
-    path: Path, chosen: CurvePoint | None = None,
+    path: Path, chosen: CurvePoint | None = None, ylabel: str = "exact match",
 ) -> bool:
     """Accuracy against external-call rate: one line per aggregate, random routing, SSRL."""
     plt = _pyplot()
@@ -771,7 +784,7 @@ def plot_curves(
         ax.scatter([chosen.call_rate], [chosen.accuracy], marker="X", s=120, color="tab:red", zorder=6,
                    label=f"chosen: {chosen.aggregate} tau={chosen.threshold:.4g}")
     ax.set_xlabel("external-call rate (external searches / searches)")
-    ax.set_ylabel("exact match (counterfactual)")
+    ax.set_ylabel(f"{ylabel} (counterfactual)")
     ax.set_xlim(-0.02, 1.02)
     ax.set_title("Accuracy against external-call rate, thresholds swept")
     ax.grid(alpha=0.3)
@@ -796,7 +809,8 @@ def write_outputs(config: EvalConfig, summary: dict[str, Any], rows: Sequence[Ma
 
 
 def paired_questions(
-    never_rows: Sequence[Mapping[str, Any]], always_rows: Sequence[Mapping[str, Any]]
+    never_rows: Sequence[Mapping[str, Any]], always_rows: Sequence[Mapping[str, Any]],
+    metric: str = "em",
 ) -> list[Question]:
     """Questions answered in both runs: entropy of the first query (from the `never` run,
     else the `always` run), correctness self-filled and searched."""
@@ -810,8 +824,8 @@ def paired_questions(
         out.append(Question(
             id=qid,
             entropy=r.get("entropy") or a.get("entropy"),
-            correct_internal=float(bool(r.get("correct"))),
-            correct_external=float(bool(a.get("correct"))),
+            correct_internal=outcome(r, metric),
+            correct_external=outcome(a, metric),
         ))
     return out
 
@@ -939,14 +953,14 @@ def load_run(path: Path) -> LoadedRun:
     return LoadedRun(path, config, rows)
 
 
-def calibration_inputs(paths: Sequence[Path]) -> tuple[list[Question], str]:
+def calibration_inputs(paths: Sequence[Path], metric: str = "em") -> tuple[list[Question], str]:
     """Questions for calibration from one run, a pair of runs, or a sweep directory."""
     if len(paths) == 1 and all((Path(paths[0]) / p / RESULTS).is_file() for p in SWEEP_POLICIES):
         paths = [Path(paths[0]) / p for p in SWEEP_POLICIES]
     runs = [load_run(p) for p in paths]
     if len(runs) == 1:
         run = runs[0]
-        return questions_of_run(run.rows), f"one run ({run.path}, policy {run.policy or 'server default'})"
+        return questions_of_run(run.rows, metric), f"one run ({run.path}, policy {run.policy or 'server default'})"
     if len(runs) != 2:
         raise EvalError("give one run directory, a sweep directory, or a `never` and an `always` run")
     by_policy = {r.policy: r for r in runs}
@@ -954,13 +968,13 @@ def calibration_inputs(paths: Sequence[Path]) -> tuple[list[Question], str]:
         found = ", ".join(str(r.policy) for r in runs)
         raise EvalError(f"two runs must be one with policy `never` and one with `always` (found: {found})")
     never, always = by_policy["never"], by_policy["always"]
-    questions = paired_questions(never.rows, always.rows)
+    questions = paired_questions(never.rows, always.rows, metric)
     if not questions:
         raise EvalError("the two runs have no question answered in both")
     return questions, f"counterfactual pair (never: {never.path}, always: {always.path})"
 
 
-def render_calibration(cal: Calibration, source: str) -> str:
+def render_calibration(cal: Calibration, source: str, metric: str = "em") -> str:
     p = cal.point
     target = (f"external-call rate ≤ {cal.target_value:g}" if cal.target == "call_rate"
               else f"accuracy loss ≤ {cal.target_value:g} against always-search")
@@ -969,7 +983,7 @@ def render_calibration(cal: Calibration, source: str) -> str:
         f"Target: {target}.",
         f"Chosen: aggregate {cal.aggregate}, tau {p.threshold:.6g} -> call rate {p.call_rate:.3f} "
         f"({p.calls}/{p.searches} first searches)"
-        + (f", counterfactual exact match {p.accuracy:.3f}" if p.accuracy is not None else ""),
+        + (f", counterfactual {METRIC_LABELS[metric]} {p.accuracy:.3f}" if p.accuracy is not None else ""),
     ]
     if cal.accuracy_internal is not None and cal.accuracy_external is not None:
         rnd = random_routing_accuracy(p.call_rate, cal.accuracy_external, cal.accuracy_internal)
@@ -994,7 +1008,8 @@ def cmd_calibrate(args: Mapping[str, Any]) -> int:
     if target_rate is None and max_loss is None:
         target_rate = 0.3
     try:
-        questions, source = calibration_inputs(paths)
+        metric = args.get("metric") or "em"
+        questions, source = calibration_inputs(paths, metric)
         cal = calibrate(questions, target_call_rate=target_rate, max_accuracy_loss=max_loss,
                         aggregate=args.get("aggregate"))
     except (EvalError, ValueError) as exc:
@@ -1002,20 +1017,23 @@ def cmd_calibrate(args: Mapping[str, Any]) -> int:
         return 2
     out = Path(args.get("out") or paths[0])
     out.mkdir(parents=True, exist_ok=True)
-    text = render_calibration(cal, source)
+    text = render_calibration(cal, source, metric)
     print(text)
     comments = [
         f"written by `ssrl calibrate` on {_now()} from {source}",
         f"target {cal.target} {cal.target_value:g}; call rate {cal.point.call_rate:.3f}"
-        + (f", counterfactual exact match {cal.point.accuracy:.3f}" if cal.point.accuracy is not None else ""),
+        + (f", counterfactual {METRIC_LABELS[metric]} {cal.point.accuracy:.3f}"
+           if cal.point.accuracy is not None else ""),
         "use: set -a; . ./calibration.env; set +a; ssrl serve   (or docker run --env-file calibration.env)",
     ]
     atomic_write_text(out / CALIBRATION_ENV, render_env(cal.aggregate, cal.threshold, comments))
-    data = {**cal.to_dict(), "source": source, "questions": len(questions), "written_at": _now()}
+    data = {**cal.to_dict(), "metric": metric, "source": source, "questions": len(questions),
+            "written_at": _now()}
     atomic_write_json(out / CALIBRATION_JSON, data)
     if (not args.get("no_plots") and cal.accuracy_internal is not None and cal.accuracy_external is not None
             and cal.point.accuracy is not None):
-        plot_curves(cal.curves, cal.accuracy_internal, cal.accuracy_external, out / CALIBRATION_PLOT, cal.point)
+        plot_curves(cal.curves, cal.accuracy_internal, cal.accuracy_external, out / CALIBRATION_PLOT, cal.point,
+                    ylabel=METRIC_LABELS[metric])
     print(f"\nwrote {out / CALIBRATION_ENV} and {out / CALIBRATION_JSON}")
     return 0
 
@@ -1147,6 +1165,9 @@ def register(subparsers: Any) -> None:
                         help="Largest exact-match loss against always-search allowed (needs both runs).")
     cal.add_argument("--aggregate", choices=AGGREGATES, default=None,
                      help="Aggregate to calibrate (default: the best one for the target).")
+    cal.add_argument("--metric", choices=METRICS, default="em",
+                     help="Outcome per question: exact match (default) or F1 (a softer signal when "
+                     "few answers are exactly right; 'wrong' for the AUROC is then F1 < 0.5).")
     cal.add_argument("--out", default=None, help="Where to write calibration.env/.json (default: the first run dir).")
     cal.add_argument("--no-plots", action="store_true", help="Skip the PNG plot.")
     cal.set_defaults(handler=cmd_calibrate)

@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from router.engine.default_model import DEFAULT_MODEL_NAME, default_cache_dir
@@ -187,6 +187,16 @@ class ServeSettings(BaseSettings):
     @property
     def uses_default_model(self) -> bool:
         return self.model is None
+
+    @model_validator(mode="after")
+    def _top_k_within_engine_limit(self) -> ServeSettings:
+        # The loop asks the engine for entropy_top_k logprobs per token; vLLM refuses more
+        # than --max-logprobs, so a mismatch would fail every self-search request.
+        if self.self_search and self.entropy_top_k > self.max_logprobs:
+            raise ValueError(
+                f"--entropy-top-k ({self.entropy_top_k}) exceeds --max-logprobs ({self.max_logprobs})"
+            )
+        return self
 
     @property
     def resolved_search_mode(self) -> str:

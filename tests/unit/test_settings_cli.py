@@ -185,3 +185,14 @@ def test_every_settings_field_has_a_flag(capsys: pytest.CaptureFixture[str]) -> 
     help_text = capsys.readouterr().out
     for name in ServeSettings.model_fields:
         assert "--" + name.replace("_", "-") in help_text, name
+
+
+def test_entropy_top_k_cannot_exceed_max_logprobs():
+    import pydantic
+    import pytest
+
+    from server.settings import ServeSettings
+
+    with pytest.raises(pydantic.ValidationError, match="entropy-top-k"):
+        ServeSettings(entropy_top_k=30, max_logprobs=20)
+    assert ServeSettings(entropy_top_k=5, max_logprobs=5).entropy_top_k == 5
