@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import math
 import os
@@ -33,7 +34,7 @@ import random
 import sys
 import tempfile
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -181,6 +182,27 @@ class ResultsFile:
             f.write(line)
             f.flush()
             os.fsync(f.fileno())
+
+
+@contextlib.contextmanager
+def run_lock(directory: Path) -> Iterator[None]:
+    """Hold an exclusive lock on `directory/.lock` for one run: two processes appending to
+    the same results.jsonl would ask every question twice."""
+    directory.mkdir(parents=True, exist_ok=True)
+    with open(directory / ".lock", "a+") as handle:
+        try:
+            import fcntl
+        except ImportError:  # not POSIX: no lock, as before
+            yield
+            return
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise EvalError(f"another `ssrl eval` is running in {directory}") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
 
 def final_rows(rows: Iterable[Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -519,11 +541,15 @@ def _progress(total: int, initial: int, enabled: bool, desc: str) -> Any:
 
 async def run_eval_async(config: EvalConfig, questions: Sequence[Mapping[str, Any]] | None = None) -> dict[str, Any]:
     """Run (or resume) one evaluation; returns its summary. Writes everything under config.out."""
-    import httpx
-
     if questions is None:
         questions = load_questions(config.data, config.limit, config.shuffle, config.seed)
-    config.out.mkdir(parents=True, exist_ok=True)
+    with run_lock(config.out):
+        return await _run_eval_locked(config, questions)
+
+
+async def _run_eval_locked(config: EvalConfig, questions: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    import httpx
+
     results = ResultsFile(config.out / RESULTS)
     limits = httpx.Limits(max_connections=config.concurrency, max_keepalive_connections=config.concurrency)
     timeout = httpx.Timeout(config.timeout_s, connect=min(30.0, config.timeout_s))
@@ -767,7 +793,7 @@ def plot_curves(
     plt = _pyplot()
     if plt is None:
         return False
-    fig, ax = plt.subplots(figsize=(7.5, 5.5))
+    fig, ax = plt.subplots(figsize=(7.5, 6.2))
     markers = {"mean": "o", "max": "s", "min_prob": "^", "ssrl": "D"}
     for agg, points in curves.items():
         pts = sorted((p for p in points if p.accuracy is not None), key=lambda p: p.call_rate)
@@ -786,11 +812,12 @@ def plot_curves(
     ax.set_xlabel("external-call rate (external searches / searches)")
     ax.set_ylabel(f"{ylabel} (counterfactual)")
     ax.set_xlim(-0.02, 1.02)
-    ax.set_title("Accuracy against external-call rate, thresholds swept")
+    ax.set_title(f"{ylabel[0].upper() + ylabel[1:]} against external-call rate, thresholds swept")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
+    # Below the axes: a legend inside would hide part of the curves.
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=2, frameon=False)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return True
 
@@ -992,9 +1019,16 @@ def render_calibration(cal: Calibration, source: str, metric: str = "em") -> str
     lines += ["", "AUROC of each aggregate for a wrong self-filled answer:"]
     for agg in AGGREGATES:
         lines.append(f"  {AGGREGATE_LABELS[agg]:<26} {_fmt(cal.auroc.get(agg))}")
-    lines += ["", f"Curve of {cal.aggregate} (tau in the server's units):",
+    curve = cal.curves[cal.aggregate]
+    shown = list(curve)
+    if len(curve) > 25:  # the whole curve is in calibration.json; print it at round rates
+        picked = {id(choose_for_call_rate(curve, r)): choose_for_call_rate(curve, r) for r in TABLE_RATES}
+        picked[id(p)] = p
+        shown = sorted(picked.values(), key=lambda q: -q.call_rate)
+    lines += ["", f"Curve of {cal.aggregate} (tau in the server's units"
+              + (f"; {len(shown)} of {len(curve)} points" if len(shown) < len(curve) else "") + "):",
               f"  {'tau':>12}  {'call rate':>9}  {'calls':>7}  {'accuracy':>8}"]
-    for point in cal.curves[cal.aggregate]:
+    for point in shown:
         mark = "  <- chosen" if point == p else ""
         lines.append(f"  {point.threshold:>12.6g}  {point.call_rate:>9.3f}  {point.calls:>7}  "
                      f"{_fmt(point.accuracy):>8}{mark}")

@@ -19,7 +19,7 @@ from router.prompts import system_prompt
 from server.auth import AuthMiddleware, KeyChecker
 from server.errors import APIError, install_error_handlers
 from server.lifecycle import DrainMiddleware, Drainer
-from server.limits import BodySizeLimitMiddleware, RateLimitMiddleware
+from server.limits import BodySizeLimitMiddleware, HeaderSizeLimitMiddleware, RateLimitMiddleware
 from server.metrics import HTTPMetrics, MetricsMiddleware, SearchMetricsObserver
 from server.search_config import build_search_service
 from server.protocol import (
@@ -84,6 +84,7 @@ _API_ERRORS: dict[int | str, dict[str, Any]] = {
     400: _error("Invalid request: validation, a server cap, or the context length."),
     401: _error("Missing or wrong API key.", {"WWW-Authenticate": _header("Bearer", True)}),
     413: _error("Request body over --max-request-bytes."),
+    431: _error("Request head over --max-header-bytes."),
     429: _error("Over --rate-limit for this key, or --max-in-flight requests in flight.",
                 {"Retry-After": _header("Seconds to wait before retrying.", True)}),
     503: _error("The server is draining (with Retry-After), or its engine is not available.",
@@ -322,6 +323,7 @@ def create_app(settings: ServeSettings, engine_factory: EngineFactory = start_en
     app.add_middleware(AuthMiddleware, checker=KeyChecker(settings.api_key))
     app.add_middleware(DrainMiddleware, drainer=drainer)
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_request_bytes)
+    app.add_middleware(HeaderSizeLimitMiddleware, max_bytes=settings.max_header_bytes)
     app.add_middleware(MetricsMiddleware, metrics=metrics, router_app=app.router)
     return app
 

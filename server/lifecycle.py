@@ -84,6 +84,10 @@ class DrainingServer(uvicorn.Server):
     """uvicorn, but the first SIGTERM/SIGINT drains before the usual shutdown begins."""
 
     def __init__(self, config: uvicorn.Config, drainer: Drainer) -> None:
+        if config.http == "auto":
+            # "auto" picks httptools when installed, which buffers a request head of any size;
+            # h11 stops at `h11_max_incomplete_event_size` (--max-header-bytes) per read.
+            config.http = "h11"
         super().__init__(config)
         self.drainer = drainer
 

@@ -1,4 +1,5 @@
-"""Request limits: body size (413 past it) and a per-key request rate (429 past it)."""
+"""Request limits: head size (431 past it), body size (413 past it) and a per-key request
+rate (429 past it)."""
 
 from __future__ import annotations
 
@@ -51,6 +52,33 @@ class BodySizeLimitMiddleware:
             return message
 
         await self.app(scope, counting_receive, send)
+
+
+class HeaderSizeLimitMiddleware:
+    """Rejects a request whose head (request line and headers) is over `max_bytes` with 431.
+
+    The exact bound, whatever HTTP implementation serves the app: uvicorn's h11 only bounds
+    what it buffers of an unfinished head (`h11_max_incomplete_event_size`, and never less than
+    one socket read), and httptools bounds nothing.
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            size = len(scope.get("method", "")) + len(scope.get("raw_path") or b"") + len(
+                scope.get("query_string", b"")
+            ) + sum(len(name) + len(value) + 4 for name, value in scope["headers"])
+            if size > self.max_bytes:
+                error = APIError(
+                    431, f"Request header fields too large: the limit is {self.max_bytes} bytes.",
+                    code="request_header_too_large",
+                )
+                await error.response()(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 class RateLimitMiddleware:

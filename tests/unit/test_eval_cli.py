@@ -24,7 +24,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from clients.cli import main
-from clients.eval_cli import RESULTS, ResultsFile, final_rows
+from clients.eval_cli import RESULTS, ResultsFile, final_rows, run_lock
 
 # question -> (gold answers, mean entropy of its query, answer self-filled, answer searched)
 QUESTIONS: dict[str, tuple[list[str], float, str, str]] = {
@@ -338,3 +338,13 @@ def test_sweep_plots(fake, data, tmp_path):
 def test_sweep_refuses_a_policy(fake, data, tmp_path):
     assert run_eval(fake, data, tmp_path / "s", "--sweep", "--policy", "always") == 2
     assert sum(STATE.requests.values()) == 0
+
+
+def test_a_second_process_on_the_same_directory_is_refused(fake, data, tmp_path, capsys):
+    out = tmp_path / "run"
+    with run_lock(out):  # as if another `ssrl eval` were writing there
+        assert run_eval(fake, data, out) == 2
+    assert "another `ssrl eval` is running" in capsys.readouterr().err
+    assert sum(STATE.requests.values()) == 0
+    assert run_eval(fake, data, out) == 0  # the lock is gone with its holder
+    assert sum(STATE.requests.values()) == 5

@@ -54,7 +54,14 @@ DOCS = [
 
 
 def _respond(call: Call) -> Script:
-    # Short for every call: a guided query, a self-filled block, an answer, plain text.
+    """A short script for any call. Native mode (stops at both closing tags) searches once,
+    then answers once the server has inserted the information; everything else (a guided
+    query, a self-filled block, a guided answer, plain chat, completions) gets one word."""
+    stops = call.options.stop
+    if "</search>" in stops and "</answer>" in stops:
+        if call.prompt_text.endswith("</information>\n\n"):
+            return script("<answer>Paris</answer>")
+        return script("<think>Look it up.</think>\n<search> capital of France </search>")
     return script("Paris")
 
 
@@ -76,7 +83,9 @@ def api_schema(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     from schemathesis.python import asgi
 
     app = _build_app(tmp_path_factory.mktemp("fuzz-index"))
-    loaded = schemathesis.openapi.from_asgi("/openapi.json", app)
+    # Whole event streams: the default cuts each stream after 20 events.
+    config = schemathesis.Config.from_dict({"max-stream-events": 100_000})
+    loaded = schemathesis.openapi.from_asgi("/openapi.json", app, config=config)
     yield loaded
     # The lifespan schemathesis started (engine, search service) ends with this module.
     asgi.shutdown_lifespans()
@@ -147,3 +156,92 @@ def test_route_answers_as_documented(api_schema: Any, method: str, path: str, mo
     response = case.call_and_validate(headers=AUTH, excluded_checks=[positive_data_acceptance])
     assert response.status_code < 500, response.text
     assert_openai_error_shape(response)
+
+
+# ----- the self-search extension, fuzzed past the schema's generic generation ---------------
+# The schema-driven cases above rarely combine a valid `self_search` object with a stream; here
+# every field of the extension gets valid values, junk, or is left out, on chat requests that
+# otherwise pass, streamed or not, so the loop itself runs under the fuzzer.
+
+_JUNK = st.one_of(st.none(), st.booleans(), st.integers(-3, 10**6), st.floats(allow_nan=True),
+                  st.text(max_size=6), st.lists(st.integers(), max_size=2), st.just({}))
+_OPTIONS = {
+    "enabled": st.booleans(),
+    "mode": st.sampled_from(["native", "guided"]),
+    "policy": st.sampled_from(["threshold", "ssrl", "budget", "always", "never"]),
+    "threshold": st.floats(-5, 5),
+    "aggregate": st.sampled_from(["mean", "max", "min_prob", "ssrl"]),
+    "max_turns": st.integers(1, 4),
+    "docs_per_search": st.integers(1, 20),
+    "max_external_calls": st.integers(0, 3),
+    "budget": st.integers(0, 3),
+    "votes": st.integers(1, 4),
+}
+_VALID = st.fixed_dictionaries({}, optional=_OPTIONS)
+_MIXED = st.fixed_dictionaries({}, optional={k: st.one_of(v, _JUNK) for k, v in _OPTIONS.items()})
+_UNKNOWN = st.dictionaries(st.text(min_size=1, max_size=6), _JUNK, min_size=1, max_size=2)
+# Mostly valid options (the loop runs), some with junk values, unknown keys, or no object.
+_SELF_SEARCH = st.integers(0, 9).flatmap(
+    lambda i: _VALID if i < 6 else _MIXED if i < 8 else _UNKNOWN if i == 8 else _JUNK
+)
+
+
+@st.composite
+def _chat_bodies(draw: st.DrawFn) -> dict[str, Any]:
+    messages = [{"role": "user", "content": draw(st.text(max_size=40))}]
+    if draw(st.booleans()):
+        messages.insert(0, {"role": draw(st.sampled_from(["system", "developer"])),
+                            "content": draw(st.text(max_size=20))})
+    body: dict[str, Any] = {"model": MODEL, "messages": messages,
+                            "self_search": draw(_SELF_SEARCH)}
+    body["stream"] = stream = draw(st.booleans())
+    if stream and draw(st.booleans()):
+        body["stream_options"] = {"include_usage": True}
+    for key, value in (("n", st.integers(1, 2)), ("max_tokens", st.integers(1, 200)),
+                       ("temperature", st.floats(0, 2)), ("seed", st.integers(0, 2**40))):
+        if draw(st.booleans()):
+            body[key] = draw(value)
+    return body
+
+
+def _events(text: str) -> list[Any]:
+    blocks = [b for b in text.split("\n\n") if b.strip()]
+    assert all(b.startswith("data: ") for b in blocks), blocks
+    return [b[6:] if b[6:] == "[DONE]" else json.loads(b[6:]) for b in blocks]
+
+
+@settings(max_examples=FUZZ_EXAMPLES * 2, deadline=None, derandomize=True, database=None,
+          suppress_health_check=list(HealthCheck))
+@given(body=_chat_bodies())
+def test_self_search_extension_fuzzed(api_schema: Any, body: dict[str, Any]) -> None:
+    case = api_schema["/v1/chat/completions"]["POST"].Case(body=body, media_type="application/json")
+    response = case.call_and_validate(headers=AUTH, excluded_checks=[positive_data_acceptance])
+    assert response.status_code in (200, 400), response.text
+    if response.status_code == 400:
+        assert_openai_error_shape(response)
+        param = response.json()["error"]["param"]
+        # Only the extension (or the max_tokens cap, with votes) can be wrong here.
+        assert param is None or param.startswith("self_search") or param == "max_tokens", param
+        return
+    options = body["self_search"] if isinstance(body["self_search"], dict) else {}
+    looped = options.get("enabled", True)
+    if not body["stream"]:
+        for choice in response.json()["choices"]:
+            trace = choice.get("self_search")
+            assert (trace is not None) == looped, choice
+            if trace is not None:
+                # Every search the trace reports opened one information block (the model here
+                # writes none itself), and closed it unless the token budget ran out inside.
+                reasoning = choice["message"]["reasoning"]
+                blocks = sum(1 for s in trace["searches"] if s["decision"] != "skipped")
+                assert reasoning.count("<information>") == blocks, reasoning
+                if choice["finish_reason"] != "length":
+                    assert reasoning.count("</information>") == blocks, reasoning
+        return
+    events = _events(response.text)
+    assert events[-1] == "[DONE]"
+    assert not any("error" in e for e in events[:-1] if isinstance(e, dict)), events
+    finished = [c for e in events[:-1] for c in e["choices"] if c.get("finish_reason")]
+    assert sorted(c["index"] for c in finished) == list(range(body.get("n", 1)))
+    if looped:
+        assert all(c["self_search"]["type"] == "trace" for c in finished)
