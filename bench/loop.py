@@ -24,12 +24,12 @@ from typing import Any
 
 from bench.common import (
     ROOT,
-    atomic_write_json,
     machine_info,
     machine_markdown,
-    percentile,
     replace_markdown_section,
 )
+from clients.files import atomic_write_json
+from router.scoring import percentile
 
 QA = ROOT.parent / "shared" / "data" / "qa" / "nq_open_dev.jsonl"
 

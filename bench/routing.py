@@ -39,11 +39,11 @@ from typing import Any
 from bench.common import (
     BENCHMARKS_MD,
     ROOT,
-    atomic_write_json,
     machine_info,
     machine_markdown,
     replace_markdown_section,
 )
+from clients.files import atomic_write_json
 
 SECTION = "routing"
 DEFAULT_QUESTIONS = ROOT.parent / "shared" / "data" / "qa" / "nq_open_dev.jsonl"
@@ -162,7 +162,13 @@ def ssrl_command(python: str, port: int, retriever_url: str, max_turns: int) -> 
 
 async def run_policy(base_url: str, data: Path, out: Path, policy: str, args: argparse.Namespace,
                      threshold: float | None = None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    from clients.eval_cli import RESULTS, EvalConfig, ResultsFile, final_rows, run_eval_async
+    from clients.eval_cli import (
+        RESULTS,
+        EvalConfig,
+        ResultsFile,
+        final_rows,
+        run_eval_async,
+    )
 
     self_search: dict[str, Any] = {"policy": policy, "max_turns": args.max_turns}
     if threshold is not None:

@@ -30,12 +30,12 @@ from typing import Any
 from bench.common import (
     BENCHMARKS_MD,
     ROOT,
-    atomic_write_json,
     machine_info,
     machine_markdown,
-    percentile,
     replace_markdown_section,
 )
+from clients.files import atomic_write_json
+from router.scoring import percentile
 
 SECTION = "search-latency"
 DEFAULT_QUESTIONS = ROOT.parent / "shared" / "data" / "qa" / "nq_open_dev.jsonl"

@@ -39,12 +39,12 @@ import psutil
 from bench.common import (
     BENCHMARKS_MD,
     ROOT,
-    atomic_write_json,
     machine_info,
     machine_markdown,
-    percentile,
     replace_markdown_section,
 )
+from clients.files import atomic_write_json
+from router.scoring import percentile
 
 SECTION = "serving"
 MODEL_NAME = "bench"

@@ -30,7 +30,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bench.common import BENCHMARKS_MD, ROOT, atomic_write_json, replace_markdown_section
+from bench.common import (
+    BENCHMARKS_MD,
+    ROOT,
+    replace_markdown_section,
+)
+from clients.files import atomic_write_json
 
 RESULTS = ROOT / "bench" / "results"
 PARTS: dict[str, dict[str, Any]] = {

@@ -24,15 +24,12 @@ Pure scoring lives in `router.scoring` and `router.calibration`; this module doe
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import json
-import math
 import os
 import random
 import sys
-import tempfile
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -40,6 +37,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from clients.files import atomic_write_json, atomic_write_text
 from router.calibration import (
     Calibration,
     CurvePoint,
@@ -61,6 +59,7 @@ from router.scoring import (
     majority_vote,
     mean,
     pass_at_k_curve,
+    percentile,
 )
 
 RESULTS = "results.jsonl"
@@ -92,43 +91,6 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 class EvalError(Exception):
     """A problem the user must fix (bad data, mismatched run directory, server unreachable)."""
-
-
-# ----------------------------------------------------------------------------- small I/O
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write a temporary file beside `path`, fsync it, rename it over `path`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-
-
-def atomic_write_json(path: Path, data: Any) -> None:
-    atomic_write_text(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
-
-
-def percentile(values: Sequence[float], q: float) -> float | None:
-    """Linear-interpolated percentile (q in 0..100), numpy's default; None when empty."""
-    data = sorted(values)
-    if not data:
-        return None
-    pos = (len(data) - 1) * q / 100.0
-    low = math.floor(pos)
-    high = min(low + 1, len(data) - 1)
-    return data[low] + (data[high] - data[low]) * (pos - low)
 
 
 def _now() -> str:

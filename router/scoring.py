@@ -176,3 +176,17 @@ def mean(values: Iterable[float]) -> float | None:
     if not data:
         return None
     return math.fsum(data) / len(data)
+
+
+def percentile(values: Sequence[float | None], q: float) -> float | None:
+    """Linear-interpolated percentile (q in 0..100), numpy's default; None when empty.
+
+    None and NaN values are ignored.
+    """
+    data = sorted(v for v in values if v is not None and not math.isnan(v))
+    if not data:
+        return None
+    pos = (len(data) - 1) * q / 100.0
+    low = math.floor(pos)
+    high = min(low + 1, len(data) - 1)
+    return data[low] + (data[high] - data[low]) * (pos - low)
