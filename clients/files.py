@@ -19,6 +19,7 @@ def atomic_write_text(path: Path, text: str) -> None:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; these are reports, not secrets
         os.replace(tmp, path)
     except BaseException:
         try:
