@@ -127,7 +127,6 @@ def _index_build(args: dict[str, Any]) -> int:
 
 
 def _serve(flags: dict[str, Any]) -> int:
-    import uvicorn
     from pydantic import ValidationError
 
     from server.app import create_app
@@ -142,20 +141,10 @@ def _serve(flags: dict[str, Any]) -> int:
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    from server.lifecycle import DrainingServer
+    from server.lifecycle import DrainingServer, uvicorn_config
 
     app = create_app(settings)
-    config = uvicorn.Config(
-        app,
-        host=settings.host,
-        port=settings.port,
-        log_level=settings.log_level.lower(),
-        timeout_keep_alive=30,
-        h11_max_incomplete_event_size=settings.max_header_bytes,
-        # The drain already waited for requests; this bounds what is left (connections).
-        timeout_graceful_shutdown=max(1, int(settings.shutdown_grace)),
-    )
-    DrainingServer(config, app.state.drainer).run()
+    DrainingServer(uvicorn_config(app, settings), app.state.drainer).run()
     return 0
 
 

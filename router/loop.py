@@ -40,6 +40,7 @@ from router.tags import (
     extract_last_answer,
     format_documents,
     open_tag,
+    sanitize_document_text,
     strip_tags,
 )
 
@@ -113,9 +114,10 @@ class SearchRecord:
             "attempts": self.attempts,
             "cache_hit": self.cache_hit,
             "latency_s": round(self.latency_s, 4),
+            # Sanitised as inserted: a client that re-reads the trace never meets a live tag.
             "documents": [
-                {"title": d.title, "url": d.url, "snippet": d.text, "score": d.score,
-                 "source": d.source}
+                {"title": sanitize_document_text(d.title), "url": d.url,
+                 "snippet": sanitize_document_text(d.text), "score": d.score, "source": d.source}
                 for d in self.documents
             ],
             "information": self.information,

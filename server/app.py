@@ -116,6 +116,7 @@ def start_engine(settings: ServeSettings) -> Engine:
         return RemoteEngine.connect(RemoteEngineConfig(
             base_url=settings.engine_url, tokenizer=tokenizer,
             model=settings.remote_model, api_key=settings.engine_api_key,
+            read_timeout_s=settings.engine_timeout,
         ))
     return start_vllm_engine(settings)
 

@@ -17,6 +17,7 @@ import uvicorn
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from server.errors import APIError
+from server.settings import ServeSettings
 
 logger = logging.getLogger(__name__)
 
@@ -80,14 +81,27 @@ class DrainMiddleware:
             self.drainer.in_flight -= 1
 
 
+def uvicorn_config(app: ASGIApp, settings: ServeSettings) -> uvicorn.Config:
+    """How `ssrl serve` runs uvicorn."""
+    return uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level.lower(),
+        timeout_keep_alive=30,
+        # h11 stops reading a request head at --max-header-bytes; httptools (uvicorn's
+        # "auto" choice) buffers a head of any size before the app can refuse it.
+        http="h11",
+        h11_max_incomplete_event_size=settings.max_header_bytes,
+        # The drain already waited for requests; this bounds what is left (connections).
+        timeout_graceful_shutdown=max(1, int(settings.shutdown_grace)),
+    )
+
+
 class DrainingServer(uvicorn.Server):
     """uvicorn, but the first SIGTERM/SIGINT drains before the usual shutdown begins."""
 
     def __init__(self, config: uvicorn.Config, drainer: Drainer) -> None:
-        if config.http == "auto":
-            # "auto" picks httptools when installed, which buffers a request head of any size;
-            # h11 stops at `h11_max_incomplete_event_size` (--max-header-bytes) per read.
-            config.http = "h11"
         super().__init__(config)
         self.drainer = drainer
 

@@ -20,6 +20,7 @@ from router.engine.base import EngineDeadError, PromptTooLongError
 from router.loop import LoopConfig, LoopFinished, LoopResult, SearchDecided, SelfSearchLoop, TextDelta
 from router.policies import make_policy
 from router.prompts import example_messages
+from router.tags import sanitize_document_text
 from router.search.service import SearchService
 from router.votes import majority_vote
 from server.errors import APIError
@@ -123,7 +124,7 @@ def citations(result: LoopResult) -> list[dict[str, Any]]:
                 annotations.append({
                     "type": "url_citation",
                     "url_citation": {
-                        "url": doc.url, "title": doc.title,
+                        "url": doc.url, "title": sanitize_document_text(doc.title),
                         "start_index": 0, "end_index": len(result.answer),
                     },
                 })

@@ -70,6 +70,9 @@ class ServeSettings(BaseSettings):
         "generate with instead of an in-process engine; --model then names the tokenizer.",
     )
     engine_api_key: str | None = Field(None, description="Bearer key of the remote engine.")
+    engine_timeout: float = Field(
+        600.0, gt=0, description="Seconds a remote engine call may stay silent before it fails."
+    )
     remote_model: str | None = Field(
         None, description="Model name at the remote engine (default: the first it lists)."
     )

@@ -26,7 +26,7 @@ from router.engine.default_model import DEFAULT_MODEL_NAME
 from server import auth
 from server.app import create_app
 from server.auth import KeyChecker
-from server.lifecycle import Drainer, DrainingServer
+from server.lifecycle import DrainingServer
 from server.limits import RateLimitMiddleware
 from server.settings import ServeSettings
 from tests.scripted_engine import ScriptedEngine, script
@@ -167,8 +167,8 @@ def test_rate_limit_per_key_with_retry_after_and_digest_buckets() -> None:
     assert later.status_code == 200, later.text  # admitted again after Retry-After
     # Buckets are keyed by SHA-256 digests of the Authorization header, never the key.
     expected = {hashlib.sha256(f"Bearer {k}".encode()).digest() for k in (KEY, OTHER_KEY)}
-    assert set(limiter.buckets.keys()) == expected
-    for bucket in limiter.buckets.keys():
+    assert set(limiter.buckets) == expected
+    for bucket in limiter.buckets:
         assert len(bucket) == 32
         assert KEY.encode() not in bucket and OTHER_KEY.encode() not in bucket
 
@@ -287,11 +287,12 @@ def uvicorn_server() -> Iterator[str]:
         sock.close()
 
 
-def test_draining_server_parses_with_h11() -> None:
+def test_serve_parses_with_h11_bounded_by_the_header_limit() -> None:
     # httptools (uvicorn's "auto" choice when installed) has no bound on a request head.
-    config = uvicorn.Config(create_app, h11_max_incomplete_event_size=1024)
-    DrainingServer(config, Drainer())
-    assert config.http == "h11"
+    from server.lifecycle import uvicorn_config
+
+    config = uvicorn_config(create_app, ServeSettings(max_header_bytes=4096, warmup=False))
+    assert config.http == "h11" and config.h11_max_incomplete_event_size == 4096
 
 
 @pytest.mark.parametrize("size", [HEADER_LIMIT + 100, 8 * HEADER_LIMIT])

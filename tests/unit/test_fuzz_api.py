@@ -28,16 +28,16 @@ import pytest
 
 schemathesis = pytest.importorskip("schemathesis")
 
-from hypothesis import HealthCheck, given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
-from schemathesis import GenerationMode  # noqa: E402
-from schemathesis.checks import positive_data_acceptance  # noqa: E402
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from schemathesis import GenerationMode
+from schemathesis.checks import positive_data_acceptance
 
-from router.engine.default_model import DEFAULT_MODEL_NAME  # noqa: E402
-from router.search.local_index import build_index  # noqa: E402
-from server.app import create_app  # noqa: E402
-from server.settings import ServeSettings  # noqa: E402
-from tests.scripted_engine import Call, Script, ScriptedEngine, script  # noqa: E402
+from router.engine.default_model import DEFAULT_MODEL_NAME
+from router.search.local_index import build_index
+from server.app import create_app
+from server.settings import ServeSettings
+from tests.scripted_engine import Call, Script, ScriptedEngine, script
 
 FUZZ_EXAMPLES = int(os.environ.get("SSRL_FUZZ_EXAMPLES", "30"))
 KEY = "sk-fuzz-key"
