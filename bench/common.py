@@ -117,6 +117,15 @@ def machine_markdown(info: dict[str, Any]) -> str:
     )
 
 
+def load_line(result: dict[str, Any]) -> str:
+    """The machine's 1-minute load average around the run: other work shares the CPU."""
+    load = result.get("load_avg_1m") or {}
+    cores = result["machine"].get("usable_cpus")
+    return (f"Machine load (1-minute average) at start / end: {load.get('start', 0):.1f} / "
+            f"{load.get('end', 0):.1f} on {cores} usable cores; a load above the core count means "
+            "other processes shared the CPU, which inflates model-bound latencies.")
+
+
 def markers(name: str) -> tuple[str, str]:
     return f"<!-- bench:{name}:start -->", f"<!-- bench:{name}:end -->"
 

@@ -39,6 +39,7 @@ from typing import Any
 from bench.common import (
     BENCHMARKS_MD,
     ROOT,
+    load_line,
     machine_info,
     machine_markdown,
     replace_markdown_section,
@@ -276,15 +277,6 @@ def _f(value: Any, digits: int = 3) -> str:
 
 def _s(value: Any) -> str:
     return "–" if value is None else f"{value:.2f} s"
-
-
-def load_line(result: dict[str, Any]) -> str:
-    """The machine's 1-minute load average around the run: other work shares the CPU."""
-    load = result.get("load_avg_1m") or {}
-    cores = result["machine"].get("usable_cpus")
-    return (f"Machine load (1-minute average) at start / end: {load.get('start', 0):.1f} / "
-            f"{load.get('end', 0):.1f} on {cores} usable cores; a load above the core count means "
-            "other processes shared the CPU, which inflates model-bound latencies.")
 
 
 def markdown(result: dict[str, Any], command: str) -> str:

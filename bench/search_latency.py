@@ -30,6 +30,7 @@ from typing import Any
 from bench.common import (
     BENCHMARKS_MD,
     ROOT,
+    load_line,
     machine_info,
     machine_markdown,
     replace_markdown_section,
@@ -157,15 +158,6 @@ def local_index_part(args: argparse.Namespace) -> dict[str, Any]:
 
 def _ms(value: Any) -> str:
     return "–" if value is None else (f"{value:.3f}" if value < 10 else f"{value:.1f}")
-
-
-def load_line(result: dict[str, Any]) -> str:
-    """The machine's 1-minute load average around the run: other work shares the CPU."""
-    load = result.get("load_avg_1m") or {}
-    cores = result["machine"].get("usable_cpus")
-    return (f"Machine load (1-minute average) at start / end: {load.get('start', 0):.1f} / "
-            f"{load.get('end', 0):.1f} on {cores} usable cores; a load above the core count means "
-            "other processes shared the CPU, which inflates model-bound latencies.")
 
 
 def markdown(result: dict[str, Any], command: str) -> str:
