@@ -90,8 +90,8 @@ def uvicorn_config(app: ASGIApp, settings: ServeSettings) -> uvicorn.Config:
         log_level=settings.log_level.lower(),
         timeout_keep_alive=30,
         # h11 stops reading a request head at --max-header-bytes; httptools (uvicorn's
-        # "auto" choice) buffers a head of any size before the app can refuse it.
-        http="h11",
+        # "auto" choice) buffers a head of any size before the app can refuse it (431).
+        http=settings.http_parser,
         h11_max_incomplete_event_size=settings.max_header_bytes,
         # The drain already waited for requests; this bounds what is left (connections).
         timeout_graceful_shutdown=max(1, int(settings.shutdown_grace)),

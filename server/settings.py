@@ -45,6 +45,10 @@ class ServeSettings(BaseSettings):
         "keys); past it 429 with Retry-After (none: unlimited).",
     )
     max_header_bytes: int = Field(16384, ge=1024, description="Largest request head accepted (bytes).")
+    http_parser: Literal["h11", "httptools"] = Field(
+        "h11", description="HTTP/1.1 parser: h11 stops reading a request head at "
+        "--max-header-bytes; httptools is faster but buffers a head of any size first.",
+    )
     max_n: int = Field(16, ge=1, description="Largest `n` a request may ask for.")
     max_tokens_limit: int | None = Field(
         None, ge=1, description="Largest max_tokens a request may ask for (none: the context)."
