@@ -127,10 +127,6 @@ class VLLMEngine(HFTokenizerEngine):
         except Exception as exc:  # vLLM raises its own dead-engine error here
             raise EngineDeadError(str(exc)) from exc
 
-    @property
-    def metrics_are_exported(self) -> bool:
-        return True
-
     async def shutdown(self) -> None:
         self._llm.shutdown()
 

@@ -114,11 +114,7 @@ class BraveBackend(HttpBackend):
             "count": clamp(k, 1, MAX_COUNT),
             **self.extra_params,
         }
-        answer = expect_dict(
-            await self.request_json("GET", "/res/v1/web/search", params=params),
-            self.name,
-            "the answer",
-        )
+        answer = await self.request_object("GET", "/res/v1/web/search", params=params)
         if "web" not in answer:
             # Brave leaves out `web` when nothing matched; a real answer still echoes `query`.
             if "query" in answer:

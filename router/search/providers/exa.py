@@ -18,7 +18,6 @@ from router.search.providers.http import (
     HttpSettings,
     clamp,
     cut_query,
-    expect_dict,
     expect_list,
     opt_float,
     opt_str,
@@ -72,11 +71,7 @@ class ExaBackend(HttpBackend):
         }
         if self.search_type:
             body["type"] = self.search_type
-        answer = expect_dict(
-            await self.request_json("POST", "/search", json_body=body),
-            self.name,
-            "the answer",
-        )
+        answer = await self.request_object("POST", "/search", json_body=body)
         if "results" not in answer:
             raise shape_error(self.name, "no 'results'")
         results = expect_list(answer["results"], self.name, "'results'")

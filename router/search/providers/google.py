@@ -22,7 +22,6 @@ from router.search.providers.http import (
     HttpSettings,
     clamp,
     cut_query,
-    expect_dict,
     expect_list,
     opt_str,
     require_items,
@@ -82,11 +81,7 @@ class GoogleBackend(HttpBackend):
             "num": clamp(k, 1, MAX_NUM),
             **self.extra_params,
         }
-        answer = expect_dict(
-            await self.request_json("GET", "/customsearch/v1", params=params),
-            self.name,
-            "the answer",
-        )
+        answer = await self.request_object("GET", "/customsearch/v1", params=params)
         if "items" not in answer:
             # No match: the API omits `items` but still describes the search.
             if "searchInformation" in answer or "queries" in answer:

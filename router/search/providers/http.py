@@ -326,6 +326,21 @@ class HttpBackend:
         # and `.request` carry the URL) must not ride along as __context__ into tracebacks.
         raise failure
 
+    async def request_object(
+        self,
+        method: str,
+        path: str,
+        *,
+        params: Mapping[str, str | int] | None = None,
+        json_body: Any = None,
+        base_url: str | None = None,
+    ) -> dict[str, Any]:
+        """`request_json` for the providers whose answer is a JSON object (all of them)."""
+        answer = await self.request_json(
+            method, path, params=params, json_body=json_body, base_url=base_url
+        )
+        return expect_dict(answer, self.name, "the answer")
+
     async def _request(
         self,
         method: str,

@@ -18,7 +18,6 @@ from router.search.providers.http import (
     HttpSettings,
     clamp,
     cut_query,
-    expect_dict,
     expect_list,
     opt_float,
     opt_str,
@@ -70,11 +69,7 @@ class RetrieverBackend(HttpBackend):
             "topk": clamp(k, 1, MAX_TOPK),
             "return_scores": True,
         }
-        answer = expect_dict(
-            await self.request_json("POST", "/retrieve", json_body=body),
-            self.name,
-            "the answer",
-        )
+        answer = await self.request_object("POST", "/retrieve", json_body=body)
         if "result" not in answer:
             raise shape_error(self.name, "no 'result'")
         per_query = expect_list(answer["result"], self.name, "'result'")

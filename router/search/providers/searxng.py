@@ -16,7 +16,6 @@ from router.search.providers.http import (
     HttpBackend,
     HttpSettings,
     cut_query,
-    expect_dict,
     expect_list,
     opt_float,
     opt_str,
@@ -80,11 +79,7 @@ class SearxngBackend(HttpBackend):
         if not query or k <= 0:
             return []
         params = {"q": query, "format": "json", **self.extra_params}
-        answer = expect_dict(
-            await self.request_json("GET", "/search", params=params),
-            self.name,
-            "the answer",
-        )
+        answer = await self.request_object("GET", "/search", params=params)
         if "results" not in answer:
             raise shape_error(self.name, "no 'results'")
         results = expect_list(answer["results"], self.name, "'results'")

@@ -17,7 +17,6 @@ from router.search.providers.http import (
     HttpSettings,
     clamp,
     cut_query,
-    expect_dict,
     expect_list,
     opt_str,
     require_items,
@@ -70,11 +69,7 @@ class SerperBackend(HttpBackend):
             body["gl"] = self.gl
         if self.hl:
             body["hl"] = self.hl
-        answer = expect_dict(
-            await self.request_json("POST", "/search", json_body=body),
-            self.name,
-            "the answer",
-        )
+        answer = await self.request_object("POST", "/search", json_body=body)
         if "organic" not in answer and "searchParameters" not in answer:
             raise shape_error(self.name, "no 'organic' results")
         organic = expect_list(answer.get("organic", []), self.name, "'organic'")

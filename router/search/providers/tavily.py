@@ -16,7 +16,6 @@ from router.search.providers.http import (
     HttpSettings,
     clamp,
     cut_query,
-    expect_dict,
     expect_list,
     opt_float,
     opt_str,
@@ -69,11 +68,7 @@ class TavilyBackend(HttpBackend):
             body["search_depth"] = self.search_depth
         if self.topic:
             body["topic"] = self.topic
-        answer = expect_dict(
-            await self.request_json("POST", "/search", json_body=body),
-            self.name,
-            "the answer",
-        )
+        answer = await self.request_object("POST", "/search", json_body=body)
         if "results" not in answer:
             raise shape_error(self.name, "no 'results'")
         results = expect_list(answer["results"], self.name, "'results'")

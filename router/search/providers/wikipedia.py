@@ -91,11 +91,7 @@ class WikipediaBackend(HttpBackend):
             "srsearch": query,
             "srlimit": clamp(k, 1, MAX_LIMIT),
         }
-        answer = expect_dict(
-            await self.request_json("GET", "/w/api.php", params=params),
-            self.name,
-            "the answer",
-        )
+        answer = await self.request_object("GET", "/w/api.php", params=params)
         if isinstance(answer.get("error"), dict):
             # MediaWiki reports errors with HTTP 200; its code is a short safe identifier.
             code = _ERROR_CODE_RE.sub("", opt_str(answer["error"], "code").lower())[:40]
