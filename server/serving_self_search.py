@@ -38,7 +38,7 @@ from server.protocol import (
     new_id,
     now,
 )
-from server.serving import ServingContext, check_model, new_request_id
+from server.serving import ServingContext, check_model, completion_budget, new_request_id
 from server.serving_chat import ROUTE, chat_prompt
 from server.settings import ServeSettings
 from server.streaming import DONE, merge, sse
@@ -176,9 +176,11 @@ class SelfSearchChat:
         self.runtime = runtime
         self.request = request
         self.started = time.perf_counter()
+        max_tokens = request.token_limit or runtime.settings.max_loop_tokens
+        self.config, self.votes = loop_config(runtime, request, max_tokens)
         # The protocol's system prompt comes first; the user's own system text follows it.
         own = [m for m in request.messages if m.role in ("system", "developer")]
-        mode = self.config_mode(runtime, request)
+        mode = self.config.mode
         try:
             own_text = [m.text() for m in own]
         except ValueError as exc:  # a non-text content part: the same 400 as plain chat's
@@ -189,20 +191,9 @@ class SelfSearchChat:
             m for m in request.messages if m.role not in ("system", "developer")
         ]
         self.prompt = chat_prompt(ctx, request.model_copy(update={"messages": conversation}))
-        if len(self.prompt) >= ctx.engine.max_model_len:
-            raise APIError(
-                400, f"This model's maximum context length is {ctx.engine.max_model_len} tokens. "
-                f"However, your prompt has {len(self.prompt)} tokens.",
-                param="messages", code="context_length_exceeded",
-            )
-        max_tokens = request.token_limit or runtime.settings.max_loop_tokens
-        self.config, self.votes = loop_config(runtime, request, max_tokens)
+        # The loop's budget spans several calls; only the prompt itself must fit here.
+        completion_budget(ctx, len(self.prompt), None)
         ctx.metrics.prompt_tokens.labels(ROUTE).inc(len(self.prompt))
-
-    @staticmethod
-    def config_mode(runtime: SelfSearchRuntime, request: ChatCompletionRequest) -> str:
-        opts = request.self_search
-        return opts.mode if opts is not None and opts.mode is not None else runtime.mode
 
     def _loop(self, choice: int, sample: int) -> SelfSearchLoop:
         config = self.config
