@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup serve test test-unit bench model
+.PHONY: setup serve test test-unit lint format bench model
 
 setup:
 	@bash scripts/setup.sh
@@ -11,8 +11,20 @@ setup:
 serve: setup
 	$(VENV)/bin/ssrl serve $(ARGS)
 
-# Install everything, then run the whole test suite (unit + real-engine tests).
-test: setup
+# The gate CI runs before the tests: lint, formatting, types, and the layer contracts.
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+	$(PY) -m pytest -q -p no:cacheprovider tests/unit/test_layers.py
+
+# Rewrite the tree in the house style (what `make lint` checks).
+format: setup
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+# Install everything, lint, then run the whole test suite (unit + real-engine tests).
+test: setup lint
 	$(VENV)/bin/ssrl model prepare
 	$(PY) -m pytest $(PYTEST_ARGS)
 

@@ -86,9 +86,7 @@ def percentile(sorted_ms: list[float], q: float) -> float:
     return sorted_ms[min(len(sorted_ms) - 1, max(0, round(q / 100 * len(sorted_ms)) - 1))]
 
 
-def measure(
-    index_dir: Path, questions: list[dict[str, Any]], k: int, check_answers: bool
-) -> dict[str, Any]:
+def measure(index_dir: Path, questions: list[dict[str, Any]], k: int, check_answers: bool) -> dict[str, Any]:
     backend = LocalIndexBackend(index_dir)
     for q in questions[:20]:  # warm the page cache and the connection pool
         backend.search_sync(q["question"], k)

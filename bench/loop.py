@@ -49,8 +49,11 @@ async def loop_overhead(engine: Any, questions: list[str]) -> dict[str, Any]:
     config = LoopConfig(mode="guided", policy=NeverPolicy(), temperature=0.0)
     rows = []
     for i, question in enumerate(questions):
-        messages = [{"role": "system", "content": GUIDED}, *example_messages("guided"),
-                    {"role": "user", "content": question}]
+        messages = [
+            {"role": "system", "content": GUIDED},
+            *example_messages("guided"),
+            {"role": "user", "content": question},
+        ]
         prompt = engine.apply_chat_template(messages)
         started = time.perf_counter()
         result = None
@@ -65,8 +68,15 @@ async def loop_overhead(engine: Any, questions: list[str]) -> dict[str, Any]:
         async for delta in engine.generate(prompt, options, f"single-{i}"):
             generated += len(delta.token_ids)
         single_s = time.perf_counter() - started
-        rows.append({"question": question, "tokens": tokens, "single_tokens": generated,
-                     "loop_s": loop_s, "single_s": single_s})
+        rows.append(
+            {
+                "question": question,
+                "tokens": tokens,
+                "single_tokens": generated,
+                "loop_s": loop_s,
+                "single_s": single_s,
+            }
+        )
     loop_total = sum(r["loop_s"] for r in rows)
     single_total = sum(r["single_s"] for r in rows)
     return {
@@ -114,19 +124,26 @@ def markdown(result: dict[str, Any], command: str) -> str:
     lp = result["logprobs"]
     ok = "✓" if lo["ratio"] <= 1.15 else "✗"
     lines = [
-        "## Self-search loop: overhead and the cost of logprobs", "",
+        "## Self-search loop: overhead and the cost of logprobs",
+        "",
         machine_markdown(result["machine"]),
-        f"Command: `{command}` (in-process engine, `--enforce-eager`, prefix caching on).", "",
-        "### Loop with every search filled by the model vs one single pass", "",
+        f"Command: `{command}` (in-process engine, `--enforce-eager`, prefix caching on).",
+        "",
+        "### Loop with every search filled by the model vs one single pass",
+        "",
         f"{lo['questions']} NQ-open questions, guided mode, policy `never`, temperature 0: each "
         "trajectory is three engine calls (query, information, answer) with server-inserted tags "
-        "between them; the single pass generates the same number of tokens from the same prompt.", "",
+        "between them; the single pass generates the same number of tokens from the same prompt.",
+        "",
         "| questions | tokens | loop wall (s) | single pass wall (s) | ratio | p50 per question | target |",
         "|---|---|---|---|---|---|---|",
         f"| {lo['questions']} | {lo['tokens']} | {lo['loop_s']:.2f} | {lo['single_s']:.2f} | "
-        f"{lo['ratio']:.3f} | {lo['per_question_ratio_p50']:.3f} | <= 1.15 {ok} |", "",
-        "### Top-k logprobs at concurrency 8 (64 tokens each)", "",
-        "| logprobs k | output tokens/s | ratio vs none |", "|---|---|---|",
+        f"{lo['ratio']:.3f} | {lo['per_question_ratio_p50']:.3f} | <= 1.15 {ok} |",
+        "",
+        "### Top-k logprobs at concurrency 8 (64 tokens each)",
+        "",
+        "| logprobs k | output tokens/s | ratio vs none |",
+        "|---|---|---|",
     ]
     for k, tps in lp["tokens_per_s"].items():
         label = "none" if k == "None" else k
@@ -141,10 +158,15 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
 
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
     model = args.model or str(ensure_default_checkpoint())
-    engine = VLLMEngine.start(EngineConfig(
-        model=model, served_model_name="bench", max_model_len=2048, enforce_eager=True,
-        enable_prefix_caching=True,
-    ))
+    engine = VLLMEngine.start(
+        EngineConfig(
+            model=model,
+            served_model_name="bench",
+            max_model_len=2048,
+            enforce_eager=True,
+            enable_prefix_caching=True,
+        )
+    )
     try:
         questions = load_questions(args.questions)
         # Warm-up: the first requests of a fresh engine pay for one-off initialisation.

@@ -90,11 +90,13 @@ class LoopbackRetriever:
             result = []
             for query in queries:
                 docs = await backend.search(str(query), topk)
-                hits = [{"id": d.id or f"doc-{i}", "contents": f"{d.title}\n{d.text}"}
-                        for i, d in enumerate(docs)]
+                hits = [
+                    {"id": d.id or f"doc-{i}", "contents": f"{d.title}\n{d.text}"} for i, d in enumerate(docs)
+                ]
                 if body.get("return_scores"):
-                    result.append([{"document": h, "score": d.score or 0.0}
-                                   for h, d in zip(hits, docs, strict=True)])
+                    result.append(
+                        [{"document": h, "score": d.score or 0.0} for h, d in zip(hits, docs, strict=True)]
+                    )
                 else:
                     result.append(hits)
             return JSONResponse({"result": result})
@@ -108,8 +110,9 @@ class LoopbackRetriever:
         self._sock.bind(("127.0.0.1", 0))
         port = self._sock.getsockname()[1]
         self._server = uvicorn.Server(uvicorn.Config(self._app(), log_level="warning", lifespan="off"))
-        self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [self._sock]},
-                                        daemon=True)
+        self._thread = threading.Thread(
+            target=self._server.run, kwargs={"sockets": [self._sock]}, daemon=True
+        )
         self._thread.start()
         deadline = time.monotonic() + 30
         while not self._server.started:
@@ -144,25 +147,59 @@ def default_index() -> Path:
 
 def serve_supports_retriever(python: str) -> tuple[bool, str]:
     """Whether this tree's `ssrl serve` takes `--search retriever` and `--search-option`."""
-    proc = subprocess.run([python, "-m", "clients.cli", "serve", "--help"], cwd=ROOT,
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [python, "-m", "clients.cli", "serve", "--help"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     text = proc.stdout
-    missing = [what for what, ok in (("--search retriever", "retriever" in text),
-                                     ("--search-option", "--search-option" in text)) if not ok]
+    missing = [
+        what
+        for what, ok in (
+            ("--search retriever", "retriever" in text),
+            ("--search-option", "--search-option" in text),
+        )
+        if not ok
+    ]
     return not missing, ", ".join(missing)
 
 
 def ssrl_command(python: str, port: int, retriever_url: str, max_turns: int) -> list[str]:
     return [
-        python, "-m", "clients.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
-        "--enforce-eager", "--max-model-len", "2048",
-        "--search", "retriever", "--search-option", f"retriever.base_url={retriever_url}",
-        "--search-cache-size", "0", "--search-timeout", "30", "--max-turns", str(max_turns),
+        python,
+        "-m",
+        "clients.cli",
+        "serve",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--enforce-eager",
+        "--max-model-len",
+        "2048",
+        "--search",
+        "retriever",
+        "--search-option",
+        f"retriever.base_url={retriever_url}",
+        "--search-cache-size",
+        "0",
+        "--search-timeout",
+        "30",
+        "--max-turns",
+        str(max_turns),
     ]
 
 
-async def run_policy(base_url: str, data: Path, out: Path, policy: str, args: argparse.Namespace,
-                     threshold: float | None = None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+async def run_policy(
+    base_url: str,
+    data: Path,
+    out: Path,
+    policy: str,
+    args: argparse.Namespace,
+    threshold: float | None = None,
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     from clients.eval_cli import (
         RESULTS,
         EvalConfig,
@@ -174,9 +211,17 @@ async def run_policy(base_url: str, data: Path, out: Path, policy: str, args: ar
     self_search: dict[str, Any] = {"policy": policy, "max_turns": args.max_turns}
     if threshold is not None:
         self_search.update(threshold=threshold, aggregate=args.aggregate)
-    config = EvalConfig(base_url=base_url, data=data, out=out, limit=args.questions,
-                        concurrency=args.concurrency, self_search=self_search, progress=False,
-                        plots=False, timeout_s=300.0)
+    config = EvalConfig(
+        base_url=base_url,
+        data=data,
+        out=out,
+        limit=args.questions,
+        concurrency=args.concurrency,
+        self_search=self_search,
+        progress=False,
+        plots=False,
+        timeout_s=300.0,
+    )
     summary = await run_eval_async(config)
     rows = list(final_rows(ResultsFile(out / RESULTS).read()).values())
     return summary, rows
@@ -184,8 +229,13 @@ async def run_policy(base_url: str, data: Path, out: Path, policy: str, args: ar
 
 def search_seconds(rows: list[dict[str, Any]]) -> float | None:
     """Mean time of the external searches of a run, from the traces."""
-    times = [s.get("latency_s") or 0.0 for r in rows if r.get("error") is None
-             for s in (r.get("trace") or {}).get("searches") or [] if s.get("decision") == "external"]
+    times = [
+        s.get("latency_s") or 0.0
+        for r in rows
+        if r.get("error") is None
+        for s in (r.get("trace") or {}).get("searches") or []
+        if s.get("decision") == "external"
+    ]
     return sum(times) / len(times) if times else None
 
 
@@ -197,15 +247,21 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     load_start = os.getloadavg()[0]
     ok, missing = serve_supports_retriever(args.python)
     if not ok:
-        raise SystemExit(f"`ssrl serve` lacks {missing}: the routing benchmark needs the Search-R1 "
-                         "retriever backend")
+        raise SystemExit(
+            f"`ssrl serve` lacks {missing}: the routing benchmark needs the Search-R1 retriever backend"
+        )
     data = Path(args.data)
     work = Path(tempfile.mkdtemp(prefix="ssrl-bench-routing-"))
     results: dict[str, Any] = {}
     with LoopbackRetriever(default_index(), args.delay) as retriever:
         port = free_port()
-        server = Server("ssrl", ssrl_command(args.python, port, retriever.base_url, args.max_turns),
-                        port, work / "server.log", server_env())
+        server = Server(
+            "ssrl",
+            ssrl_command(args.python, port, retriever.base_url, args.max_turns),
+            port,
+            work / "server.log",
+            server_env(),
+        )
         started = time.monotonic()
         server.start()
         try:
@@ -215,7 +271,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             warm = work / "warmup.jsonl"
             with open(data, encoding="utf-8") as f:
                 lines = [line for _, line in zip(range(args.questions + 2), f, strict=False)]
-            warm.write_text("".join(lines[args.questions:]), encoding="utf-8")
+            warm.write_text("".join(lines[args.questions :]), encoding="utf-8")
             for policy in ("always", "never"):
                 asyncio.run(run_policy(server.base_url, warm, work / f"warmup-{policy}", policy, args))
 
@@ -224,19 +280,35 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             rows_by_policy: dict[str, list[dict[str, Any]]] = {}
             for policy in POLICIES:
                 if policy == "threshold":
-                    cal = calibrate(questions_of_run(rows_by_policy["never"]),
-                                    target_call_rate=args.target_call_rate, aggregate=args.aggregate)
+                    cal = calibrate(
+                        questions_of_run(rows_by_policy["never"]),
+                        target_call_rate=args.target_call_rate,
+                        aggregate=args.aggregate,
+                    )
                     threshold = cal.threshold
-                    calibration = {"aggregate": cal.aggregate, "threshold": threshold,
-                                   "target_call_rate": args.target_call_rate,
-                                   "predicted_call_rate": cal.point.call_rate}
+                    calibration = {
+                        "aggregate": cal.aggregate,
+                        "threshold": threshold,
+                        "target_call_rate": args.target_call_rate,
+                        "predicted_call_rate": cal.point.call_rate,
+                    }
                 before = retriever.queries
                 t0 = time.perf_counter()
-                summary, rows = asyncio.run(run_policy(server.base_url, data, work / policy, policy, args,
-                                                       threshold if policy == "threshold" else None))
+                summary, rows = asyncio.run(
+                    run_policy(
+                        server.base_url,
+                        data,
+                        work / policy,
+                        policy,
+                        args,
+                        threshold if policy == "threshold" else None,
+                    )
+                )
                 wall = time.perf_counter() - t0
                 results[policy] = {
-                    "em": summary["em"], "f1": summary["f1"], "scored": summary["scored"],
+                    "em": summary["em"],
+                    "f1": summary["f1"],
+                    "scored": summary["scored"],
                     "errors": summary["errors"],
                     "external_calls": summary["external_calls"],
                     "provider_queries": retriever.queries - before,
@@ -282,11 +354,15 @@ def _s(value: Any) -> str:
 def markdown(result: dict[str, Any], command: str) -> str:
     cal = result["calibration"]
     lines = [
-        "## Routing: latency and external calls saved with a slow search API", "",
-        "Written by `bench/routing.py`; raw figures in `bench/results/routing.json`.", "",
+        "## Routing: latency and external calls saved with a slow search API",
+        "",
+        "Written by `bench/routing.py`; raw figures in `bench/results/routing.json`.",
+        "",
         machine_markdown(result["machine"]),
-        f"Command: `{command}`.", "",
-        load_line(result), "",
+        f"Command: `{command}`.",
+        "",
+        load_line(result),
+        "",
         f"The embedded default model (SmolLM2-135M-Instruct, guided mode, `--enforce-eager`) answers "
         f"the first {result['questions']} NQ-open dev questions at temperature 0, one request at a "
         f"time (concurrency {result['concurrency']}), max_turns {result['max_turns']}. Its only search "
@@ -294,7 +370,8 @@ def markdown(result: dict[str, Any], command: str) -> str:
         f"sleeps {result['delay_s']} s per call and then answers from the local Wikipedia-summaries "
         "index. The threshold policy's tau was calibrated on the `never` run's query entropies "
         f"for a {cal['target_call_rate']:.0%} call rate: aggregate `{cal['aggregate']}`, "
-        f"tau {cal['threshold']:.4g} (predicted call rate {cal['predicted_call_rate']:.2f}).", "",
+        f"tau {cal['threshold']:.4g} (predicted call rate {cal['predicted_call_rate']:.2f}).",
+        "",
         "| policy | exact match | F1 | external calls (provider saw) | call rate | calls saved vs always "
         "| mean latency | p50 | p99 | mean external search | completion tokens / question |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
@@ -341,8 +418,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     result = measure(args)
     atomic_write_json(args.out, result)
-    command = (f"python -m bench.routing --questions {args.questions} --delay {args.delay} "
-               f"--target-call-rate {args.target_call_rate}")
+    command = (
+        f"python -m bench.routing --questions {args.questions} --delay {args.delay} "
+        f"--target-call-rate {args.target_call_rate}"
+    )
     text = markdown(result, command)
     replace_markdown_section(args.markdown, SECTION, text)
     print(text)

@@ -1,9 +1,9 @@
 """`make bench`: run a benchmark by name (default: serving), passing the rest of the flags on.
 
-    .venv/bin/python -m bench.run                              # serving, default options
-    .venv/bin/python -m bench.run serving --enforce-eager      # ssrl vs vLLM OpenAI server
-    .venv/bin/python -m bench.run local-index --docs 100000    # local FTS5 index
-    .venv/bin/python -m bench.run suite --skip serving         # every part (`make bench`)
+.venv/bin/python -m bench.run                              # serving, default options
+.venv/bin/python -m bench.run serving --enforce-eager      # ssrl vs vLLM OpenAI server
+.venv/bin/python -m bench.run local-index --docs 100000    # local FTS5 index
+.venv/bin/python -m bench.run suite --skip serving         # every part (`make bench`)
 """
 
 from __future__ import annotations

@@ -78,8 +78,13 @@ async def cache_hit_vs_miss(backend: Any, queries: list[str], k: int) -> dict[st
         t0 = time.perf_counter()
         second = await service.search(query, k)
         hit.append(time.perf_counter() - t0)
-        if first.error or second.error or first.cache_hit or not second.cache_hit \
-                or [d.title for d in first.documents] != [d.title for d in second.documents]:
+        if (
+            first.error
+            or second.error
+            or first.cache_hit
+            or not second.cache_hit
+            or [d.title for d in first.documents] != [d.title for d in second.documents]
+        ):
             wrong += 1
     return {
         "miss": stats_ms(miss),
@@ -147,8 +152,15 @@ def local_index_part(args: argparse.Namespace) -> dict[str, Any]:
     script = ROOT / "bench" / "bench_local_index.py"
     runs = [[]] + ([["--docs", str(LARGE_DOCS)]] if args.large else [])
     for extra in runs:
-        cmd = [sys.executable, str(script), "--questions", str(args.questions),
-               "--num-queries", str(args.queries), *extra]
+        cmd = [
+            sys.executable,
+            str(script),
+            "--questions",
+            str(args.questions),
+            "--num-queries",
+            str(args.queries),
+            *extra,
+        ]
         subprocess.run(cmd, cwd=ROOT, check=True, timeout=3600, stdout=subprocess.DEVNULL)
     data = json.loads(LOCAL_INDEX_JSON.read_text(encoding="utf-8"))
     out = {"10k": data.get("wiki-summaries"), "1M": data.get(f"synthetic-{LARGE_DOCS}")}
@@ -165,18 +177,25 @@ def markdown(result: dict[str, Any], command: str) -> str:
     local, remote = c["local"], c["retriever"]
     li = result["local_index"]
     lines = [
-        "## Search path latency: cache hit vs miss, local index size", "",
-        "Written by `bench/search_latency.py`; raw figures in `bench/results/search_latency.json`.", "",
+        "## Search path latency: cache hit vs miss, local index size",
+        "",
+        "Written by `bench/search_latency.py`; raw figures in `bench/results/search_latency.json`.",
+        "",
         machine_markdown(result["machine"]),
-        f"Command: `{command}`.", "",
-        load_line(result), "",
-        "### Result cache", "",
+        f"Command: `{command}`.",
+        "",
+        load_line(result),
+        "",
+        "### Result cache",
+        "",
         "Through `SearchService.from_backends` as the server builds it (resilience layer per "
         "backend, `SearchCache` outside it). Each NQ-open question is searched twice: the first "
         f"call misses (reaches the backend), the second hits. k = {c['k']}. The retriever is a "
         f"loopback Search-R1 `POST /retrieve` server that sleeps {remote['delay_s']} s per call, "
-        "then searches the same local index.", "",
-        "| backend | path | queries | mean (ms) | p50 (ms) | p99 (ms) |", "|---|---|---:|---:|---:|---:|",
+        "then searches the same local index.",
+        "",
+        "| backend | path | queries | mean (ms) | p50 (ms) | p99 (ms) |",
+        "|---|---|---:|---:|---:|---:|",
     ]
     rows = [
         ("local index (10k)", "bare backend, no wrapper", local["bare"]),
@@ -187,17 +206,22 @@ def markdown(result: dict[str, Any], command: str) -> str:
         (f"retriever ({remote['delay_s']} s)", "cache hit", remote["hit"]),
     ]
     for backend, path, s in rows:
-        lines.append(f"| {backend} | {path} | {s['n']} | {_ms(s['mean_ms'])} | {_ms(s['p50_ms'])} | {_ms(s['p99_ms'])} |")
+        lines.append(
+            f"| {backend} | {path} | {s['n']} | {_ms(s['mean_ms'])} | {_ms(s['p50_ms'])} | {_ms(s['p99_ms'])} |"
+        )
     lines += [
         "",
         f"Cache counters: local {local['cache_hits']} hits / {local['cache_misses']} misses; retriever "
         f"{remote['cache_hits']} hits / {remote['cache_misses']} misses, the provider saw "
         f"{remote['provider_queries']} queries for {2 * remote['hit']['n']} searches. Unexpected "
         f"outcomes (error, wrong hit/miss flag, different documents on the hit): "
-        f"{local['unexpected'] + remote['unexpected']}.", "",
-        "### Local FTS5 index at 10k and 1M documents", "",
+        f"{local['unexpected'] + remote['unexpected']}.",
+        "",
+        "### Local FTS5 index at 10k and 1M documents",
+        "",
         "From `bench/bench_local_index.py` (synchronous `search_sync`, k = 5, NQ-open questions "
-        "as queries; the 1M corpus is synthetic, drawn from the summaries' word frequencies).", "",
+        "as queries; the 1M corpus is synthetic, drawn from the summaries' word frequencies).",
+        "",
         "| corpus | documents | index size | build | queries | p50 (ms) | p99 (ms) | measured |",
         "|---|---:|---:|---:|---:|---:|---:|---|",
     ]
@@ -218,8 +242,12 @@ def markdown(result: dict[str, Any], command: str) -> str:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--queries", type=int, default=200, help="questions searched against the local index")
-    p.add_argument("--api-queries", type=int, default=30, help="questions searched against the slow retriever")
-    p.add_argument("--api-delay", type=float, default=0.8, help="seconds the loopback retriever sleeps per call")
+    p.add_argument(
+        "--api-queries", type=int, default=30, help="questions searched against the slow retriever"
+    )
+    p.add_argument(
+        "--api-delay", type=float, default=0.8, help="seconds the loopback retriever sleeps per call"
+    )
     p.add_argument("-k", type=int, default=3)
     p.add_argument("--large", action="store_true", help="also build and measure a 1M-document index")
     p.add_argument("--questions", type=Path, default=DEFAULT_QUESTIONS)
@@ -238,8 +266,10 @@ def main(argv: list[str] | None = None) -> int:
     }
     result["load_avg_1m"] = {"start": load_start, "end": os.getloadavg()[0]}
     atomic_write_json(args.out, result)
-    command = (f"python -m bench.search_latency --queries {args.queries} --api-queries {args.api_queries} "
-               f"--api-delay {args.api_delay}" + (" --large" if args.large else ""))
+    command = (
+        f"python -m bench.search_latency --queries {args.queries} --api-queries {args.api_queries} "
+        f"--api-delay {args.api_delay}" + (" --large" if args.large else "")
+    )
     text = markdown(result, command)
     replace_markdown_section(args.markdown, SECTION, text)
     print(text)

@@ -86,7 +86,7 @@ def ssrl_plain_flags() -> list[str]:
     for chat once it exists) is another workload, benchmarked on its own."""
     try:
         from server.settings import ServeSettings
-    except Exception:  # noqa: BLE001 - an older or broken tree: serve with its defaults
+    except Exception:
         return []
     return ["--no-self-search"] if "self_search" in ServeSettings.model_fields else []
 
@@ -95,10 +95,20 @@ def ssrl_argv(
     python: str, model_dir: str, port: int, enforce_eager: bool, extra: list[str] | None = None
 ) -> list[str]:
     argv = [
-        python, "-m", "clients.cli", "serve",
-        "--host", "127.0.0.1", "--port", str(port),
-        "--model", model_dir, "--served-model-name", MODEL_NAME,
-        "--max-model-len", str(MAX_MODEL_LEN),
+        python,
+        "-m",
+        "clients.cli",
+        "serve",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--model",
+        model_dir,
+        "--served-model-name",
+        MODEL_NAME,
+        "--max-model-len",
+        str(MAX_MODEL_LEN),
         "--enable-prefix-caching",
         *ssrl_plain_flags(),
     ]
@@ -109,10 +119,19 @@ def ssrl_argv(
 
 def vllm_argv(python: str, model_dir: str, port: int, enforce_eager: bool) -> list[str]:
     argv = [
-        python, "-m", "vllm.entrypoints.openai.api_server",
-        "--host", "127.0.0.1", "--port", str(port),
-        "--model", model_dir, "--served-model-name", MODEL_NAME,
-        "--max-model-len", str(MAX_MODEL_LEN),
+        python,
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--model",
+        model_dir,
+        "--served-model-name",
+        MODEL_NAME,
+        "--max-model-len",
+        str(MAX_MODEL_LEN),
         "--enable-prefix-caching",
     ]
     if enforce_eager:
@@ -139,8 +158,13 @@ class Server:
     def start(self) -> None:
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
-            self.argv, cwd=ROOT, env=self.env, stdin=subprocess.DEVNULL,
-            stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
+            self.argv,
+            cwd=ROOT,
+            env=self.env,
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
 
     def wait_ready(self, timeout: float) -> None:
@@ -306,8 +330,14 @@ def request_body(prompt: str, max_tokens: int) -> dict[str, Any]:
 async def stream_one(client: httpx.AsyncClient, url: str, body: dict[str, Any]) -> dict[str, Any]:
     """One streaming chat completion: latency, TTFT (first non-empty content delta), usage."""
     result: dict[str, Any] = {
-        "ok": False, "latency": None, "ttft": None, "completion_tokens": None,
-        "prompt_tokens": None, "chunks": 0, "text": "", "error": None,
+        "ok": False,
+        "latency": None,
+        "ttft": None,
+        "completion_tokens": None,
+        "prompt_tokens": None,
+        "chunks": 0,
+        "text": "",
+        "error": None,
     }
     parts: list[str] = []
     start = time.perf_counter()
@@ -354,8 +384,13 @@ async def stream_one(client: httpx.AsyncClient, url: str, body: dict[str, Any]) 
 
 
 async def run_round(
-    base_url: str, prompts: list[str], n: int, concurrency: int, max_tokens: int,
-    request_timeout: float, round_timeout: float,
+    base_url: str,
+    prompts: list[str],
+    n: int,
+    concurrency: int,
+    max_tokens: int,
+    request_timeout: float,
+    round_timeout: float,
 ) -> dict[str, Any]:
     """n requests (prompts[i % len]) kept `concurrency` in flight; a fresh client per round."""
     url = base_url + "/v1/chat/completions"
@@ -371,7 +406,9 @@ async def run_round(
             while next_index < n:  # bounded: each pass takes one of n indices
                 i = next_index
                 next_index += 1
-                results[i] = await stream_one(client, url, request_body(prompts[i % len(prompts)], max_tokens))
+                results[i] = await stream_one(
+                    client, url, request_body(prompts[i % len(prompts)], max_tokens)
+                )
 
         start = time.perf_counter()
         tasks = [asyncio.create_task(worker()) for _ in range(min(concurrency, n))]
@@ -384,8 +421,16 @@ async def run_round(
         wall = time.perf_counter() - start
 
     done = [
-        r if r is not None else {"ok": False, "error": "round timed out", "latency": None,
-                                 "ttft": None, "completion_tokens": None, "text": ""}
+        r
+        if r is not None
+        else {
+            "ok": False,
+            "error": "round timed out",
+            "latency": None,
+            "ttft": None,
+            "completion_tokens": None,
+            "text": "",
+        }
         for r in results
     ]
     return {"wall_s": wall, "requests": done}
@@ -403,17 +448,20 @@ def summarize(rounds: list[dict[str, Any]]) -> dict[str, Any]:
     for rd in rounds:
         rd_ok = [r for r in rd["requests"] if r["ok"]]
         rd_tokens = sum(r["completion_tokens"] for r in rd_ok)
-        per_round.append({
-            "wall_s": round(rd["wall_s"], 3),
-            "requests_per_s": round(len(rd_ok) / rd["wall_s"], 3) if rd["wall_s"] else None,
-            "output_tokens_per_s": round(rd_tokens / rd["wall_s"], 2) if rd["wall_s"] else None,
-            "errors": len(rd["requests"]) - len(rd_ok),
-            "cpu_s": rd.get("cpu_s"),
-            "client_cpu_s": round(rd.get("client_cpu_s", 0.0), 3),
-            "background_cpu_s": round(rd.get("background_cpu_s", 0.0), 3),
-            "background_cores": round(rd.get("background_cpu_s", 0.0) / rd["wall_s"], 3)
-            if rd["wall_s"] else None,
-        })
+        per_round.append(
+            {
+                "wall_s": round(rd["wall_s"], 3),
+                "requests_per_s": round(len(rd_ok) / rd["wall_s"], 3) if rd["wall_s"] else None,
+                "output_tokens_per_s": round(rd_tokens / rd["wall_s"], 2) if rd["wall_s"] else None,
+                "errors": len(rd["requests"]) - len(rd_ok),
+                "cpu_s": rd.get("cpu_s"),
+                "client_cpu_s": round(rd.get("client_cpu_s", 0.0), 3),
+                "background_cpu_s": round(rd.get("background_cpu_s", 0.0), 3),
+                "background_cores": round(rd.get("background_cpu_s", 0.0) / rd["wall_s"], 3)
+                if rd["wall_s"]
+                else None,
+            }
+        )
     errors = [r["error"] for r in requests if not r["ok"]]
     cpu_front = sum((rd.get("cpu_s") or {}).get("frontend", 0.0) for rd in rounds)
     cpu_children = sum((rd.get("cpu_s") or {}).get("children", 0.0) for rd in rounds)
@@ -494,8 +542,15 @@ async def run_levels(plan: Plan, prompts: list[str], deadline: float) -> list[di
             for name in SERVERS:
                 if time.monotonic() > deadline:
                     break
-                await run_round(by_name[name].base_url, prompts, min(n, concurrency), concurrency,
-                                plan.max_tokens, plan.request_timeout, round_timeout)
+                await run_round(
+                    by_name[name].base_url,
+                    prompts,
+                    min(n, concurrency),
+                    concurrency,
+                    plan.max_tokens,
+                    plan.request_timeout,
+                    round_timeout,
+                )
         rounds: dict[str, list[dict[str, Any]]] = {name: [] for name in SERVERS}
         for r in range(plan.rounds):
             for name in SERVERS:  # interleaved: ssrl, vllm, ssrl, vllm, ...
@@ -505,23 +560,37 @@ async def run_levels(plan: Plan, prompts: list[str], deadline: float) -> list[di
                 other = by_name["vllm" if name == "ssrl" else "ssrl"]
                 cpu_before, other_before = by_name[name].cpu_seconds(), other.cpu_seconds()
                 machine_before, own_before = machine_cpu_seconds(), own_cpu_seconds()
-                rd = await run_round(by_name[name].base_url, prompts, n, concurrency,
-                                     plan.max_tokens, plan.request_timeout, round_timeout)
+                rd = await run_round(
+                    by_name[name].base_url,
+                    prompts,
+                    n,
+                    concurrency,
+                    plan.max_tokens,
+                    plan.request_timeout,
+                    round_timeout,
+                )
                 rd["cpu_s"] = cpu_delta(cpu_before, by_name[name].cpu_seconds())
                 other_after = other.cpu_seconds()
                 rd["other_server_cpu_s"] = sum(other_after.values()) - sum(other_before.values())
                 rd["client_cpu_s"] = own_cpu_seconds() - own_before
                 # CPU used by everything else on the machine (other users' work): noise.
-                rd["background_cpu_s"] = max(0.0, machine_cpu_seconds() - machine_before
-                                             - sum(rd["cpu_s"].values()) - rd["other_server_cpu_s"]
-                                             - rd["client_cpu_s"])
+                rd["background_cpu_s"] = max(
+                    0.0,
+                    machine_cpu_seconds()
+                    - machine_before
+                    - sum(rd["cpu_s"].values())
+                    - rd["other_server_cpu_s"]
+                    - rd["client_cpu_s"],
+                )
                 rounds[name].append(rd)
                 ok = [x for x in rd["requests"] if x["ok"]]
                 toks = sum(x["completion_tokens"] for x in ok)
-                print(f"  c={concurrency:<3} round {r + 1}/{plan.rounds} {name:<5} "
-                      f"{len(ok)}/{n} ok  {rd['wall_s']:.1f} s  {toks / rd['wall_s']:.1f} tok/s  "
-                      f"other load {rd['background_cpu_s'] / rd['wall_s']:.2f} cores",
-                      flush=True)
+                print(
+                    f"  c={concurrency:<3} round {r + 1}/{plan.rounds} {name:<5} "
+                    f"{len(ok)}/{n} ok  {rd['wall_s']:.1f} s  {toks / rd['wall_s']:.1f} tok/s  "
+                    f"other load {rd['background_cpu_s'] / rd['wall_s']:.2f} cores",
+                    flush=True,
+                )
         summaries = {name: summarize(rounds[name]) for name in SERVERS if rounds[name]}
         for name in SERVERS:  # the texts of the first round, for a look at what each produced
             if rounds[name]:
@@ -532,15 +601,20 @@ async def run_levels(plan: Plan, prompts: list[str], deadline: float) -> list[di
             b = [x["text"] for x in rounds["vllm"][0]["requests"]]
             same = sum(1 for x, y in zip(a, b, strict=False) if x == y) / max(1, len(a))
             if same < 0.5:
-                print(f"  WARNING: only {same:.0%} of completions are identical at "
-                      f"c={concurrency}: the servers are not running the same workload", flush=True)
-        levels_out.append({
-            "concurrency": concurrency,
-            "requests_per_round": n,
-            "rounds": plan.rounds,
-            "identical_outputs_fraction": same,
-            "results": summaries,
-        })
+                print(
+                    f"  WARNING: only {same:.0%} of completions are identical at "
+                    f"c={concurrency}: the servers are not running the same workload",
+                    flush=True,
+                )
+        levels_out.append(
+            {
+                "concurrency": concurrency,
+                "requests_per_round": n,
+                "rounds": plan.rounds,
+                "identical_outputs_fraction": same,
+                "results": summaries,
+            }
+        )
     return levels_out
 
 
@@ -565,11 +639,14 @@ def level_ratios(level: dict[str, Any]) -> dict[str, Any]:
     out["paired_round_tok_s_ratio_median"] = statistics.median(paired) if paired else None
     t = TARGETS
     out["meets"] = {
-        "requests_per_s": None if out["requests_per_s"] is None
+        "requests_per_s": None
+        if out["requests_per_s"] is None
         else out["requests_per_s"] >= t["throughput_ratio_min"],
-        "output_tokens_per_s": None if out["output_tokens_per_s"] is None
+        "output_tokens_per_s": None
+        if out["output_tokens_per_s"] is None
         else out["output_tokens_per_s"] >= t["throughput_ratio_min"],
-        "latency_p50": None if out["latency_p50"] is None
+        "latency_p50": None
+        if out["latency_p50"] is None
         else out["latency_p50"] <= t["p50_latency_ratio_max"],
     }
     return out
@@ -637,20 +714,25 @@ def render_markdown(report: dict[str, Any]) -> str:
         "Servers, as started (ports chosen free at run time):",
         "",
         "```",
-        *(shlex.join(["python" if i == 0 else a for i, a in enumerate(cfg["server_argv"][name])])
-          for name in SERVERS),
+        *(
+            shlex.join(["python" if i == 0 else a for i, a in enumerate(cfg["server_argv"][name])])
+            for name in SERVERS
+        ),
         "```",
         "",
         f"Source: commit `{(report.get('source') or {}).get('commit') or 'unknown'}`"
-        + (" with uncommitted changes under server/, router/ or clients/"
-           if (report.get("source") or {}).get("uncommitted_server_changes") else "")
+        + (
+            " with uncommitted changes under server/, router/ or clients/"
+            if (report.get("source") or {}).get("uncommitted_server_changes")
+            else ""
+        )
         + ".",
         "",
         "### Method",
         "",
         f"- Load: streaming chat completions through httpx (async), `temperature: 0`, "
         f"`max_tokens: {cfg['max_tokens']}`, `stream_options.include_usage: true`; prompts are "
-        f"{cfg['prompts']} NQ-open dev questions (`\"<question>? Answer in a few sentences.\"`, "
+        f'{cfg["prompts"]} NQ-open dev questions (`"<question>? Answer in a few sentences."`, '
         "one user message), request *i* uses prompt *i* mod "
         f"{cfg['prompts']}. No `ignore_eos` (vLLM-only): output tokens are counted from `usage`.",
         f"- Per concurrency level: {'one unmeasured warm-up batch per server, then ' if cfg['warmup_per_level'] else ''}"
@@ -700,8 +782,10 @@ def render_markdown(report: dict[str, Any]) -> str:
         if same is not None:
             lines += ["", f"Identical completions (first round, ssrl vs vLLM): {same * 100:.0f}%."]
             if same < 0.5:
-                lines[-1] += (" **Most completions differ: the two servers did not run the same "
-                              "workload, so these figures do not compare serving overhead.**")
+                lines[-1] += (
+                    " **Most completions differ: the two servers did not run the same "
+                    "workload, so these figures do not compare serving overhead.**"
+                )
         lines.append("")
 
     t = TARGETS
@@ -768,37 +852,71 @@ def parse_levels(text: str) -> list[int]:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m bench.serving", description=__doc__.split("\n\n")[0],
+        prog="python -m bench.serving",
+        description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--concurrency", type=parse_levels, default=parse_levels("1,8,32"),
-                   help="comma-separated concurrency levels (default 1,8,32)")
-    p.add_argument("--requests-per-level", default=None,
-                   help="requests per round: one number for every level, or one per level "
-                        "(comma-separated); default 16 for c=1, 32 for c=8, 64 for c=32, else 2*c")
+    p.add_argument(
+        "--concurrency",
+        type=parse_levels,
+        default=parse_levels("1,8,32"),
+        help="comma-separated concurrency levels (default 1,8,32)",
+    )
+    p.add_argument(
+        "--requests-per-level",
+        default=None,
+        help="requests per round: one number for every level, or one per level "
+        "(comma-separated); default 16 for c=1, 32 for c=8, 64 for c=32, else 2*c",
+    )
     p.add_argument("--max-tokens", type=int, default=64, help="max_tokens of every request")
     p.add_argument("--rounds", type=int, default=2, help="measured rounds per server per level")
     p.add_argument("--prompts", type=int, default=64, help="distinct questions used")
     p.add_argument("--questions", type=Path, default=DEFAULT_QUESTIONS, help="NQ-open JSONL file")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON results path")
-    p.add_argument("--markdown", type=Path, default=BENCHMARKS_MD,
-                   help="Markdown file whose serving section is replaced ('' to skip)")
-    p.add_argument("--enforce-eager", action="store_true",
-                   help="pass --enforce-eager to both servers (skips ~105 s of torch.compile each)")
-    p.add_argument("--model-dir", default=None,
-                   help="checkpoint directory (default: the converted embedded model)")
-    p.add_argument("--no-warmup-per-level", dest="warmup_per_level", action="store_false",
-                   help="skip the unmeasured warm-up batch at each level")
+    p.add_argument(
+        "--markdown",
+        type=Path,
+        default=BENCHMARKS_MD,
+        help="Markdown file whose serving section is replaced ('' to skip)",
+    )
+    p.add_argument(
+        "--enforce-eager",
+        action="store_true",
+        help="pass --enforce-eager to both servers (skips ~105 s of torch.compile each)",
+    )
+    p.add_argument(
+        "--model-dir", default=None, help="checkpoint directory (default: the converted embedded model)"
+    )
+    p.add_argument(
+        "--no-warmup-per-level",
+        dest="warmup_per_level",
+        action="store_false",
+        help="skip the unmeasured warm-up batch at each level",
+    )
     p.add_argument("--startup-timeout", type=float, default=600.0, help="seconds per server")
     p.add_argument("--request-timeout", type=float, default=300.0, help="seconds per request")
-    p.add_argument("--max-duration", type=float, default=3600.0,
-                   help="no new round starts after this many seconds of load")
+    p.add_argument(
+        "--max-duration",
+        type=float,
+        default=3600.0,
+        help="no new round starts after this many seconds of load",
+    )
     p.add_argument("--python", default=sys.executable, help="interpreter for both servers")
-    p.add_argument("--render-from", type=Path, default=None, metavar="JSON",
-                   help="write the Markdown section from a saved results file; run nothing")
-    p.add_argument("--ssrl-arg", action="append", default=[], metavar="FLAG",
-                   help="extra flag for `ssrl serve` only, e.g. --ssrl-arg=--self-search "
-                        "(repeatable; by default ssrl serves plain chat like vLLM)")
+    p.add_argument(
+        "--render-from",
+        type=Path,
+        default=None,
+        metavar="JSON",
+        help="write the Markdown section from a saved results file; run nothing",
+    )
+    p.add_argument(
+        "--ssrl-arg",
+        action="append",
+        default=[],
+        metavar="FLAG",
+        help="extra flag for `ssrl serve` only, e.g. --ssrl-arg=--self-search "
+        "(repeatable; by default ssrl serves plain chat like vLLM)",
+    )
     return p
 
 
@@ -821,17 +939,20 @@ def resolve_model_dir(arg: str | None) -> str:
 
         path = ensure_default_checkpoint()
     if not (path / "config.json").is_file():
-        raise SystemExit(f"{path} is not a checkpoint directory (no config.json); "
-                         "run `ssrl model prepare` first")
+        raise SystemExit(
+            f"{path} is not a checkpoint directory (no config.json); run `ssrl model prepare` first"
+        )
     return str(path)
 
 
 def source_state() -> dict[str, Any]:
     """The commit benchmarked and whether the server code differed from it (read-only git)."""
+
     def git(*cmd: str) -> str | None:
         try:
-            done = subprocess.run(["git", *cmd], cwd=ROOT, capture_output=True, text=True,
-                                  timeout=10, check=True)
+            done = subprocess.run(
+                ["git", *cmd], cwd=ROOT, capture_output=True, text=True, timeout=10, check=True
+            )
         except (OSError, subprocess.SubprocessError):
             return None
         return done.stdout.strip()
@@ -863,23 +984,39 @@ def main(argv: list[str] | None = None) -> int:
     model_dir = resolve_model_dir(args.model_dir)
     prompts = load_prompts(args.questions, args.prompts)
     plan = Plan(
-        levels=args.concurrency, requests=requests_plan(args.concurrency, args.requests_per_level),
-        rounds=args.rounds, max_tokens=args.max_tokens, warmup_per_level=args.warmup_per_level,
-        request_timeout=args.request_timeout, max_duration=args.max_duration,
+        levels=args.concurrency,
+        requests=requests_plan(args.concurrency, args.requests_per_level),
+        rounds=args.rounds,
+        max_tokens=args.max_tokens,
+        warmup_per_level=args.warmup_per_level,
+        request_timeout=args.request_timeout,
+        max_duration=args.max_duration,
     )
     log_dir = Path(tempfile.mkdtemp(prefix="ssrl-bench-serving-"))
     env = server_env()
     ports = {name: free_port() for name in SERVERS}
     plan.servers = [
-        Server("ssrl", ssrl_argv(args.python, model_dir, ports["ssrl"], args.enforce_eager,
-                                 args.ssrl_arg),
-               ports["ssrl"], log_dir / "ssrl.log", env),
-        Server("vllm", vllm_argv(args.python, model_dir, ports["vllm"], args.enforce_eager),
-               ports["vllm"], log_dir / "vllm.log", env),
+        Server(
+            "ssrl",
+            ssrl_argv(args.python, model_dir, ports["ssrl"], args.enforce_eager, args.ssrl_arg),
+            ports["ssrl"],
+            log_dir / "ssrl.log",
+            env,
+        ),
+        Server(
+            "vllm",
+            vllm_argv(args.python, model_dir, ports["vllm"], args.enforce_eager),
+            ports["vllm"],
+            log_dir / "vllm.log",
+            env,
+        ),
     ]
     command = " ".join([".venv/bin/python", "-m", "bench.serving", *map(shlex.quote, argv)])
-    print(f"model: {model_dir}\nlogs: {log_dir}\nplan: {plan.requests} x {plan.rounds} rounds, "
-          f"max_tokens={plan.max_tokens}", flush=True)
+    print(
+        f"model: {model_dir}\nlogs: {log_dir}\nplan: {plan.requests} x {plan.rounds} rounds, "
+        f"max_tokens={plan.max_tokens}",
+        flush=True,
+    )
 
     sampler = MemorySampler(plan.servers, interval=0.5, max_seconds=args.max_duration + 2 * 3600)
     sampler.start()
@@ -891,14 +1028,27 @@ def main(argv: list[str] | None = None) -> int:
             server.start()
             server.wait_ready(args.startup_timeout)
             t0 = time.perf_counter()
-            warm = asyncio.run(run_round(server.base_url, prompts, 1, 1, args.max_tokens,
-                                         args.request_timeout, args.request_timeout))
+            warm = asyncio.run(
+                run_round(
+                    server.base_url,
+                    prompts,
+                    1,
+                    1,
+                    args.max_tokens,
+                    args.request_timeout,
+                    args.request_timeout,
+                )
+            )
             server.warmup_s = time.perf_counter() - t0
             if not warm["requests"][0]["ok"]:
-                raise RuntimeError(f"{server.name} warm-up failed: {warm['requests'][0]['error']}"
-                                   f"\n{tail(server.log_path)}")
-            print(f"  {server.name} healthy after {server.startup_s:.0f} s, warm-up request "
-                  f"{server.warmup_s:.1f} s", flush=True)
+                raise RuntimeError(
+                    f"{server.name} warm-up failed: {warm['requests'][0]['error']}\n{tail(server.log_path)}"
+                )
+            print(
+                f"  {server.name} healthy after {server.startup_s:.0f} s, warm-up request "
+                f"{server.warmup_s:.1f} s",
+                flush=True,
+            )
         t_load = time.monotonic()
         levels = asyncio.run(run_levels(plan, prompts, t_load + args.max_duration))
         load_s = time.monotonic() - t_load
@@ -920,8 +1070,7 @@ def main(argv: list[str] | None = None) -> int:
         "meets": None if mem_ratio is None else mem_ratio <= TARGETS["memory_ratio_max"],
     }
     missed = []
-    labels = {"requests_per_s": "req/s", "output_tokens_per_s": "output tok/s",
-              "latency_p50": "p50 latency"}
+    labels = {"requests_per_s": "req/s", "output_tokens_per_s": "output tok/s", "latency_p50": "p50 latency"}
     for level in levels:
         for key, ok in (level["ratios"].get("meets") or {}).items():
             if ok is False:
@@ -937,10 +1086,15 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine_info(),
         "source": source,
         "config": {
-            "model_dir": model_dir, "served_model_name": MODEL_NAME,
-            "max_model_len": MAX_MODEL_LEN, "enforce_eager": args.enforce_eager,
-            "kvcache_gib": int(KVCACHE_GIB), "max_tokens": args.max_tokens,
-            "rounds": args.rounds, "prompts": len(prompts), "prompt_template": PROMPT_TEMPLATE,
+            "model_dir": model_dir,
+            "served_model_name": MODEL_NAME,
+            "max_model_len": MAX_MODEL_LEN,
+            "enforce_eager": args.enforce_eager,
+            "kvcache_gib": int(KVCACHE_GIB),
+            "max_tokens": args.max_tokens,
+            "rounds": args.rounds,
+            "prompts": len(prompts),
+            "prompt_template": PROMPT_TEMPLATE,
             "requests_per_round": {str(k): v for k, v in plan.requests.items()},
             "warmup_per_level": args.warmup_per_level,
             "server_argv": {s.name: s.argv for s in plan.servers},
@@ -949,7 +1103,8 @@ def main(argv: list[str] | None = None) -> int:
         "levels": levels,
         "memory": memory,
         "timing": {
-            "total_s": total_s, "load_s": load_s,
+            "total_s": total_s,
+            "load_s": load_s,
             "startup_s": {s.name: s.startup_s for s in plan.servers},
             "first_request_s": {s.name: s.warmup_s for s in plan.servers},
         },
@@ -979,14 +1134,20 @@ def summary_text(report: dict[str, Any]) -> str:
                 )
         r = level.get("ratios") or {}
         if r:
-            out.append(f"       ratios: req/s {_num(r['requests_per_s'], 3)} tok/s "
-                       f"{_num(r['output_tokens_per_s'], 3)} p50 lat {_num(r['latency_p50'], 3)} "
-                       f"p50 TTFT {_num(r['ttft_p50'], 3)}")
+            out.append(
+                f"       ratios: req/s {_num(r['requests_per_s'], 3)} tok/s "
+                f"{_num(r['output_tokens_per_s'], 3)} p50 lat {_num(r['latency_p50'], 3)} "
+                f"p50 TTFT {_num(r['ttft_p50'], 3)}"
+            )
     mem = report["memory"]
-    out.append(f"peak RSS ssrl {_gib(mem['peak_rss_bytes'].get('ssrl'))} vLLM "
-               f"{_gib(mem['peak_rss_bytes'].get('vllm'))} ratio {_num(mem['ratio'], 3)}")
-    out.append(f"total {report['timing']['total_s']:.0f} s; "
-               f"verdict: {'all targets met' if report['verdict']['all_met'] else report['verdict']['missed']}")
+    out.append(
+        f"peak RSS ssrl {_gib(mem['peak_rss_bytes'].get('ssrl'))} vLLM "
+        f"{_gib(mem['peak_rss_bytes'].get('vllm'))} ratio {_num(mem['ratio'], 3)}"
+    )
+    out.append(
+        f"total {report['timing']['total_s']:.0f} s; "
+        f"verdict: {'all targets met' if report['verdict']['all_met'] else report['verdict']['missed']}"
+    )
     return "\n".join(out)
 
 

@@ -33,8 +33,12 @@ from urllib.parse import urlsplit
 import httpx
 import psutil
 
-QUESTIONS = ("Who painted the Mona Lisa?", "What is the capital of France?",
-             "Who wrote Hamlet?", "Where is Mount Everest?")
+QUESTIONS = (
+    "Who painted the Mona Lisa?",
+    "What is the capital of France?",
+    "Who wrote Hamlet?",
+    "Where is Mount Everest?",
+)
 KINDS = ("never", "always", "completion")
 
 
@@ -55,15 +59,30 @@ class Tally:
 def request_for(i: int, model: str, max_tokens: int) -> tuple[str, str, dict[str, Any]]:
     kind = KINDS[i % len(KINDS)]
     if kind == "completion":
-        return kind, "/v1/completions", {
-            "model": model, "prompt": f"Count to {i % 50}: 1, 2,", "max_tokens": 8,
-            "temperature": 0, "stream": i % 2 == 0,
-        }
-    return kind, "/v1/chat/completions", {
-        "model": model, "messages": [{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}],
-        "temperature": 0, "max_tokens": max_tokens, "stream": True,
-        "stream_options": {"include_usage": True}, "self_search": {"policy": kind},
-    }
+        return (
+            kind,
+            "/v1/completions",
+            {
+                "model": model,
+                "prompt": f"Count to {i % 50}: 1, 2,",
+                "max_tokens": 8,
+                "temperature": 0,
+                "stream": i % 2 == 0,
+            },
+        )
+    return (
+        kind,
+        "/v1/chat/completions",
+        {
+            "model": model,
+            "messages": [{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}],
+            "temperature": 0,
+            "max_tokens": max_tokens,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+            "self_search": {"policy": kind},
+        },
+    )
 
 
 def check(kind: str, body: dict[str, Any], response: httpx.Response) -> str | None:
@@ -130,8 +149,9 @@ def percentile(values: list[float], q: float) -> float:
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     limits = httpx.Limits(max_connections=args.concurrency)
-    async with httpx.AsyncClient(base_url=args.url.rstrip("/"), headers=headers,
-                                 timeout=args.request_timeout, limits=limits) as client:
+    async with httpx.AsyncClient(
+        base_url=args.url.rstrip("/"), headers=headers, timeout=args.request_timeout, limits=limits
+    ) as client:
         model = args.model or (await client.get("/v1/models")).json()["data"][0]["id"]
         pid = args.pid or server_pid(args.url)
         counter = 0
@@ -155,14 +175,21 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 
         # Warm-up: every kind a few times, so the baseline holds what the server keeps anyway.
         warm = Tally()
-        await asyncio.gather(*(worker(warm, time.monotonic() + args.warmup)
-                               for _ in range(min(args.concurrency, 6))))
+        await asyncio.gather(
+            *(worker(warm, time.monotonic() + args.warmup) for _ in range(min(args.concurrency, 6)))
+        )
         baseline = tree_rss(pid)
-        print(f"soak: {args.url} model={model} pid={pid} concurrency={args.concurrency} "
-              f"duration={args.duration:.0f}s; warm-up {warm.requests} requests, "
-              f"{warm.errors} errors; baseline RSS {mib(baseline)} MiB", flush=True)
-        print(f"{'elapsed_s':>9} {'requests':>8} {'errors':>6} {'req/s':>6} {'p50_s':>6} "
-              f"{'p95_s':>6} {'rss_mib':>8} {'growth_mib':>10}", flush=True)
+        print(
+            f"soak: {args.url} model={model} pid={pid} concurrency={args.concurrency} "
+            f"duration={args.duration:.0f}s; warm-up {warm.requests} requests, "
+            f"{warm.errors} errors; baseline RSS {mib(baseline)} MiB",
+            flush=True,
+        )
+        print(
+            f"{'elapsed_s':>9} {'requests':>8} {'errors':>6} {'req/s':>6} {'p50_s':>6} "
+            f"{'p95_s':>6} {'rss_mib':>8} {'growth_mib':>10}",
+            flush=True,
+        )
 
         tally = Tally()
         start = time.monotonic()
@@ -175,27 +202,34 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             peak = max(peak, rss or 0)
             elapsed = time.monotonic() - start
             growth = None if rss is None or baseline is None else rss - baseline
-            print(f"{elapsed:9.0f} {tally.requests:8d} {tally.errors:6d} "
-                  f"{tally.requests / max(elapsed, 1e-9):6.2f} {percentile(tally.latencies, 0.5):6.2f} "
-                  f"{percentile(tally.latencies, 0.95):6.2f} {mib(rss):>8} "
-                  f"{'-' if growth is None else f'{growth / 2**20:+.0f}':>10}", flush=True)
+            print(
+                f"{elapsed:9.0f} {tally.requests:8d} {tally.errors:6d} "
+                f"{tally.requests / max(elapsed, 1e-9):6.2f} {percentile(tally.latencies, 0.5):6.2f} "
+                f"{percentile(tally.latencies, 0.95):6.2f} {mib(rss):>8} "
+                f"{'-' if growth is None else f'{growth / 2**20:+.0f}':>10}",
+                flush=True,
+            )
         await asyncio.gather(*workers)
         elapsed = time.monotonic() - start
         await asyncio.sleep(2)  # let the server release what the last requests held
         final = tree_rss(pid)
 
     return {
-        "url": args.url, "model": model, "concurrency": args.concurrency,
-        "duration_s": round(elapsed, 1), "requests": tally.requests, "errors": tally.errors,
-        "by_kind": tally.by_kind, "requests_per_s": round(tally.requests / elapsed, 2),
+        "url": args.url,
+        "model": model,
+        "concurrency": args.concurrency,
+        "duration_s": round(elapsed, 1),
+        "requests": tally.requests,
+        "errors": tally.errors,
+        "by_kind": tally.by_kind,
+        "requests_per_s": round(tally.requests / elapsed, 2),
         "latency_p50_s": round(percentile(tally.latencies, 0.5), 3),
         "latency_p95_s": round(percentile(tally.latencies, 0.95), 3),
         "latency_mean_s": round(statistics.fmean(tally.latencies), 3) if tally.latencies else None,
         "rss_baseline_mib": None if baseline is None else round(baseline / 2**20),
         "rss_final_mib": None if final is None else round(final / 2**20),
         "rss_peak_mib": round(peak / 2**20) if peak else None,
-        "rss_growth_mib": None if final is None or baseline is None
-        else round((final - baseline) / 2**20),
+        "rss_growth_mib": None if final is None or baseline is None else round((final - baseline) / 2**20),
         "error_samples": tally.samples,
     }
 
@@ -212,8 +246,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=float, default=10.0, help="seconds of warm-up load")
     parser.add_argument("--request-timeout", type=float, default=120.0)
     parser.add_argument("--pid", type=int, default=None, help="server pid (default: by port)")
-    parser.add_argument("--max-growth-mib", type=float, default=300.0,
-                        help="exit 1 when the RSS grew by more than this")
+    parser.add_argument(
+        "--max-growth-mib", type=float, default=300.0, help="exit 1 when the RSS grew by more than this"
+    )
     parser.add_argument("--json", default=None, help="also write the summary to this file")
     args = parser.parse_args(argv)
 

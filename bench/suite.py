@@ -39,14 +39,25 @@ from clients.files import atomic_write_json
 
 RESULTS = ROOT / "bench" / "results"
 PARTS: dict[str, dict[str, Any]] = {
-    "serving": {"module": "bench.serving", "json": "serving.json", "args": ["--enforce-eager", "--rounds", "4"],
-                "quick": ["--enforce-eager", "--concurrency", "1,8", "--rounds", "1"]},
-    "loop": {"module": "bench.loop", "json": "loop.json", "args": [],
-             "quick": ["--questions", "4", "--rounds", "1"]},
-    "search-latency": {"module": "bench.search_latency", "json": "search_latency.json", "args": [],
-                       "quick": ["--queries", "50", "--api-queries", "10"]},
-    "routing": {"module": "bench.routing", "json": "routing.json", "args": [],
-                "quick": ["--questions", "6"]},
+    "serving": {
+        "module": "bench.serving",
+        "json": "serving.json",
+        "args": ["--enforce-eager", "--rounds", "4"],
+        "quick": ["--enforce-eager", "--concurrency", "1,8", "--rounds", "1"],
+    },
+    "loop": {
+        "module": "bench.loop",
+        "json": "loop.json",
+        "args": [],
+        "quick": ["--questions", "4", "--rounds", "1"],
+    },
+    "search-latency": {
+        "module": "bench.search_latency",
+        "json": "search_latency.json",
+        "args": [],
+        "quick": ["--queries", "50", "--api-queries", "10"],
+    },
+    "routing": {"module": "bench.routing", "json": "routing.json", "args": [], "quick": ["--questions", "6"]},
 }
 
 
@@ -82,21 +93,29 @@ def run_part(name: str, command: list[str], timeout: float) -> dict[str, Any]:
 
 def markdown(record: dict[str, Any]) -> str:
     lines = [
-        "## Suite: last `make bench` run", "",
-        f"Written by `bench/suite.py` ({record['finished_at']}); each part writes its own section.", "",
-        "| part | status | duration | command | results |", "|---|---|---:|---|---|",
+        "## Suite: last `make bench` run",
+        "",
+        f"Written by `bench/suite.py` ({record['finished_at']}); each part writes its own section.",
+        "",
+        "| part | status | duration | command | results |",
+        "|---|---|---:|---|---|",
     ]
     for name, part in record["parts"].items():
-        lines.append(f"| {name} | {part['status']} | {part['seconds'] / 60:.1f} min | "
-                     f"`python {part['command']}` | `{part['json']}` |")
+        lines.append(
+            f"| {name} | {part['status']} | {part['seconds'] / 60:.1f} min | "
+            f"`python {part['command']}` | `{part['json']}` |"
+        )
     if record["skipped"]:
         lines += ["", "Not run this time: " + ", ".join(record["skipped"]) + "."]
     return "\n".join(lines) + "\n"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__,
+    )
     p.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated, from: {', '.join(PARTS)}")
     p.add_argument("--skip", default="", help="parts to leave out")
     p.add_argument("--quick", action="store_true", help="smaller runs of every part (smoke test)")

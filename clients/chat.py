@@ -34,21 +34,22 @@ EXIT_WORDS = frozenset({"exit", "quit", ":q"})
 PROG = "ssrl chat"
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser = subparsers.add_parser(
-        "chat", help="Ask a running server a question and show its self-search trace.",
+        "chat",
+        help="Ask a running server a question and show its self-search trace.",
         description="Ask a running ssrl server. Without a question, read one per line from "
         "stdin until EOF or `exit`.",
     )
     parser.add_argument("question", nargs="?", help="The question (omit for interactive mode).")
     conn = parser.add_argument_group("server")
-    conn.add_argument("--base-url", default=None,
-                      help="Server URL (default: SSRL_BASE_URL or http://127.0.0.1:8000).")
+    conn.add_argument(
+        "--base-url", default=None, help="Server URL (default: SSRL_BASE_URL or http://127.0.0.1:8000)."
+    )
     conn.add_argument("--api-key", default=None, help="Bearer key (default: SSRL_API_KEY).")
     conn.add_argument("--model", default=None, help="Model name (default: the server's first).")
     conn.add_argument("--timeout", type=float, default=300.0, help="Request timeout in seconds.")
-    conn.add_argument("--max-retries", type=int, default=2,
-                      help="Retries on connection errors and 429/503.")
+    conn.add_argument("--max-retries", type=int, default=2, help="Retries on connection errors and 429/503.")
     routing = parser.add_argument_group("self-search routing")
     routing.add_argument("--policy", choices=["threshold", "ssrl", "budget", "always", "never"])
     routing.add_argument("--threshold", type=float, help="tau in nats (min_prob: a probability).")
@@ -59,17 +60,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     routing.add_argument("--max-external-calls", type=int)
     routing.add_argument("--budget", type=int, help="External calls for the budget policy.")
     routing.add_argument("--votes", type=int, help="Majority vote over k trajectories.")
-    routing.add_argument("--no-search", action="store_true",
-                         help="Plain generation (self_search.enabled = false).")
+    routing.add_argument(
+        "--no-search", action="store_true", help="Plain generation (self_search.enabled = false)."
+    )
     sampling = parser.add_argument_group("sampling")
     sampling.add_argument("--temperature", type=float)
     sampling.add_argument("--max-tokens", type=int)
     sampling.add_argument("--seed", type=int)
     out = parser.add_argument_group("output")
-    out.add_argument("--json", action="store_true",
-                     help="Print the raw response JSON (non-streaming) and nothing else.")
-    out.add_argument("--color", choices=["auto", "always", "never"], default="auto",
-                     help="Rich formatting: auto (when stdout is a terminal), always, never.")
+    out.add_argument(
+        "--json", action="store_true", help="Print the raw response JSON (non-streaming) and nothing else."
+    )
+    out.add_argument(
+        "--color",
+        choices=["auto", "always", "never"],
+        default="auto",
+        help="Rich formatting: auto (when stdout is a terminal), always, never.",
+    )
     out.add_argument("--no-reasoning", action="store_true", help="Do not print the transcript.")
     parser.set_defaults(handler=run)
 
@@ -98,8 +105,10 @@ def _options(args: dict[str, Any]) -> dict[str, Any]:
 
 def _entropy_line(record: SearchRecord) -> str:
     e = record.entropy
-    return (f"entropy mean {e.mean:.3f} · max {e.max:.3f} · min_prob {e.min_prob:.3f} "
-            f"({e.tokens} tokens, {e.kind or 'n/a'})")
+    return (
+        f"entropy mean {e.mean:.3f} · max {e.max:.3f} · min_prob {e.min_prob:.3f} "
+        f"({e.tokens} tokens, {e.kind or 'n/a'})"
+    )
 
 
 def _decision_line(record: SearchRecord) -> str:
@@ -116,8 +125,9 @@ def _decision_line(record: SearchRecord) -> str:
 def _summary_line(trace: Trace | None, usage: Usage | None) -> str | None:
     parts = []
     if trace is not None:
-        parts.append(f"{trace.turns} search(es): {trace.external_calls} external, "
-                     f"{trace.internal_fills} internal")
+        parts.append(
+            f"{trace.turns} search(es): {trace.external_calls} external, {trace.internal_fills} internal"
+        )
         if trace.vote is not None:
             parts.append(f"vote {trace.vote.counts}")
     if usage is not None:
@@ -155,9 +165,11 @@ class PlainRenderer:
 
     def search(self, record: SearchRecord, number: int) -> None:
         self._newline()
-        lines = [f"[search {number}] {record.query}",
-                 f"  {_entropy_line(record)}",
-                 f"  {_decision_line(record)}"]
+        lines = [
+            f"[search {number}] {record.query}",
+            f"  {_entropy_line(record)}",
+            f"  {_decision_line(record)}",
+        ]
         lines += [f"  - {d.title}" + (f" <{d.url}>" if d.url else "") for d in record.documents]
         self._write("\n".join(lines) + "\n")
 
@@ -213,8 +225,9 @@ class RichRenderer(PlainRenderer):
             body.append(doc.title, style="underline")
             if doc.url:
                 body.append(f"  {doc.url}", style="dim")
-        self.console.print(Panel(body, title=f"search {number}", title_align="left",
-                                 border_style=colour, expand=False))
+        self.console.print(
+            Panel(body, title=f"search {number}", title_align="left", border_style=colour, expand=False)
+        )
         self.console.file.flush()
         self.at_line_start = True
 
@@ -246,7 +259,9 @@ def make_renderer(color: str, show_reasoning: bool, out: TextIO | None = None) -
 
 
 def ask_streaming(
-    client: SSRLClient, messages: list[dict[str, Any]], options: dict[str, Any],
+    client: SSRLClient,
+    messages: list[dict[str, Any]],
+    options: dict[str, Any],
     renderer: PlainRenderer,
 ) -> str:
     """Stream one answer (choice 0) through the renderer; returns the answer text."""
@@ -285,8 +300,9 @@ def ask_streaming(
     return text
 
 
-def _run_one(client: SSRLClient, messages: list[dict[str, Any]], args: dict[str, Any],
-             renderer: PlainRenderer | None) -> str:
+def _run_one(
+    client: SSRLClient, messages: list[dict[str, Any]], args: dict[str, Any], renderer: PlainRenderer | None
+) -> str:
     options = _options(args)
     if args.get("json"):
         result = client.chat(messages, **options)
@@ -301,12 +317,14 @@ def _error(exc: BaseException) -> None:
 
 
 def run(args: dict[str, Any]) -> int:
-    renderer = None if args.get("json") else make_renderer(
-        args.get("color") or "auto", not args.get("no_reasoning")
+    renderer = (
+        None if args.get("json") else make_renderer(args.get("color") or "auto", not args.get("no_reasoning"))
     )
     try:
         client = SSRLClient(
-            args.get("base_url"), args.get("api_key"), timeout=args.get("timeout") or 300.0,
+            args.get("base_url"),
+            args.get("api_key"),
+            timeout=args.get("timeout") or 300.0,
             max_retries=max(0, int(args.get("max_retries", 2) or 0)),
         )
     except (SSRLError, ValueError) as exc:

@@ -34,20 +34,30 @@ def add_settings_flags(parser: argparse.ArgumentParser, fields: dict[str, FieldI
         help_text = info.description or ""
         if kind is bool:
             parser.add_argument(
-                _flag(name), dest=name, action=argparse.BooleanOptionalAction,
-                default=argparse.SUPPRESS, help=help_text,
+                _flag(name),
+                dest=name,
+                action=argparse.BooleanOptionalAction,
+                default=argparse.SUPPRESS,
+                help=help_text,
             )
         elif typing.get_origin(kind) is list:
             parser.add_argument(
-                _flag(name), dest=name, action="append", default=argparse.SUPPRESS,
+                _flag(name),
+                dest=name,
+                action="append",
+                default=argparse.SUPPRESS,
                 help=help_text + " (repeatable)",
             )
         else:
             converter = kind if kind in (int, float) else str
             choices = typing.get_args(kind) if typing.get_origin(kind) is typing.Literal else None
             parser.add_argument(
-                _flag(name), dest=name, type=converter, choices=choices,
-                default=argparse.SUPPRESS, help=help_text,
+                _flag(name),
+                dest=name,
+                type=converter,
+                choices=choices,
+                default=argparse.SUPPRESS,
+                help=help_text,
             )
 
 
@@ -63,7 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     serve = commands.add_parser(
-        "serve", help="Start the server (embedded default model unless --model).",
+        "serve",
+        help="Start the server (embedded default model unless --model).",
         description="Every flag can also be set as SSRL_<NAME> in the environment; flags win.",
     )
     add_settings_flags(serve, ServeSettings.model_fields)
@@ -73,7 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     prepare = model_commands.add_parser(
         "prepare", help="Convert the default model into the cache (done by serve when missing)."
     )
-    prepare.add_argument("--cache-dir", default=None, help="Cache directory (default: SSRL_CACHE_DIR or ~/.cache/ssrl).")
+    prepare.add_argument(
+        "--cache-dir", default=None, help="Cache directory (default: SSRL_CACHE_DIR or ~/.cache/ssrl)."
+    )
 
     index = commands.add_parser("index", help="Build the local BM25 search index.")
     index_commands = index.add_subparsers(dest="index_command", required=True)
@@ -83,7 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     source = build.add_mutually_exclusive_group(required=True)
     source.add_argument("--input", help="JSONL corpus to index.")
     source.add_argument(
-        "--preset", choices=["wiki-summaries"],
+        "--preset",
+        choices=["wiki-summaries"],
         help="Build the default index from the offline Wikipedia summaries.",
     )
     build.add_argument("--out", help="Index directory (required with --input).")

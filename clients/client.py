@@ -63,11 +63,39 @@ from clients.models import (
 
 __all__ = [
     "DEFAULT_BASE_URL",
-    "Aggregate", "AnswerDelta", "AsyncSSRLClient", "ChatResult", "Choice", "Citation", "Decision",
-    "Document", "Entropy", "Mode", "Model", "Policy", "ReasoningDelta", "RetrievedDocument",
-    "RetryHook", "SSEDecoder", "SSRLAPIError", "SSRLClient", "SSRLConnectionError", "SSRLError", "SearchDecided",
-    "SearchHit", "SearchRecord", "SearchResult", "StreamEvent", "Trace", "TraceEvent", "Usage",
-    "Vote", "VoteSample", "build_chat_body", "iter_sse_data", "parse_chat_response",
+    "Aggregate",
+    "AnswerDelta",
+    "AsyncSSRLClient",
+    "ChatResult",
+    "Choice",
+    "Citation",
+    "Decision",
+    "Document",
+    "Entropy",
+    "Mode",
+    "Model",
+    "Policy",
+    "ReasoningDelta",
+    "RetrievedDocument",
+    "RetryHook",
+    "SSEDecoder",
+    "SSRLAPIError",
+    "SSRLClient",
+    "SSRLConnectionError",
+    "SSRLError",
+    "SearchDecided",
+    "SearchHit",
+    "SearchRecord",
+    "SearchResult",
+    "StreamEvent",
+    "Trace",
+    "TraceEvent",
+    "Usage",
+    "Vote",
+    "VoteSample",
+    "build_chat_body",
+    "iter_sse_data",
+    "parse_chat_response",
     "parse_chunk",
 ]
 
@@ -75,7 +103,9 @@ DEFAULT_BASE_URL = "http://127.0.0.1:8000"
 RETRY_STATUSES = frozenset({429, 503})
 # Failures where the request surely did not reach the model: safe to send again.
 RETRY_EXCEPTIONS: tuple[type[Exception], ...] = (
-    httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError,
+    httpx.ConnectError,
+    httpx.ConnectTimeout,
+    httpx.RemoteProtocolError,
 )
 
 
@@ -94,8 +124,14 @@ class SSRLAPIError(SSRLError):
     """The server answered an error status (OpenAI's error shape when it can be read)."""
 
     def __init__(
-        self, status_code: int, message: str, *, type: str | None = None,
-        param: str | None = None, code: str | None = None, body: Any = None,
+        self,
+        status_code: int,
+        message: str,
+        *,
+        type: str | None = None,
+        param: str | None = None,
+        code: str | None = None,
+        body: Any = None,
     ) -> None:
         self.status_code = status_code
         self.message = message
@@ -119,8 +155,11 @@ class SSRLAPIError(SSRLError):
         error = body.get("error") if isinstance(body, dict) else None
         if isinstance(error, dict):
             return cls(
-                response.status_code, str(error.get("message") or response.reason_phrase),
-                type=error.get("type"), param=error.get("param"), code=error.get("code"),
+                response.status_code,
+                str(error.get("message") or response.reason_phrase),
+                type=error.get("type"),
+                param=error.get("param"),
+                code=error.get("code"),
                 body=body,
             )
         if isinstance(error, str):  # some servers send {"error": "text"}
@@ -170,16 +209,28 @@ def build_chat_body(
     """The JSON body of a chat request. `self_search` is sent only when an option is set, so
     a plain OpenAI-compatible server never sees it."""
     body: dict[str, Any] = {"model": model, "messages": _messages(messages)}
-    for key, value in (("temperature", temperature), ("top_p", top_p),
-                       ("max_tokens", max_tokens), ("seed", seed), ("stop", stop)):
+    for key, value in (
+        ("temperature", temperature),
+        ("top_p", top_p),
+        ("max_tokens", max_tokens),
+        ("seed", seed),
+        ("stop", stop),
+    ):
         if value is not None:
             body[key] = value
     if n != 1:
         body["n"] = n
     options = {
-        "enabled": enabled, "mode": mode, "policy": policy, "threshold": threshold,
-        "aggregate": aggregate, "max_turns": max_turns, "docs_per_search": docs_per_search,
-        "max_external_calls": max_external_calls, "budget": budget, "votes": votes,
+        "enabled": enabled,
+        "mode": mode,
+        "policy": policy,
+        "threshold": threshold,
+        "aggregate": aggregate,
+        "max_turns": max_turns,
+        "docs_per_search": docs_per_search,
+        "max_external_calls": max_external_calls,
+        "budget": budget,
+        "votes": votes,
     }
     self_search = {k: v for k, v in options.items() if v is not None}
     if self_search:
@@ -220,23 +271,30 @@ def parse_chat_response(data: Mapping[str, Any]) -> ChatResult:
         reasoning = message.get("reasoning")
         if reasoning is None:
             reasoning = message.get("reasoning_content")  # vLLM's reasoning parsers
-        choices.append(Choice(
-            index=choice.get("index", i),
-            answer=message.get("content") or "",
-            reasoning=reasoning,
-            trace=_trace(choice.get("self_search")),
-            citations=_citations(message.get("annotations")),
-            finish_reason=choice.get("finish_reason"),
-        ))
+        choices.append(
+            Choice(
+                index=choice.get("index", i),
+                answer=message.get("content") or "",
+                reasoning=reasoning,
+                trace=_trace(choice.get("self_search")),
+                citations=_citations(message.get("annotations")),
+                finish_reason=choice.get("finish_reason"),
+            )
+        )
     usage = data.get("usage")
     return ChatResult(
-        id=data.get("id") or "", model=data.get("model") or "", choices=choices,
-        usage=Usage.model_validate(usage) if isinstance(usage, dict) else None, raw=dict(data),
+        id=data.get("id") or "",
+        model=data.get("model") or "",
+        choices=choices,
+        usage=Usage.model_validate(usage) if isinstance(usage, dict) else None,
+        raw=dict(data),
     )
 
 
 _STREAM_ERROR_STATUS = {
-    "invalid_request_error": 400, "rate_limit_error": 429, "server_error": 500,
+    "invalid_request_error": 400,
+    "rate_limit_error": 429,
+    "server_error": 500,
     "service_unavailable_error": 503,
 }
 
@@ -249,8 +307,12 @@ def parse_chunk(chunk: Mapping[str, Any]) -> list[StreamEvent]:
         info = error if isinstance(error, dict) else {"message": str(error)}
         status = _STREAM_ERROR_STATUS.get(str(info.get("type")), 500)
         raise SSRLAPIError(
-            status, str(info.get("message") or "error in the stream"), type=info.get("type"),
-            param=info.get("param"), code=info.get("code"), body=dict(chunk),
+            status,
+            str(info.get("message") or "error in the stream"),
+            type=info.get("type"),
+            param=info.get("param"),
+            code=info.get("code"),
+            body=dict(chunk),
         )
     events: list[StreamEvent] = []
     for choice in chunk.get("choices") or ():
@@ -263,16 +325,20 @@ def parse_chunk(chunk: Mapping[str, Any]) -> list[StreamEvent]:
             events.append(AnswerDelta(text=delta["content"], index=index))
         extension = choice.get("self_search")
         if isinstance(extension, dict) and extension.get("type") == "search":
-            events.append(SearchDecided(
-                record=SearchRecord.model_validate(extension.get("search") or {}), index=index
-            ))
+            events.append(
+                SearchDecided(record=SearchRecord.model_validate(extension.get("search") or {}), index=index)
+            )
         finish = choice.get("finish_reason")
         is_trace = isinstance(extension, dict) and extension.get("type") == "trace"
         if finish is not None or is_trace:
-            events.append(TraceEvent(
-                trace=_trace(extension) if is_trace else None, finish_reason=finish,
-                citations=_citations(choice.get("annotations")), index=index,
-            ))
+            events.append(
+                TraceEvent(
+                    trace=_trace(extension) if is_trace else None,
+                    finish_reason=finish,
+                    citations=_citations(choice.get("annotations")),
+                    index=index,
+                )
+            )
     usage = chunk.get("usage")
     if isinstance(usage, dict):
         events.append(Usage.model_validate(usage))
@@ -376,9 +442,9 @@ class _RetryPolicy:
         if outcome is not None and not outcome.failed:
             asked = _retry_after(outcome.result())
             if asked is not None:
-                return min(asked, self.max_retry_wait)
+                return float(min(asked, self.max_retry_wait))
         base = min(self.backoff * 2 ** (state.attempt_number - 1), self.max_retry_wait)
-        return base * random.uniform(0.75, 1.0)
+        return float(base * random.uniform(0.75, 1.0))
 
     def notify(self, state: RetryCallState) -> httpx.Response | None:
         """Report a retry about to happen; returns the dropped response (to be closed)."""
@@ -455,8 +521,13 @@ def _connection_error(base_url: str, exc: httpx.HTTPError) -> SSRLConnectionErro
 
 class _Base:
     def __init__(
-        self, base_url: str | None, api_key: str | None, max_retries: int,
-        max_retry_wait: float, backoff: float, on_retry: RetryHook | None,
+        self,
+        base_url: str | None,
+        api_key: str | None,
+        max_retries: int,
+        max_retry_wait: float,
+        backoff: float,
+        on_retry: RetryHook | None,
     ) -> None:
         self.base_url = _env_base_url(base_url)
         self.api_key = api_key if api_key is not None else os.environ.get("SSRL_API_KEY")
@@ -575,11 +646,25 @@ class SSRLClient(_Base):
     ) -> ChatResult:
         """One chat completion: the answer, the typed trace, citations, reasoning, usage."""
         body = build_chat_body(
-            messages, model or self.default_model(), policy=policy, threshold=threshold,
-            aggregate=aggregate, mode=mode, max_turns=max_turns, docs_per_search=docs_per_search,
-            max_external_calls=max_external_calls, budget=budget, votes=votes, enabled=enabled,
-            temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=seed, stop=stop,
-            n=n, extra_body=extra_body,
+            messages,
+            model or self.default_model(),
+            policy=policy,
+            threshold=threshold,
+            aggregate=aggregate,
+            mode=mode,
+            max_turns=max_turns,
+            docs_per_search=docs_per_search,
+            max_external_calls=max_external_calls,
+            budget=budget,
+            votes=votes,
+            enabled=enabled,
+            temperature=temperature,
+            top_p=top_p,
+            max_tokens=max_tokens,
+            seed=seed,
+            stop=stop,
+            n=n,
+            extra_body=extra_body,
         )
         return parse_chat_response(self._json("POST", "/v1/chat/completions", json=body))
 
@@ -610,11 +695,26 @@ class SSRLClient(_Base):
         `ReasoningDelta`s, a `SearchDecided` per search (before its information text),
         `AnswerDelta`s, a `TraceEvent` per finished choice, then `Usage`."""
         body = build_chat_body(
-            messages, model or self.default_model(), stream=True, policy=policy,
-            threshold=threshold, aggregate=aggregate, mode=mode, max_turns=max_turns,
-            docs_per_search=docs_per_search, max_external_calls=max_external_calls,
-            budget=budget, votes=votes, enabled=enabled, temperature=temperature, top_p=top_p,
-            max_tokens=max_tokens, seed=seed, stop=stop, n=n, extra_body=extra_body,
+            messages,
+            model or self.default_model(),
+            stream=True,
+            policy=policy,
+            threshold=threshold,
+            aggregate=aggregate,
+            mode=mode,
+            max_turns=max_turns,
+            docs_per_search=docs_per_search,
+            max_external_calls=max_external_calls,
+            budget=budget,
+            votes=votes,
+            enabled=enabled,
+            temperature=temperature,
+            top_p=top_p,
+            max_tokens=max_tokens,
+            seed=seed,
+            stop=stop,
+            n=n,
+            extra_body=extra_body,
         )
         response = self._send("POST", "/v1/chat/completions", json=body, stream=True)
         try:
@@ -740,11 +840,25 @@ class AsyncSSRLClient(_Base):
         extra_body: Mapping[str, Any] | None = None,
     ) -> ChatResult:
         body = build_chat_body(
-            messages, model or await self.default_model(), policy=policy, threshold=threshold,
-            aggregate=aggregate, mode=mode, max_turns=max_turns, docs_per_search=docs_per_search,
-            max_external_calls=max_external_calls, budget=budget, votes=votes, enabled=enabled,
-            temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=seed, stop=stop,
-            n=n, extra_body=extra_body,
+            messages,
+            model or await self.default_model(),
+            policy=policy,
+            threshold=threshold,
+            aggregate=aggregate,
+            mode=mode,
+            max_turns=max_turns,
+            docs_per_search=docs_per_search,
+            max_external_calls=max_external_calls,
+            budget=budget,
+            votes=votes,
+            enabled=enabled,
+            temperature=temperature,
+            top_p=top_p,
+            max_tokens=max_tokens,
+            seed=seed,
+            stop=stop,
+            n=n,
+            extra_body=extra_body,
         )
         return parse_chat_response(await self._json("POST", "/v1/chat/completions", json=body))
 
@@ -772,11 +886,26 @@ class AsyncSSRLClient(_Base):
         extra_body: Mapping[str, Any] | None = None,
     ) -> AsyncIterator[StreamEvent]:
         body = build_chat_body(
-            messages, model or await self.default_model(), stream=True, policy=policy,
-            threshold=threshold, aggregate=aggregate, mode=mode, max_turns=max_turns,
-            docs_per_search=docs_per_search, max_external_calls=max_external_calls,
-            budget=budget, votes=votes, enabled=enabled, temperature=temperature, top_p=top_p,
-            max_tokens=max_tokens, seed=seed, stop=stop, n=n, extra_body=extra_body,
+            messages,
+            model or await self.default_model(),
+            stream=True,
+            policy=policy,
+            threshold=threshold,
+            aggregate=aggregate,
+            mode=mode,
+            max_turns=max_turns,
+            docs_per_search=docs_per_search,
+            max_external_calls=max_external_calls,
+            budget=budget,
+            votes=votes,
+            enabled=enabled,
+            temperature=temperature,
+            top_p=top_p,
+            max_tokens=max_tokens,
+            seed=seed,
+            stop=stop,
+            n=n,
+            extra_body=extra_body,
         )
         response = await self._send("POST", "/v1/chat/completions", json=body, stream=True)
         try:

@@ -84,7 +84,14 @@ AGGREGATE_LABELS = {
 TABLE_RATES = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 # Fields of config.json that define a run: a resumed run must agree on all of them.
 IDENTITY_FIELDS = (
-    "data", "model", "n", "temperature", "seed", "max_tokens", "self_search", "shuffle",
+    "data",
+    "model",
+    "n",
+    "temperature",
+    "seed",
+    "max_tokens",
+    "self_search",
+    "shuffle",
 )
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -325,7 +332,8 @@ def first_search(trace: Mapping[str, Any] | None) -> dict[str, Any] | None:
     """The first search of a trajectory that was decided (not skipped as empty)."""
     for search in (trace or {}).get("searches") or []:
         if search.get("decision") in ("external", "internal"):
-            return search
+            found: dict[str, Any] = search
+            return found
     return None
 
 
@@ -371,14 +379,16 @@ def score_response(question: Mapping[str, Any], body: Mapping[str, Any], latency
         answer = message.get("content")
         answer = answer if isinstance(answer, str) else ""
         trace = choice.get("self_search") or {}
-        samples.append({
-            "answer": answer,
-            "correct": best_exact_match(answer, gold),
-            "f1": best_f1(answer, gold),
-            "finish_reason": choice.get("finish_reason"),
-            "answered": trace.get("answered"),
-            "trace": trace,
-        })
+        samples.append(
+            {
+                "answer": answer,
+                "correct": best_exact_match(answer, gold),
+                "f1": best_f1(answer, gold),
+                "finish_reason": choice.get("finish_reason"),
+                "answered": trace.get("answered"),
+                "trace": trace,
+            }
+        )
     head = samples[0]
     counts = [trace_counts(s["trace"]) for s in samples]
     row: dict[str, Any] = {
@@ -414,7 +424,9 @@ def score_response(question: Mapping[str, Any], body: Mapping[str, Any], latency
     return row
 
 
-def error_row(question: Mapping[str, Any], status: int | None, message: str, latency_s: float) -> dict[str, Any]:
+def error_row(
+    question: Mapping[str, Any], status: int | None, message: str, latency_s: float
+) -> dict[str, Any]:
     return {
         "id": question["id"],
         "question": question["question"],
@@ -465,7 +477,8 @@ async def ask(client: Any, config: EvalConfig, question: Mapping[str, Any]) -> d
     started = time.perf_counter()
     try:
         response = await client.post(
-            "/v1/chat/completions", json=request_body(config, question),
+            "/v1/chat/completions",
+            json=request_body(config, question),
             headers=_headers(config.api_key),
         )
     except httpx.HTTPError as exc:
@@ -497,11 +510,20 @@ async def resolve_model(client: Any, api_key: str | None) -> str:
 def _progress(total: int, initial: int, enabled: bool, desc: str) -> Any:
     from tqdm import tqdm
 
-    return tqdm(total=total, initial=initial, disable=not enabled, desc=desc, unit="q",
-                dynamic_ncols=True, file=sys.stderr)
+    return tqdm(
+        total=total,
+        initial=initial,
+        disable=not enabled,
+        desc=desc,
+        unit="q",
+        dynamic_ncols=True,
+        file=sys.stderr,
+    )
 
 
-async def run_eval_async(config: EvalConfig, questions: Sequence[Mapping[str, Any]] | None = None) -> dict[str, Any]:
+async def run_eval_async(
+    config: EvalConfig, questions: Sequence[Mapping[str, Any]] | None = None
+) -> dict[str, Any]:
     """Run (or resume) one evaluation; returns its summary. Writes everything under config.out."""
     if questions is None:
         questions = load_questions(config.data, config.limit, config.shuffle, config.seed)
@@ -523,8 +545,12 @@ async def _run_eval_locked(config: EvalConfig, questions: Sequence[Mapping[str, 
         results.repair()
         done = {str(r["id"]) for r in results.read() if r.get("error") is None}
         todo = [q for q in questions if q["id"] not in done]
-        bar = _progress(len(questions), len(questions) - len(todo), config.progress,
-                        config.self_search.get("policy") or "eval")
+        bar = _progress(
+            len(questions),
+            len(questions) - len(todo),
+            config.progress,
+            config.self_search.get("policy") or "eval",
+        )
         queue: asyncio.Queue[Mapping[str, Any]] = asyncio.Queue()
         for q in todo:
             queue.put_nowait(q)
@@ -542,8 +568,9 @@ async def _run_eval_locked(config: EvalConfig, questions: Sequence[Mapping[str, 
                 tally["errors"] += row.get("error") is not None
                 tally["right"] += bool(row.get("correct"))
                 bar.update(1)
-                bar.set_postfix(em=f"{tally['right'] / tally['done']:.3f}", errors=tally["errors"],
-                                refresh=False)
+                bar.set_postfix(
+                    em=f"{tally['right'] / tally['done']:.3f}", errors=tally["errors"], refresh=False
+                )
 
         try:
             await asyncio.gather(*(worker() for _ in range(max(1, config.concurrency))))
@@ -590,16 +617,20 @@ def questions_of_run(rows: Sequence[Mapping[str, Any]], metric: str = "em") -> l
             continue
         route = r.get("first_route")
         correct = outcome(r, metric)
-        out.append(Question(
-            id=str(r["id"]),
-            entropy=r.get("entropy"),
-            correct_internal=correct if route in ("internal", None) else None,
-            correct_external=correct if route == "external" else None,
-        ))
+        out.append(
+            Question(
+                id=str(r["id"]),
+                entropy=r.get("entropy"),
+                correct_internal=correct if route in ("internal", None) else None,
+                correct_external=correct if route == "external" else None,
+            )
+        )
     return out
 
 
-def summarize(rows: Sequence[Mapping[str, Any]], selected: int, config: EvalConfig | None = None) -> dict[str, Any]:
+def summarize(
+    rows: Sequence[Mapping[str, Any]], selected: int, config: EvalConfig | None = None
+) -> dict[str, Any]:
     """Aggregate figures of a run's final rows (errors reported, not scored)."""
     ok = [r for r in rows if r.get("error") is None]
     errors = [r for r in rows if r.get("error") is not None]
@@ -647,7 +678,9 @@ def summarize(rows: Sequence[Mapping[str, Any]], selected: int, config: EvalConf
     qs = questions_of_run(rows)
     summary["entropy_recorded"] = sum(1 for q in qs if q.entropy is not None)
     summary["auroc_wrong_self_fill"] = {a: aggregate_auroc(qs, a) for a in AGGREGATES}
-    summary["self_filled_scored"] = sum(1 for q in qs if q.entropy is not None and q.correct_internal is not None)
+    summary["self_filled_scored"] = sum(
+        1 for q in qs if q.entropy is not None and q.correct_internal is not None
+    )
     return summary
 
 
@@ -667,13 +700,16 @@ def render_report(summary: Mapping[str, Any], plots: Sequence[str]) -> str:
     lat = summary["latency_s"]
     tok = summary["tokens"]
     lines = [
-        "# ssrl eval report", "",
+        "# ssrl eval report",
+        "",
         f"- Data: `{cfg.get('data')}` ({summary['questions']} questions selected)",
         f"- Server: `{cfg.get('base_url')}`, model `{cfg.get('model')}`",
         f"- Request: n={cfg.get('n')}, temperature={cfg.get('temperature')}, seed={cfg.get('seed')}, "
         f"self_search={json.dumps(cfg.get('self_search') or {})}",
-        f"- Finished: {summary['finished_at']}", "",
-        "| metric | value |", "|---|---|",
+        f"- Finished: {summary['finished_at']}",
+        "",
+        "| metric | value |",
+        "|---|---|",
         f"| exact match | {_fmt(summary['em'])} |",
         f"| F1 | {_fmt(summary['f1'])} |",
         f"| scored / errors / not run | {summary['scored']} / {summary['errors']} / {summary['not_run']} |",
@@ -687,14 +723,22 @@ def render_report(summary: Mapping[str, Any], plots: Sequence[str]) -> str:
         f"| latency mean / p50 / p99 (s) | {_fmt(lat['mean'], 2)} / {_fmt(lat['p50'], 2)} / {_fmt(lat['p99'], 2)} |",
     ]
     if "pass_at_k" in summary:
-        lines += [f"| majority-vote accuracy ({summary['n']} samples) | {_fmt(summary['majority_accuracy'])} |",
-                  "", "| k | pass@k |", "|---|---|"]
+        lines += [
+            f"| majority-vote accuracy ({summary['n']} samples) | {_fmt(summary['majority_accuracy'])} |",
+            "",
+            "| k | pass@k |",
+            "|---|---|",
+        ]
         lines += [f"| {k} | {_fmt(v)} |" for k, v in summary["pass_at_k"].items()]
     lines += [
-        "", "### Entropy of the first query as a predictor of a wrong self-filled answer", "",
+        "",
+        "### Entropy of the first query as a predictor of a wrong self-filled answer",
+        "",
         f"{summary['self_filled_scored']} questions whose first search was self-filled. AUROC "
-        "(1.0: the aggregate ranks every wrong answer above every right one; 0.5: no signal).", "",
-        "| aggregate | AUROC |", "|---|---|",
+        "(1.0: the aggregate ranks every wrong answer above every right one; 0.5: no signal).",
+        "",
+        "| aggregate | AUROC |",
+        "|---|---|",
     ]
     for agg in AGGREGATES:
         lines.append(f"| {AGGREGATE_LABELS[agg]} | {_fmt(summary['auroc_wrong_self_fill'].get(agg))} |")
@@ -727,9 +771,9 @@ def plot_entropy_histograms(questions: Sequence[Question], path: Path) -> bool:
         return False
     fig, axes = plt.subplots(2, 2, figsize=(10, 7))
     for ax, agg in zip(axes.flat, AGGREGATES, strict=True):
-        values = [uncertainty(q.entropy, agg) for q in usable]
-        right = [v for v, q in zip(values, usable, strict=True) if q.correct_internal >= 0.5]
-        wrong = [v for v, q in zip(values, usable, strict=True) if q.correct_internal < 0.5]
+        values = [uncertainty(q.entropy or {}, agg) for q in usable]
+        right = [v for v, q in zip(values, usable, strict=True) if (q.correct_internal or 0.0) >= 0.5]
+        wrong = [v for v, q in zip(values, usable, strict=True) if (q.correct_internal or 0.0) < 0.5]
         lo, hi = min(values), max(values)
         bins = 20 if hi > lo else 1
         rng = (lo, hi) if hi > lo else (lo - 0.5, lo + 0.5)
@@ -748,8 +792,12 @@ def plot_entropy_histograms(questions: Sequence[Question], path: Path) -> bool:
 
 
 def plot_curves(
-    curves: Mapping[str, Sequence[CurvePoint]], acc_internal: float, acc_external: float,
-    path: Path, chosen: CurvePoint | None = None, ylabel: str = "exact match",
+    curves: Mapping[str, Sequence[CurvePoint]],
+    acc_internal: float,
+    acc_external: float,
+    path: Path,
+    chosen: CurvePoint | None = None,
+    ylabel: str = "exact match",
 ) -> bool:
     """Accuracy against external-call rate: one line per aggregate, random routing, SSRL."""
     plt = _pyplot()
@@ -761,16 +809,37 @@ def plot_curves(
         pts = sorted((p for p in points if p.accuracy is not None), key=lambda p: p.call_rate)
         if not pts:
             continue
-        ax.plot([p.call_rate for p in pts], [p.accuracy for p in pts], marker=markers.get(agg, "."),
-                markersize=3, linewidth=1.4, label=f"threshold on {AGGREGATE_LABELS[agg]}")
-    ax.plot([0, 1], [acc_internal, acc_external], linestyle="--", color="gray",
-            label="random routing (expected)")
+        ax.plot(
+            [p.call_rate for p in pts],
+            [p.accuracy for p in pts],
+            marker=markers.get(agg, "."),
+            markersize=3,
+            linewidth=1.4,
+            label=f"threshold on {AGGREGATE_LABELS[agg]}",
+        )
+    ax.plot(
+        [0, 1], [acc_internal, acc_external], linestyle="--", color="gray", label="random routing (expected)"
+    )
     ssrl = ssrl_rule_point(acc_external)
-    ax.scatter([ssrl["call_rate"]], [ssrl["accuracy"]], marker="*", s=160, color="black", zorder=5,
-               label="SSRL rule (first search external)")
+    ax.scatter(
+        [ssrl["call_rate"]],
+        [ssrl["accuracy"]],
+        marker="*",
+        s=160,
+        color="black",
+        zorder=5,
+        label="SSRL rule (first search external)",
+    )
     if chosen is not None and chosen.accuracy is not None:
-        ax.scatter([chosen.call_rate], [chosen.accuracy], marker="X", s=120, color="tab:red", zorder=6,
-                   label=f"chosen: {chosen.aggregate} tau={chosen.threshold:.4g}")
+        ax.scatter(
+            [chosen.call_rate],
+            [chosen.accuracy],
+            marker="X",
+            s=120,
+            color="tab:red",
+            zorder=6,
+            label=f"chosen: {chosen.aggregate} tau={chosen.threshold:.4g}",
+        )
     ax.set_xlabel("external-call rate (external searches / searches)")
     ax.set_ylabel(f"{ylabel} (counterfactual)")
     ax.set_xlim(-0.02, 1.02)
@@ -786,9 +855,8 @@ def plot_curves(
 
 def write_outputs(config: EvalConfig, summary: dict[str, Any], rows: Sequence[Mapping[str, Any]]) -> None:
     plots: list[str] = []
-    if config.plots:
-        if plot_entropy_histograms(questions_of_run(rows), config.out / ENTROPY_PLOT):
-            plots.append(ENTROPY_PLOT)
+    if config.plots and plot_entropy_histograms(questions_of_run(rows), config.out / ENTROPY_PLOT):
+        plots.append(ENTROPY_PLOT)
     summary["plots"] = plots
     atomic_write_json(config.out / SUMMARY, summary)
     atomic_write_text(config.out / REPORT, render_report(summary, plots))
@@ -798,7 +866,8 @@ def write_outputs(config: EvalConfig, summary: dict[str, Any], rows: Sequence[Ma
 
 
 def paired_questions(
-    never_rows: Sequence[Mapping[str, Any]], always_rows: Sequence[Mapping[str, Any]],
+    never_rows: Sequence[Mapping[str, Any]],
+    always_rows: Sequence[Mapping[str, Any]],
     metric: str = "em",
 ) -> list[Question]:
     """Questions answered in both runs: entropy of the first query (from the `never` run,
@@ -810,17 +879,21 @@ def paired_questions(
         a = always.get(qid)
         if a is None:
             continue
-        out.append(Question(
-            id=qid,
-            entropy=r.get("entropy") or a.get("entropy"),
-            correct_internal=outcome(r, metric),
-            correct_external=outcome(a, metric),
-        ))
+        out.append(
+            Question(
+                id=qid,
+                entropy=r.get("entropy") or a.get("entropy"),
+                correct_internal=outcome(r, metric),
+                correct_external=outcome(a, metric),
+            )
+        )
     return out
 
 
 def curve_table(
-    curves: Mapping[str, Sequence[CurvePoint]], acc_internal: float | None, acc_external: float | None,
+    curves: Mapping[str, Sequence[CurvePoint]],
+    acc_internal: float | None,
+    acc_external: float | None,
     rates: Sequence[float] = TABLE_RATES,
 ) -> list[str]:
     """Markdown: per target call rate, the accuracy (and threshold) each aggregate reaches."""
@@ -832,8 +905,11 @@ def curve_table(
         for agg in aggs:
             p = choose_for_call_rate(curves[agg], rate)
             cells.append(f"{_fmt(p.accuracy)} @ {p.call_rate:.2f} (tau {p.threshold:.4g})")
-        rnd = (random_routing_accuracy(rate, acc_external, acc_internal)
-               if acc_internal is not None and acc_external is not None else None)
+        rnd = (
+            random_routing_accuracy(rate, acc_external, acc_internal)
+            if acc_internal is not None and acc_external is not None
+            else None
+        )
         lines.append(f"| {rate:.1f} | " + " | ".join(cells) + f" | {_fmt(rnd)} |")
     return lines
 
@@ -852,30 +928,43 @@ def sweep_summary(
         "ssrl_rule": ssrl_rule_point(acc_ext),
         "auroc_wrong_self_fill": {a: aggregate_auroc(questions, a) for a in AGGREGATES},
         "curves": {a: [p.to_dict() for p in pts] for a, pts in curves.items()},
-        "never": {k: never.get(k) for k in ("em", "f1", "external_call_rate", "errors", "scored", "latency_s")},
-        "always": {k: always.get(k) for k in ("em", "f1", "external_call_rate", "errors", "scored", "latency_s")},
+        "never": {
+            k: never.get(k) for k in ("em", "f1", "external_call_rate", "errors", "scored", "latency_s")
+        },
+        "always": {
+            k: always.get(k) for k in ("em", "f1", "external_call_rate", "errors", "scored", "latency_s")
+        },
         "finished_at": _now(),
     }
 
 
-def render_sweep_report(summary: Mapping[str, Any], curves: Mapping[str, Sequence[CurvePoint]], plots: Sequence[str]) -> str:
+def render_sweep_report(
+    summary: Mapping[str, Any], curves: Mapping[str, Sequence[CurvePoint]], plots: Sequence[str]
+) -> str:
     acc_int, acc_ext = summary["accuracy_never"], summary["accuracy_always"]
     lines = [
-        "# ssrl eval sweep: accuracy against external-call rate", "",
+        "# ssrl eval sweep: accuracy against external-call rate",
+        "",
         f"{summary['paired_questions']} questions answered by both runs (policy `never` in `never/`, "
-        f"`always` in `always/`); {summary['with_entropy']} with a recorded first-query entropy.", "",
-        "| run | exact match | external-call rate | mean latency (s) |", "|---|---|---|---|",
+        f"`always` in `always/`); {summary['with_entropy']} with a recorded first-query entropy.",
+        "",
+        "| run | exact match | external-call rate | mean latency (s) |",
+        "|---|---|---|---|",
         f"| never (self-filled) | {_fmt(summary['never']['em'])} | {_fmt(summary['never']['external_call_rate'])} | "
         f"{_fmt((summary['never']['latency_s'] or {}).get('mean'), 2)} |",
         f"| always (external) | {_fmt(summary['always']['em'])} | {_fmt(summary['always']['external_call_rate'])} | "
-        f"{_fmt((summary['always']['latency_s'] or {}).get('mean'), 2)} |", "",
+        f"{_fmt((summary['always']['latency_s'] or {}).get('mean'), 2)} |",
+        "",
         "Counterfactual accuracy of a threshold policy: a question is routed external when its "
         "first query's uncertainty is above tau and takes the `always` run's outcome, else the "
         "`never` run's (docs/evaluation.md). Each cell: accuracy @ the call rate actually reached "
         "(tau in the server's units). SSRL's rule (first search always external) is the point "
-        f"call rate 1.0, accuracy {_fmt(acc_ext)}.", "",
-        *curve_table(curves, acc_int, acc_ext), "",
-        "| aggregate | AUROC (wrong self-filled answer) |", "|---|---|",
+        f"call rate 1.0, accuracy {_fmt(acc_ext)}.",
+        "",
+        *curve_table(curves, acc_int, acc_ext),
+        "",
+        "| aggregate | AUROC (wrong self-filled answer) |",
+        "|---|---|",
     ]
     for agg in AGGREGATES:
         lines.append(f"| {AGGREGATE_LABELS[agg]} | {_fmt(summary['auroc_wrong_self_fill'].get(agg))} |")
@@ -884,16 +973,27 @@ def render_sweep_report(summary: Mapping[str, Any], curves: Mapping[str, Sequenc
     return "\n".join(lines) + "\n"
 
 
-def write_sweep(out: Path, never_rows: Sequence[Mapping[str, Any]], always_rows: Sequence[Mapping[str, Any]],
-                never: Mapping[str, Any], always: Mapping[str, Any], plots_enabled: bool) -> dict[str, Any]:
+def write_sweep(
+    out: Path,
+    never_rows: Sequence[Mapping[str, Any]],
+    always_rows: Sequence[Mapping[str, Any]],
+    never: Mapping[str, Any],
+    always: Mapping[str, Any],
+    plots_enabled: bool,
+) -> dict[str, Any]:
     questions = paired_questions(never_rows, always_rows)
     summary = sweep_summary(questions, never, always)
     curves = {a: threshold_curve(questions, a) for a in AGGREGATES}
     plots: list[str] = []
     acc_int, acc_ext = summary["accuracy_never"], summary["accuracy_always"]
-    if plots_enabled and acc_int is not None and acc_ext is not None and summary["with_entropy"]:
-        if plot_curves(curves, acc_int, acc_ext, out / CURVE_PLOT):
-            plots.append(CURVE_PLOT)
+    if (
+        plots_enabled
+        and acc_int is not None
+        and acc_ext is not None
+        and summary["with_entropy"]
+        and plot_curves(curves, acc_int, acc_ext, out / CURVE_PLOT)
+    ):
+        plots.append(CURVE_PLOT)
     if plots_enabled and plot_entropy_histograms(questions, out / ENTROPY_PLOT):
         plots.append(ENTROPY_PLOT)
     summary["plots"] = plots
@@ -949,7 +1049,9 @@ def calibration_inputs(paths: Sequence[Path], metric: str = "em") -> tuple[list[
     runs = [load_run(p) for p in paths]
     if len(runs) == 1:
         run = runs[0]
-        return questions_of_run(run.rows, metric), f"one run ({run.path}, policy {run.policy or 'server default'})"
+        return questions_of_run(
+            run.rows, metric
+        ), f"one run ({run.path}, policy {run.policy or 'server default'})"
     if len(runs) != 2:
         raise EvalError("give one run directory, a sweep directory, or a `never` and an `always` run")
     by_policy = {r.policy: r for r in runs}
@@ -965,8 +1067,11 @@ def calibration_inputs(paths: Sequence[Path], metric: str = "em") -> tuple[list[
 
 def render_calibration(cal: Calibration, source: str, metric: str = "em") -> str:
     p = cal.point
-    target = (f"external-call rate ≤ {cal.target_value:g}" if cal.target == "call_rate"
-              else f"accuracy loss ≤ {cal.target_value:g} against always-search")
+    target = (
+        f"external-call rate ≤ {cal.target_value:g}"
+        if cal.target == "call_rate"
+        else f"accuracy loss ≤ {cal.target_value:g} against always-search"
+    )
     lines = [
         f"Calibrated from {source}.",
         f"Target: {target}.",
@@ -976,8 +1081,10 @@ def render_calibration(cal: Calibration, source: str, metric: str = "em") -> str
     ]
     if cal.accuracy_internal is not None and cal.accuracy_external is not None:
         rnd = random_routing_accuracy(p.call_rate, cal.accuracy_external, cal.accuracy_internal)
-        lines.append(f"Reference: never {cal.accuracy_internal:.3f}, always {cal.accuracy_external:.3f}, "
-                     f"random routing at this rate {rnd:.3f}, SSRL rule (rate 1.0) {cal.accuracy_external:.3f}.")
+        lines.append(
+            f"Reference: never {cal.accuracy_internal:.3f}, always {cal.accuracy_external:.3f}, "
+            f"random routing at this rate {rnd:.3f}, SSRL rule (rate 1.0) {cal.accuracy_external:.3f}."
+        )
     lines += ["", "AUROC of each aggregate for a wrong self-filled answer:"]
     for agg in AGGREGATES:
         lines.append(f"  {AGGREGATE_LABELS[agg]:<26} {_fmt(cal.auroc.get(agg))}")
@@ -987,13 +1094,19 @@ def render_calibration(cal: Calibration, source: str, metric: str = "em") -> str
         picked = {id(choose_for_call_rate(curve, r)): choose_for_call_rate(curve, r) for r in TABLE_RATES}
         picked[id(p)] = p
         shown = sorted(picked.values(), key=lambda q: -q.call_rate)
-    lines += ["", f"Curve of {cal.aggregate} (tau in the server's units"
-              + (f"; {len(shown)} of {len(curve)} points" if len(shown) < len(curve) else "") + "):",
-              f"  {'tau':>12}  {'call rate':>9}  {'calls':>7}  {'accuracy':>8}"]
+    lines += [
+        "",
+        f"Curve of {cal.aggregate} (tau in the server's units"
+        + (f"; {len(shown)} of {len(curve)} points" if len(shown) < len(curve) else "")
+        + "):",
+        f"  {'tau':>12}  {'call rate':>9}  {'calls':>7}  {'accuracy':>8}",
+    ]
     for point in shown:
         mark = "  <- chosen" if point == p else ""
-        lines.append(f"  {point.threshold:>12.6g}  {point.call_rate:>9.3f}  {point.calls:>7}  "
-                     f"{_fmt(point.accuracy):>8}{mark}")
+        lines.append(
+            f"  {point.threshold:>12.6g}  {point.call_rate:>9.3f}  {point.calls:>7}  "
+            f"{_fmt(point.accuracy):>8}{mark}"
+        )
     return "\n".join(lines)
 
 
@@ -1006,8 +1119,12 @@ def cmd_calibrate(args: Mapping[str, Any]) -> int:
     try:
         metric = args.get("metric") or "em"
         questions, source = calibration_inputs(paths, metric)
-        cal = calibrate(questions, target_call_rate=target_rate, max_accuracy_loss=max_loss,
-                        aggregate=args.get("aggregate"))
+        cal = calibrate(
+            questions,
+            target_call_rate=target_rate,
+            max_accuracy_loss=max_loss,
+            aggregate=args.get("aggregate"),
+        )
     except (EvalError, ValueError) as exc:
         print(f"ssrl calibrate: {exc}", file=sys.stderr)
         return 2
@@ -1018,18 +1135,36 @@ def cmd_calibrate(args: Mapping[str, Any]) -> int:
     comments = [
         f"written by `ssrl calibrate` on {_now()} from {source}",
         f"target {cal.target} {cal.target_value:g}; call rate {cal.point.call_rate:.3f}"
-        + (f", counterfactual {METRIC_LABELS[metric]} {cal.point.accuracy:.3f}"
-           if cal.point.accuracy is not None else ""),
+        + (
+            f", counterfactual {METRIC_LABELS[metric]} {cal.point.accuracy:.3f}"
+            if cal.point.accuracy is not None
+            else ""
+        ),
         "use: set -a; . ./calibration.env; set +a; ssrl serve   (or docker run --env-file calibration.env)",
     ]
     atomic_write_text(out / CALIBRATION_ENV, render_env(cal.aggregate, cal.threshold, comments))
-    data = {**cal.to_dict(), "metric": metric, "source": source, "questions": len(questions),
-            "written_at": _now()}
+    data = {
+        **cal.to_dict(),
+        "metric": metric,
+        "source": source,
+        "questions": len(questions),
+        "written_at": _now(),
+    }
     atomic_write_json(out / CALIBRATION_JSON, data)
-    if (not args.get("no_plots") and cal.accuracy_internal is not None and cal.accuracy_external is not None
-            and cal.point.accuracy is not None):
-        plot_curves(cal.curves, cal.accuracy_internal, cal.accuracy_external, out / CALIBRATION_PLOT, cal.point,
-                    ylabel=METRIC_LABELS[metric])
+    if (
+        not args.get("no_plots")
+        and cal.accuracy_internal is not None
+        and cal.accuracy_external is not None
+        and cal.point.accuracy is not None
+    ):
+        plot_curves(
+            cal.curves,
+            cal.accuracy_internal,
+            cal.accuracy_external,
+            out / CALIBRATION_PLOT,
+            cal.point,
+            ylabel=METRIC_LABELS[metric],
+        )
     print(f"\nwrote {out / CALIBRATION_ENV} and {out / CALIBRATION_JSON}")
     return 0
 
@@ -1073,18 +1208,25 @@ def config_from_args(args: Mapping[str, Any]) -> EvalConfig:
 
 def print_summary(summary: Mapping[str, Any], out: Path) -> None:
     if summary.get("kind") == "sweep":
-        print(f"sweep: never EM {_fmt(summary['accuracy_never'])}, always EM "
-              f"{_fmt(summary['accuracy_always'])} over {summary['paired_questions']} questions")
+        print(
+            f"sweep: never EM {_fmt(summary['accuracy_never'])}, always EM "
+            f"{_fmt(summary['accuracy_always'])} over {summary['paired_questions']} questions"
+        )
         for agg, score in summary["auroc_wrong_self_fill"].items():
             print(f"  AUROC {AGGREGATE_LABELS[agg]:<26} {_fmt(score)}")
     else:
         lat = summary["latency_s"]
-        print(f"EM {_fmt(summary['em'])}  F1 {_fmt(summary['f1'])}  scored {summary['scored']}  "
-              f"errors {summary['errors']}  external-call rate {_fmt(summary['external_call_rate'])}  "
-              f"latency p50 {_fmt(lat['p50'], 2)} s p99 {_fmt(lat['p99'], 2)} s")
+        print(
+            f"EM {_fmt(summary['em'])}  F1 {_fmt(summary['f1'])}  scored {summary['scored']}  "
+            f"errors {summary['errors']}  external-call rate {_fmt(summary['external_call_rate'])}  "
+            f"latency p50 {_fmt(lat['p50'], 2)} s p99 {_fmt(lat['p99'], 2)} s"
+        )
         if "pass_at_k" in summary:
-            print("pass@k " + "  ".join(f"{k}:{v:.3f}" for k, v in summary["pass_at_k"].items())
-                  + f"  majority {_fmt(summary['majority_accuracy'])}")
+            print(
+                "pass@k "
+                + "  ".join(f"{k}:{v:.3f}" for k, v in summary["pass_at_k"].items())
+                + f"  majority {_fmt(summary['majority_accuracy'])}"
+            )
     print(f"wrote {out / SUMMARY} and {out / REPORT}")
 
 
@@ -1097,8 +1239,11 @@ def cmd_eval(args: Mapping[str, Any]) -> int:
             if config.n != 1:
                 raise EvalError("--sweep pairs one trajectory per question: use --n 1")
             if config.effective_temperature > 0:
-                print("ssrl eval: warning: --sweep at temperature > 0 may write different first "
-                      "queries in the two runs; the counterfactual assumes the same", file=sys.stderr)
+                print(
+                    "ssrl eval: warning: --sweep at temperature > 0 may write different first "
+                    "queries in the two runs; the counterfactual assumes the same",
+                    file=sys.stderr,
+                )
             summary = run_sweep(config)
         else:
             summary = run_eval(config)
@@ -1115,23 +1260,33 @@ def cmd_eval(args: Mapping[str, Any]) -> int:
 def register(subparsers: Any) -> None:
     """Add `eval` and `calibrate` to the `ssrl` command (see clients.cli.EXTRA_COMMANDS)."""
     ev = subparsers.add_parser(
-        "eval", help="Score a QA set against a running server (EM, F1, pass@k, search calls).",
+        "eval",
+        help="Score a QA set against a running server (EM, F1, pass@k, search calls).",
         description="Run a question set ({id, question, answers} JSONL) against a running ssrl "
         "server. Interrupted runs resume: questions with a row without error are skipped.",
     )
-    ev.add_argument("--data", required=True,
-                    help="Question JSONL, or the name of a set in ../shared/data/qa (e.g. nq_open_dev).")
+    ev.add_argument(
+        "--data",
+        required=True,
+        help="Question JSONL, or the name of a set in ../shared/data/qa (e.g. nq_open_dev).",
+    )
     ev.add_argument("--out", required=True, help="Run directory (created; reused to resume).")
     ev.add_argument("--base-url", default="http://127.0.0.1:8000", help="Server URL (with or without /v1).")
     ev.add_argument("--api-key", default=None, help="Bearer key (default: first of SSRL_API_KEY).")
     ev.add_argument("--model", default=None, help="Model name (default: the server's first model).")
     ev.add_argument("--concurrency", type=int, default=8, help="Requests in flight (default 8).")
     ev.add_argument("--limit", type=int, default=None, help="Only the first N questions.")
-    ev.add_argument("--shuffle", action="store_true", help="Shuffle the questions with --seed before --limit.")
+    ev.add_argument(
+        "--shuffle", action="store_true", help="Shuffle the questions with --seed before --limit."
+    )
     ev.add_argument("--seed", type=int, default=None, help="Sampling seed sent with each request.")
     ev.add_argument("--n", type=int, default=1, help="Samples per question (request n); pass@k for k=1..n.")
-    ev.add_argument("--temperature", type=float, default=None,
-                    help="Sampling temperature (default 0 with --n 1, 0.7 with --n > 1).")
+    ev.add_argument(
+        "--temperature",
+        type=float,
+        default=None,
+        help="Sampling temperature (default 0 with --n 1, 0.7 with --n > 1).",
+    )
     ev.add_argument("--max-tokens", type=int, default=None, help="Token budget of each trajectory.")
     ev.add_argument("--mode", choices=["native", "guided"], default=None, help="self_search.mode")
     ev.add_argument("--policy", choices=POLICY_CHOICES, default=None, help="self_search.policy")
@@ -1139,32 +1294,54 @@ def register(subparsers: Any) -> None:
     ev.add_argument("--aggregate", choices=AGGREGATES, default=None, help="self_search.aggregate")
     ev.add_argument("--max-turns", type=int, default=None, help="self_search.max_turns")
     ev.add_argument("--docs-per-search", type=int, default=None, help="self_search.docs_per_search")
-    ev.add_argument("--sweep", action="store_true",
-                    help="Run policies never and always into OUT/never and OUT/always, then the "
-                    "counterfactual accuracy/call-rate curves of every threshold.")
+    ev.add_argument(
+        "--sweep",
+        action="store_true",
+        help="Run policies never and always into OUT/never and OUT/always, then the "
+        "counterfactual accuracy/call-rate curves of every threshold.",
+    )
     ev.add_argument("--timeout", type=float, default=600.0, help="Seconds per request (default 600).")
     ev.add_argument("--no-progress", action="store_true", help="No progress bar.")
     ev.add_argument("--no-plots", action="store_true", help="Skip the PNG plots.")
     ev.set_defaults(handler=cmd_eval)
 
     cal = subparsers.add_parser(
-        "calibrate", help="Choose the routing threshold from eval runs; write calibration.env.",
+        "calibrate",
+        help="Choose the routing threshold from eval runs; write calibration.env.",
         description="From one eval run (call-rate target only), a sweep directory, or a `never` "
         "and an `always` run of the same questions, choose the threshold and aggregate, print "
         "the curve, and write calibration.env (SSRL_SEARCH_* lines for `ssrl serve`).",
     )
     cal.add_argument("runs", nargs="+", help="Run directories (one, a sweep dir, or never + always).")
     target = cal.add_mutually_exclusive_group()
-    target.add_argument("--target-call-rate", type=float, default=None,
-                        help="Highest external-call rate allowed (default 0.3).")
-    target.add_argument("--max-accuracy-loss", type=float, default=None,
-                        help="Largest exact-match loss against always-search allowed (needs both runs).")
-    cal.add_argument("--aggregate", choices=AGGREGATES, default=None,
-                     help="Aggregate to calibrate (default: the best one for the target).")
-    cal.add_argument("--metric", choices=METRICS, default="em",
-                     help="Outcome per question: exact match (default) or F1 (a softer signal when "
-                     "few answers are exactly right; 'wrong' for the AUROC is then F1 < 0.5).")
-    cal.add_argument("--out", default=None, help="Where to write calibration.env/.json (default: the first run dir).")
+    target.add_argument(
+        "--target-call-rate",
+        type=float,
+        default=None,
+        help="Highest external-call rate allowed (default 0.3).",
+    )
+    target.add_argument(
+        "--max-accuracy-loss",
+        type=float,
+        default=None,
+        help="Largest exact-match loss against always-search allowed (needs both runs).",
+    )
+    cal.add_argument(
+        "--aggregate",
+        choices=AGGREGATES,
+        default=None,
+        help="Aggregate to calibrate (default: the best one for the target).",
+    )
+    cal.add_argument(
+        "--metric",
+        choices=METRICS,
+        default="em",
+        help="Outcome per question: exact match (default) or F1 (a softer signal when "
+        "few answers are exactly right; 'wrong' for the AUROC is then F1 < 0.5).",
+    )
+    cal.add_argument(
+        "--out", default=None, help="Where to write calibration.env/.json (default: the first run dir)."
+    )
     cal.add_argument("--no-plots", action="store_true", help="Skip the PNG plot.")
     cal.set_defaults(handler=cmd_calibrate)
 

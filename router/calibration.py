@@ -34,6 +34,7 @@ Pure functions, no I/O.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -125,10 +126,10 @@ def cutoffs(values: Sequence[float]) -> list[float]:
     distinct = sorted(set(values))
     if not distinct:
         return []
-    gaps = [b - a for a, b in zip(distinct, distinct[1:], strict=False)]
+    gaps = [b - a for a, b in itertools.pairwise(distinct)]
     step = min(gaps) if gaps else 1.0
     below = distinct[0] - max(step / 2, 1e-6)
-    mids = [(a + b) / 2 for a, b in zip(distinct, distinct[1:], strict=False)]
+    mids = [(a + b) / 2 for a, b in itertools.pairwise(distinct)]
     return [below, *mids, distinct[-1]]
 
 
@@ -209,9 +210,7 @@ def choose_for_call_rate(points: Sequence[CurvePoint], target: float) -> CurvePo
     return max(eligible, key=lambda p: (p.call_rate, p.accuracy or 0.0))
 
 
-def choose_for_accuracy_loss(
-    points: Sequence[CurvePoint], reference: float, max_loss: float
-) -> CurvePoint:
+def choose_for_accuracy_loss(points: Sequence[CurvePoint], reference: float, max_loss: float) -> CurvePoint:
     """The point with the lowest call rate whose accuracy is at least `reference - max_loss`.
 
     `reference` is the accuracy with every search external (the always-search run). Ties on

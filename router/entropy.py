@@ -189,9 +189,7 @@ EMPTY_QUERY_ENTROPY: Final = QueryEntropy(
 )
 
 
-def query_entropy(
-    positions: Sequence[TokenLogprobs], vocab_size: int | None = None
-) -> QueryEntropy:
+def query_entropy(positions: Sequence[TokenLogprobs], vocab_size: int | None = None) -> QueryEntropy:
     """Aggregate the uncertainty of a query's token positions.
 
     An empty query yields kind "empty" with neutral values (0 entropy, min_prob 1); the router

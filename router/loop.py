@@ -116,8 +116,13 @@ class SearchRecord:
             "latency_s": round(self.latency_s, 4),
             # Sanitised as inserted: a client that re-reads the trace never meets a live tag.
             "documents": [
-                {"title": sanitize_document_text(d.title), "url": d.url,
-                 "snippet": sanitize_document_text(d.text), "score": d.score, "source": d.source}
+                {
+                    "title": sanitize_document_text(d.title),
+                    "url": d.url,
+                    "snippet": sanitize_document_text(d.text),
+                    "score": d.score,
+                    "source": d.source,
+                }
                 for d in self.documents
             ],
             "information": self.information,
@@ -206,8 +211,12 @@ class SelfSearchLoop:
         self._calls = 0
         self._finish_reason = "stop"
         tokenizer = engine.tokenizer
-        self._decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=False)
-        self._encode = lambda text: tokenizer.encode(text, add_special_tokens=False)
+        self._decode: Callable[[Sequence[int]], str] = lambda ids: tokenizer.decode(
+            ids, skip_special_tokens=False
+        )
+        self._encode: Callable[[str], list[int]] = lambda text: tokenizer.encode(
+            text, add_special_tokens=False
+        )
 
     # ----- transcript --------------------------------------------------------------
 
@@ -276,7 +285,7 @@ class SelfSearchLoop:
                 if answer:
                     # The answer is reported stripped; send exactly what the strip keeps.
                     visible = segment.text[:end].strip() if done else segment.text[:end].lstrip().rstrip()
-                    answer_piece = visible[len(answer_shown):]
+                    answer_piece = visible[len(answer_shown) :]
                     answer_shown = visible
                 yield TextDelta(piece, answer_piece)
         self.prompt_tokens += segment.prompt_tokens
@@ -354,7 +363,7 @@ class SelfSearchLoop:
 
     async def _guided(self) -> AsyncIterator[LoopEvent]:
         searches = min(self.config.guided_searches, self.config.max_turns)
-        for turn in range(searches):
+        for _turn in range(searches):
             yield self._insert(SEARCH_OPEN + " ")
             segment: Segment | None = None
             async for item in self._generate(
@@ -394,7 +403,9 @@ class SelfSearchLoop:
             yield self._insert(SEARCH_CLOSE)
             searched = sum(1 for r in self.records if r.route != "skipped")
             if searched >= self.config.max_turns:
-                self.notes.append(f"max_turns ({self.config.max_turns}) reached; the model was made to answer")
+                self.notes.append(
+                    f"max_turns ({self.config.max_turns}) reached; the model was made to answer"
+                )
                 async for event in self._answer("\n\n", (ANSWER_CLOSE,)):
                     yield event
                 return

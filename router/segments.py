@@ -67,9 +67,7 @@ def kept_token_count(spans: Sequence[tuple[int, int]], text_length: int) -> int:
     return kept
 
 
-def continuation_ids(
-    segment: Segment, decode: Decode, encode: Callable[[str], list[int]]
-) -> list[int]:
+def continuation_ids(segment: Segment, decode: Decode, encode: Callable[[str], list[int]]) -> list[int]:
     """Token ids that spell exactly `segment.text`, for the next call's prompt.
 
     The engine's own ids are kept up to the stop string, so the prefix cache still hits; a
@@ -88,9 +86,7 @@ def continuation_ids(
     return ids
 
 
-def query_positions(
-    segment: Segment, decode: Decode, start: int, end: int
-) -> list[TokenLogprobs]:
+def query_positions(segment: Segment, decode: Decode, start: int, end: int) -> list[TokenLogprobs]:
     """Logprobs of the tokens that carry the query `segment.text[start:end]`.
 
     A token counts when its span overlaps the query on a non-blank character, so the

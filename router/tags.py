@@ -70,9 +70,7 @@ def _drop_control(text: str) -> str:
     """Remove control characters and invisible separators; newline and tab become spaces
     later, so they are kept here to stop words from gluing together."""
     return "".join(
-        ch
-        for ch in text
-        if ch in "\n\t" or (unicodedata.category(ch) != "Cc" and ch not in _INVISIBLE)
+        ch for ch in text if ch in "\n\t" or (unicodedata.category(ch) != "Cc" and ch not in _INVISIBLE)
     )
 
 

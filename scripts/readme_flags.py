@@ -1,7 +1,7 @@
 """Regenerate the `ssrl serve` flags table in README.md from the settings model.
 
-    .venv/bin/python scripts/readme_flags.py          # rewrite README.md in place
-    .venv/bin/python scripts/readme_flags.py --check  # exit 1 when the README is stale
+.venv/bin/python scripts/readme_flags.py          # rewrite README.md in place
+.venv/bin/python scripts/readme_flags.py --check  # exit 1 when the README is stale
 """
 
 from __future__ import annotations

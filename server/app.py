@@ -18,10 +18,9 @@ from router.engine.base import Engine, EngineDeadError, SamplingOptions
 from router.prompts import system_prompt
 from server.auth import AuthMiddleware, KeyChecker
 from server.errors import APIError, install_error_handlers
-from server.lifecycle import DrainMiddleware, Drainer
+from server.lifecycle import Drainer, DrainMiddleware
 from server.limits import BodySizeLimitMiddleware, HeaderSizeLimitMiddleware, RateLimitMiddleware
 from server.metrics import HTTPMetrics, MetricsMiddleware, SearchMetricsObserver
-from server.search_config import build_search_service
 from server.protocol import (
     ChatCompletionChunk,
     ChatCompletionRequest,
@@ -36,6 +35,7 @@ from server.protocol import (
     RetrieveResponse,
     SearchResult,
 )
+from server.search_config import build_search_service
 from server.serving import ServingContext
 from server.serving_chat import PlainChat
 from server.serving_completion import Completion
@@ -68,13 +68,20 @@ def _schema_ref(model: type) -> dict[str, str]:
 
 def _event_stream(*models: type) -> dict[str, Any]:
     """`text/event-stream` of `data: <JSON>` events (any of `models`), ending `data: [DONE]`."""
-    json_data = {"type": "string", "contentMediaType": "application/json",
-                 "contentSchema": {"anyOf": [_schema_ref(m) for m in models]}}
-    return {"text/event-stream": {"itemSchema": {
-        "type": "object",
-        "required": ["data"],
-        "properties": {"data": {"anyOf": [{"const": "[DONE]"}, json_data]}},
-    }}}
+    json_data = {
+        "type": "string",
+        "contentMediaType": "application/json",
+        "contentSchema": {"anyOf": [_schema_ref(m) for m in models]},
+    }
+    return {
+        "text/event-stream": {
+            "itemSchema": {
+                "type": "object",
+                "required": ["data"],
+                "properties": {"data": {"anyOf": [{"const": "[DONE]"}, json_data]}},
+            }
+        }
+    }
 
 
 # Every /v1 and /retrieve route: validation and server caps (400), auth (401), body size (413),
@@ -85,15 +92,22 @@ _API_ERRORS: dict[int | str, dict[str, Any]] = {
     401: _error("Missing or wrong API key.", {"WWW-Authenticate": _header("Bearer", True)}),
     413: _error("Request body over --max-request-bytes."),
     431: _error("Request head over --max-header-bytes."),
-    429: _error("Over --rate-limit for this key, or --max-in-flight requests in flight.",
-                {"Retry-After": _header("Seconds to wait before retrying.", True)}),
-    503: _error("The server is draining (with Retry-After), or its engine is not available.",
-                {"Retry-After": _header("Seconds to wait before retrying.", False)}),
+    429: _error(
+        "Over --rate-limit for this key, or --max-in-flight requests in flight.",
+        {"Retry-After": _header("Seconds to wait before retrying.", True)},
+    ),
+    503: _error(
+        "The server is draining (with Retry-After), or its engine is not available.",
+        {"Retry-After": _header("Seconds to wait before retrying.", False)},
+    ),
     "4XX": _error("Any other client error, in the same shape."),
 }
 _MODEL_ERRORS = {**_API_ERRORS, 404: _error("The model does not exist on this server.")}
 _SEARCH_ERRORS = {**_API_ERRORS, 502: _error("Every search backend failed.")}
-_PROBE = {200: {"model": HealthStatus}, 503: {"model": HealthStatus, "description": "Not ready."}}
+_PROBE: dict[int | str, dict[str, Any]] = {
+    200: {"model": HealthStatus},
+    503: {"model": HealthStatus, "description": "Not ready."},
+}
 # Models only streams use: the schema lists them next to the ones FastAPI collects itself.
 _STREAM_MODELS = (ChatCompletionChunk, CompletionResponse, ErrorResponse)
 
@@ -113,11 +127,15 @@ def start_engine(settings: ServeSettings) -> Engine:
         from router.engine.remote_engine import RemoteEngine, RemoteEngineConfig
 
         tokenizer = settings.model or str(ensure_default_checkpoint(settings.cache_dir))
-        return RemoteEngine.connect(RemoteEngineConfig(
-            base_url=settings.engine_url, tokenizer=tokenizer,
-            model=settings.remote_model, api_key=settings.engine_api_key,
-            read_timeout_s=settings.engine_timeout,
-        ))
+        return RemoteEngine.connect(
+            RemoteEngineConfig(
+                base_url=settings.engine_url,
+                tokenizer=tokenizer,
+                model=settings.remote_model,
+                api_key=settings.engine_api_key,
+                read_timeout_s=settings.engine_timeout,
+            )
+        )
     return start_vllm_engine(settings)
 
 
@@ -152,9 +170,7 @@ def build_self_search(settings: ServeSettings) -> SelfSearchRuntime:
     return SelfSearchRuntime(
         settings=settings,
         search=build_search_service(settings, SearchMetricsObserver(shared_metrics())),
-        system_prompts={
-            m: system_prompt(m, override if m == mode else None) for m in ("guided", "native")
-        },
+        system_prompts={m: system_prompt(m, override if m == mode else None) for m in ("guided", "native")},
         mode=mode,
     )
 
@@ -235,17 +251,23 @@ def create_app(settings: ServeSettings, engine_factory: EngineFactory = start_en
     install_error_handlers(app)
 
     def ctx() -> ServingContext:
-        return state["ctx"]
+        context: ServingContext = state["ctx"]
+        return context
 
     def check_caps(n: int, max_tokens: int | None) -> None:
         """Server caps, so that one request cannot monopolise the engine."""
         if n > settings.max_n:
-            raise APIError(400, f"n must be at most {settings.max_n} on this server.", param="n",
-                           code="invalid_value")
+            raise APIError(
+                400, f"n must be at most {settings.max_n} on this server.", param="n", code="invalid_value"
+            )
         limit = settings.max_tokens_limit
         if limit is not None and max_tokens is not None and max_tokens > limit:
-            raise APIError(400, f"max_tokens must be at most {limit} on this server.",
-                           param="max_tokens", code="invalid_value")
+            raise APIError(
+                400,
+                f"max_tokens must be at most {limit} on this server.",
+                param="max_tokens",
+                code="invalid_value",
+            )
 
     @app.get("/health", response_model=HealthStatus, responses=_PROBE)
     async def health() -> Response:
@@ -269,26 +291,37 @@ def create_app(settings: ServeSettings, engine_factory: EngineFactory = start_en
     @app.get("/v1/models", response_model=ModelList, responses=_API_ERRORS)
     async def list_models() -> ModelList:
         c = ctx()
-        return ModelList(data=[ModelCard(
-            id=c.model_name, root=settings.model or c.model_name, max_model_len=c.engine.max_model_len
-        )])
+        return ModelList(
+            data=[
+                ModelCard(
+                    id=c.model_name, root=settings.model or c.model_name, max_model_len=c.engine.max_model_len
+                )
+            ]
+        )
 
     @app.get("/v1/models/{model_id:path}", response_model=ModelCard, responses=_MODEL_ERRORS)
     async def get_model(model_id: str) -> ModelCard:
         c = ctx()
         if model_id != c.model_name:
-            raise APIError(404, f"The model `{model_id}` does not exist.", param="model",
-                           code="model_not_found")
-        return ModelCard(id=c.model_name, root=settings.model or c.model_name,
-                         max_model_len=c.engine.max_model_len)
+            raise APIError(
+                404, f"The model `{model_id}` does not exist.", param="model", code="model_not_found"
+            )
+        return ModelCard(
+            id=c.model_name, root=settings.model or c.model_name, max_model_len=c.engine.max_model_len
+        )
 
-    @app.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses={
-        200: {"content": _event_stream(ChatCompletionChunk, ErrorResponse)}, **_MODEL_ERRORS,
-    })
+    @app.post(
+        "/v1/chat/completions",
+        response_model=ChatCompletionResponse,
+        responses={
+            200: {"content": _event_stream(ChatCompletionChunk, ErrorResponse)},
+            **_MODEL_ERRORS,
+        },
+    )
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         check_caps(body.n, body.token_limit)
-        runtime = state.get("self_search")
-        if wants_self_search(runtime, body):
+        runtime: SelfSearchRuntime | None = state.get("self_search")
+        if runtime is not None and wants_self_search(runtime, body):
             chat: PlainChat | SelfSearchChat = SelfSearchChat(ctx(), runtime, body)
         else:
             chat = PlainChat(ctx(), body)
@@ -297,9 +330,14 @@ def create_app(settings: ServeSettings, engine_factory: EngineFactory = start_en
         result = await until_disconnect(request, chat.complete())
         return JSONResponse(result.model_dump(exclude_none=True))
 
-    @app.post("/v1/completions", response_model=CompletionResponse, responses={
-        200: {"content": _event_stream(CompletionResponse, ErrorResponse)}, **_MODEL_ERRORS,
-    })
+    @app.post(
+        "/v1/completions",
+        response_model=CompletionResponse,
+        responses={
+            200: {"content": _event_stream(CompletionResponse, ErrorResponse)},
+            **_MODEL_ERRORS,
+        },
+    )
     async def completions(body: CompletionRequest, request: Request) -> Response:
         check_caps(body.n * len(body.prompts()), body.max_tokens)
         completion = Completion(ctx(), body)

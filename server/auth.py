@@ -73,7 +73,9 @@ class AuthMiddleware:
                     else "You didn't provide an API key. Send it as 'Authorization: Bearer KEY'."
                 )
                 error = APIError(
-                    401, message, code="invalid_api_key",
+                    401,
+                    message,
+                    code="invalid_api_key",
                     headers={"WWW-Authenticate": "Bearer"},
                 )
                 await error.response()(scope, receive, send)

@@ -60,7 +60,8 @@ class DrainMiddleware:
             return
         if self.drainer.draining:
             error = APIError(
-                503, "The server is shutting down; retry on another replica.",
+                503,
+                "The server is shutting down; retry on another replica.",
                 code="server_shutting_down",
                 headers={"Retry-After": str(self.drainer.retry_after_s)},
             )
@@ -69,8 +70,10 @@ class DrainMiddleware:
         cap = self.drainer.max_in_flight
         if cap is not None and self.drainer.in_flight >= cap:
             error = APIError(
-                429, f"The server is at its limit of {cap} requests in flight; retry shortly.",
-                code="server_overloaded", headers={"Retry-After": "1"},
+                429,
+                f"The server is at its limit of {cap} requests in flight; retry shortly.",
+                code="server_overloaded",
+                headers={"Retry-After": "1"},
             )
             await error.response()(scope, receive, send)
             return
@@ -110,8 +113,12 @@ class DrainingServer(uvicorn.Server):
             super().handle_exit(sig, frame)  # a second signal: stop now
             return
         self.drainer.draining = True
-        logger.info("signal %d: draining %d request(s), grace %.0fs", sig, self.drainer.in_flight,
-                    self.drainer.grace_s)
+        logger.info(
+            "signal %d: draining %d request(s), grace %.0fs",
+            sig,
+            self.drainer.in_flight,
+            self.drainer.grace_s,
+        )
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:

@@ -68,12 +68,16 @@ class HeaderSizeLimitMiddleware:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
-            size = len(scope.get("method", "")) + len(scope.get("raw_path") or b"") + len(
-                scope.get("query_string", b"")
-            ) + sum(len(name) + len(value) + 4 for name, value in scope["headers"])
+            size = (
+                len(scope.get("method", ""))
+                + len(scope.get("raw_path") or b"")
+                + len(scope.get("query_string", b""))
+                + sum(len(name) + len(value) + 4 for name, value in scope["headers"])
+            )
             if size > self.max_bytes:
                 error = APIError(
-                    431, f"Request header fields too large: the limit is {self.max_bytes} bytes.",
+                    431,
+                    f"Request header fields too large: the limit is {self.max_bytes} bytes.",
                     code="request_header_too_large",
                 )
                 await error.response()(scope, receive, send)
@@ -89,8 +93,12 @@ class RateLimitMiddleware:
     """
 
     def __init__(
-        self, app: ASGIApp, per_minute: float, burst: float | None = None,
-        clock: Callable[[], float] = time.monotonic, max_clients: int = 10_000,
+        self,
+        app: ASGIApp,
+        per_minute: float,
+        burst: float | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        max_clients: int = 10_000,
     ) -> None:
         self.app = app
         self.rate = per_minute / 60.0
@@ -121,8 +129,10 @@ class RateLimitMiddleware:
             wait = self._take(self._client(scope))
             if wait > 0:
                 error = APIError(
-                    429, "Rate limit reached for this API key; retry after the indicated time.",
-                    code="rate_limit_exceeded", headers={"Retry-After": str(math.ceil(wait))},
+                    429,
+                    "Rate limit reached for this API key; retry after the indicated time.",
+                    code="rate_limit_exceeded",
+                    headers={"Retry-After": str(math.ceil(wait))},
                 )
                 await error.response()(scope, receive, send)
                 return

@@ -21,19 +21,27 @@ class HTTPMetrics:
     def __init__(self, registry: CollectorRegistry = REGISTRY) -> None:
         self.registry = registry
         self.requests = Counter(
-            "ssrl_requests", "HTTP requests by route and status.", ["route", "method", "status"],
+            "ssrl_requests",
+            "HTTP requests by route and status.",
+            ["route", "method", "status"],
             registry=registry,
         )
         self.latency = Histogram(
-            "ssrl_request_duration_seconds", "Time from request to the last byte of the answer.",
-            ["route"], buckets=_LATENCY_BUCKETS, registry=registry,
+            "ssrl_request_duration_seconds",
+            "Time from request to the last byte of the answer.",
+            ["route"],
+            buckets=_LATENCY_BUCKETS,
+            registry=registry,
         )
         self.in_flight = Gauge(
             "ssrl_requests_in_flight", "Requests being served now.", ["route"], registry=registry
         )
         self.ttft = Histogram(
-            "ssrl_time_to_first_token_seconds", "Time from request to the first generated token.",
-            ["route"], buckets=_LATENCY_BUCKETS, registry=registry,
+            "ssrl_time_to_first_token_seconds",
+            "Time from request to the first generated token.",
+            ["route"],
+            buckets=_LATENCY_BUCKETS,
+            registry=registry,
         )
         self.prompt_tokens = Counter(
             "ssrl_prompt_tokens", "Prompt tokens processed.", ["route"], registry=registry
@@ -42,51 +50,76 @@ class HTTPMetrics:
             "ssrl_completion_tokens", "Tokens generated.", ["route"], registry=registry
         )
         self.completion_tokens_per_request = Histogram(
-            "ssrl_completion_tokens_per_request", "Generated tokens per request.", ["route"],
-            buckets=_TOKEN_BUCKETS, registry=registry,
+            "ssrl_completion_tokens_per_request",
+            "Generated tokens per request.",
+            ["route"],
+            buckets=_TOKEN_BUCKETS,
+            registry=registry,
         )
         self.engine_aborts = Counter(
-            "ssrl_engine_aborts", "Engine requests aborted because the client went away.",
-            ["route"], registry=registry,
+            "ssrl_engine_aborts",
+            "Engine requests aborted because the client went away.",
+            ["route"],
+            registry=registry,
         )
 
         self.searches = Counter(
-            "ssrl_searches", "Searches by decision, backend and outcome "
+            "ssrl_searches",
+            "Searches by decision, backend and outcome "
             "(ok, fallback: external failed and the model filled in, self_filled, skipped).",
-            ["decision", "backend", "outcome"], registry=registry,
+            ["decision", "backend", "outcome"],
+            registry=registry,
         )
         self.query_entropy = Histogram(
-            "ssrl_query_entropy_nats", "Mean next-token entropy of each search query, by decision.",
-            ["decision"], buckets=_ENTROPY_BUCKETS, registry=registry,
+            "ssrl_query_entropy_nats",
+            "Mean next-token entropy of each search query, by decision.",
+            ["decision"],
+            buckets=_ENTROPY_BUCKETS,
+            registry=registry,
         )
         self.turns = Histogram(
-            "ssrl_search_turns_per_request", "Searches per trajectory.",
-            buckets=(0, 1, 2, 3, 4, 6, 8, 16), registry=registry,
+            "ssrl_search_turns_per_request",
+            "Searches per trajectory.",
+            buckets=(0, 1, 2, 3, 4, 6, 8, 16),
+            registry=registry,
         )
         self.search_seconds = Histogram(
-            "ssrl_search_seconds", "Time spent in external search calls.", ["backend"],
-            buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30), registry=registry,
+            "ssrl_search_seconds",
+            "Time spent in external search calls.",
+            ["backend"],
+            buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+            registry=registry,
         )
 
         self.search_attempts = Counter(
-            "ssrl_search_attempts", "Requests sent to search providers (retries included).",
-            ["backend"], registry=registry,
+            "ssrl_search_attempts",
+            "Requests sent to search providers (retries included).",
+            ["backend"],
+            registry=registry,
         )
         self.search_retries = Counter(
-            "ssrl_search_retries", "Search attempts retried, by reason (transport, rate_limited, "
-            "server_error).", ["backend", "reason"], registry=registry,
+            "ssrl_search_retries",
+            "Search attempts retried, by reason (transport, rate_limited, server_error).",
+            ["backend", "reason"],
+            registry=registry,
         )
         self.search_results = Counter(
-            "ssrl_search_results", "Searches through the resilience layer by outcome (ok, error, "
-            "circuit_open, timeout).", ["backend", "outcome"], registry=registry,
+            "ssrl_search_results",
+            "Searches through the resilience layer by outcome (ok, error, circuit_open, timeout).",
+            ["backend", "outcome"],
+            registry=registry,
         )
         self.search_breaker = Gauge(
-            "ssrl_search_breaker_open", "1 while a backend's circuit breaker is open, 0.5 half-open, "
-            "0 closed.", ["backend"], registry=registry,
+            "ssrl_search_breaker_open",
+            "1 while a backend's circuit breaker is open, 0.5 half-open, 0 closed.",
+            ["backend"],
+            registry=registry,
         )
         self.search_cache = Counter(
-            "ssrl_search_cache", "Search cache lookups by result (hit, miss).",
-            ["backend", "result"], registry=registry,
+            "ssrl_search_cache",
+            "Search cache lookups by result (hit, miss).",
+            ["backend", "result"],
+            registry=registry,
         )
 
     def record_trajectory(self, searches: Sequence[Any]) -> None:
@@ -115,7 +148,7 @@ def _route_template(app: ASGIApp, scope: Scope) -> str:
     for route in getattr(app, "routes", ()):
         match, _ = route.matches(scope)
         if match == Match.FULL:
-            return getattr(route, "path", scope["path"])
+            return str(getattr(route, "path", scope["path"]))
         if match == Match.PARTIAL and partial is None:
             partial = getattr(route, "path", None)  # the path matched, the method did not
     return partial or "unmatched"

@@ -6,7 +6,7 @@ import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator, model_validator
 
 
 def new_id(prefix: str) -> str:
@@ -270,7 +270,7 @@ class RetrieveRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     queries: list[str] = Field(min_length=1, max_length=256)
-    topk: int | None = Field(None, ge=1, le=100)
+    topk: StrictInt | None = Field(None, ge=1, le=100)
     return_scores: bool = False
 
 

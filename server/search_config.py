@@ -56,9 +56,7 @@ def build_backends(settings: ServeSettings) -> list[SearchBackend]:
     return backends
 
 
-def build_search_service(
-    settings: ServeSettings, observer: SearchObserver | None = None
-) -> SearchService:
+def build_search_service(settings: ServeSettings, observer: SearchObserver | None = None) -> SearchService:
     """Each backend wrapped in retries, a breaker and limits; one shared result cache."""
     cache: ResultCache | None = None
     if settings.search_cache_url:
@@ -67,6 +65,4 @@ def build_search_service(
         cache = RedisSearchCache(settings.search_cache_url, ttl_s=settings.search_cache_ttl)
     elif settings.search_cache_size > 0:
         cache = SearchCache(maxsize=settings.search_cache_size, ttl_s=settings.search_cache_ttl)
-    return SearchService.from_backends(
-        build_backends(settings), resilience_policy(settings), cache, observer
-    )
+    return SearchService.from_backends(build_backends(settings), resilience_policy(settings), cache, observer)

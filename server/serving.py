@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 
 from router.engine.base import (
@@ -167,7 +167,7 @@ class TimedStream:
             metrics.completion_tokens_per_request.labels(self.route).observe(generated)
 
 
-def top_logprobs_of(position: TokenLogprobs, k: int, decode: callable) -> list[TopLogprob]:
+def top_logprobs_of(position: TokenLogprobs, k: int, decode: Callable[[list[int]], str]) -> list[TopLogprob]:
     ranked = sorted(position.top.items(), key=lambda item: item[1], reverse=True)[:k]
     entries = []
     for token_id, logprob in ranked:

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 
+from router.engine.base import TokenLogprobs
 from server.errors import APIError
 from server.protocol import (
     AssistantMessage,
@@ -50,9 +51,7 @@ def chat_prompt(ctx: ServingContext, request: ChatCompletionRequest) -> list[int
     except ValueError as exc:
         raise APIError(400, str(exc), param="messages", code="invalid_value") from exc
     except Exception as exc:  # jinja errors from a template that rejects this conversation
-        raise APIError(
-            400, f"The chat template rejected these messages: {exc}", param="messages"
-        ) from exc
+        raise APIError(400, f"The chat template rejected these messages: {exc}", param="messages") from exc
 
 
 class PlainChat:
@@ -74,14 +73,16 @@ class PlainChat:
     def _streams(self) -> list[TimedStream]:
         return [
             TimedStream(
-                self.ctx, ROUTE, self.prompt,
+                self.ctx,
+                ROUTE,
+                self.prompt,
                 sampling_options(self.request, self.max_tokens, self.logprobs, i),
                 self.started,
             )
             for i in range(self.request.n)
         ]
 
-    def _logprobs(self, positions) -> ChoiceLogprobs | None:
+    def _logprobs(self, positions: Sequence[TokenLogprobs]) -> ChoiceLogprobs | None:
         if self.logprobs is None:
             return None
         decode = self.ctx.engine.tokenizer.decode
@@ -120,9 +121,9 @@ class PlainChat:
         chunk_id, created, model = new_id("chatcmpl"), now(), self.ctx.model_name
 
         def chunk(choices: list[ChatChunkChoice], usage: Usage | None = None) -> str:
-            return sse(ChatCompletionChunk(
-                id=chunk_id, created=created, model=model, choices=choices, usage=usage
-            ))
+            return sse(
+                ChatCompletionChunk(id=chunk_id, created=created, model=model, choices=choices, usage=usage)
+            )
 
         completion = 0
         try:
@@ -131,16 +132,25 @@ class PlainChat:
             async for index, delta in merge([aiter(s) for s in self._streams()]):
                 completion += len(delta.token_ids)
                 if delta.text or delta.logprobs:
-                    yield chunk([ChatChunkChoice(
-                        index=index,
-                        delta=DeltaMessage(content=delta.text),
-                        logprobs=self._logprobs(delta.logprobs or ()),
-                    )])
+                    yield chunk(
+                        [
+                            ChatChunkChoice(
+                                index=index,
+                                delta=DeltaMessage(content=delta.text),
+                                logprobs=self._logprobs(delta.logprobs or ()),
+                            )
+                        ]
+                    )
                 if delta.finish_reason is not None:
-                    yield chunk([ChatChunkChoice(
-                        index=index, delta=DeltaMessage(),
-                        finish_reason=openai_finish_reason(delta.finish_reason),
-                    )])
+                    yield chunk(
+                        [
+                            ChatChunkChoice(
+                                index=index,
+                                delta=DeltaMessage(),
+                                finish_reason=openai_finish_reason(delta.finish_reason),
+                            )
+                        ]
+                    )
             options = self.request.stream_options
             if options is not None and options.include_usage:
                 yield chunk([], Usage.of(len(self.prompt), completion))

@@ -67,7 +67,9 @@ class Completion:
         n = self.request.n
         return [
             TimedStream(
-                self.ctx, ROUTE, self.prompts[p],
+                self.ctx,
+                ROUTE,
+                self.prompts[p],
                 sampling_options(self.request, self.max_tokens[p], self.request.logprobs, s),
                 self.started,
             )
@@ -88,10 +90,12 @@ class Completion:
             result.tokens.append(token)
             result.token_logprobs.append(position.logprob)
             ranked = sorted(position.top.items(), key=lambda kv: kv[1], reverse=True)
-            result.top_logprobs.append({
-                position.decoded.get(tid) or decode([tid]): lp
-                for tid, lp in ranked[: self.request.logprobs]
-            })
+            result.top_logprobs.append(
+                {
+                    position.decoded.get(tid) or decode([tid]): lp
+                    for tid, lp in ranked[: self.request.logprobs]
+                }
+            )
             result.text_offset.append(offset)
             offset += len(token)
         return result
@@ -106,12 +110,17 @@ class Completion:
         choices = []
         for i, o in enumerate(outcomes):
             prefix = self._prefix(i)
-            choices.append(CompletionChoice(
-                index=i, text=prefix + o.text, finish_reason=o.finish_reason,
-                logprobs=self._logprobs(o.logprobs, len(prefix)),
-            ))
+            choices.append(
+                CompletionChoice(
+                    index=i,
+                    text=prefix + o.text,
+                    finish_reason=o.finish_reason,
+                    logprobs=self._logprobs(o.logprobs, len(prefix)),
+                )
+            )
         return CompletionResponse(
-            model=self.ctx.model_name, choices=choices,
+            model=self.ctx.model_name,
+            choices=choices,
             usage=self._usage(sum(len(o.token_ids) for o in outcomes)),
         )
 
@@ -119,9 +128,9 @@ class Completion:
         chunk_id, created, model = new_id("cmpl"), now(), self.ctx.model_name
 
         def chunk(choices: list[CompletionChoice], usage: Usage | None = None) -> str:
-            return sse(CompletionResponse(
-                id=chunk_id, created=created, model=model, choices=choices, usage=usage
-            ))
+            return sse(
+                CompletionResponse(id=chunk_id, created=created, model=model, choices=choices, usage=usage)
+            )
 
         completion = 0
         offsets = [len(self._prefix(i)) for i in range(len(self.prompts) * self.request.n)]
@@ -135,9 +144,16 @@ class Completion:
                 if delta.text or finish or delta.logprobs:
                     logprobs = self._logprobs(delta.logprobs or (), offsets[index])
                     offsets[index] += len(delta.text)
-                    yield chunk([CompletionChoice(
-                        index=index, text=delta.text, finish_reason=finish, logprobs=logprobs,
-                    )])
+                    yield chunk(
+                        [
+                            CompletionChoice(
+                                index=index,
+                                text=delta.text,
+                                finish_reason=finish,
+                                logprobs=logprobs,
+                            )
+                        ]
+                    )
             options = self.request.stream_options
             if options is not None and options.include_usage:
                 yield chunk([], self._usage(completion))

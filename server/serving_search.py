@@ -20,9 +20,7 @@ DEFAULT_TOPK = 3  # Search-R1's default
 
 
 def _failed(outcome: SearchOutcome) -> APIError:
-    return APIError(
-        502, f"Search failed: {outcome.error}", code="search_failed", type="server_error"
-    )
+    return APIError(502, f"Search failed: {outcome.error}", code="search_failed", type="server_error")
 
 
 def _search_r1_document(doc: Document, rank: int) -> dict[str, Any]:
@@ -39,10 +37,12 @@ async def retrieve(search: SearchService, request: RetrieveRequest) -> dict[str,
             raise _failed(outcome)
         docs = [_search_r1_document(d, i) for i, d in enumerate(outcome.documents)]
         if request.return_scores:
-            result.append([
-                {"document": doc, "score": d.score if d.score is not None else 0.0}
-                for doc, d in zip(docs, outcome.documents, strict=True)
-            ])
+            result.append(
+                [
+                    {"document": doc, "score": d.score if d.score is not None else 0.0}
+                    for doc, d in zip(docs, outcome.documents, strict=True)
+                ]
+            )
         else:
             result.append(docs)
     return {"result": result}

@@ -14,24 +14,24 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from router.engine.base import EngineDeadError, PromptTooLongError
-from router.loop import LoopConfig, LoopFinished, LoopResult, SearchDecided, SelfSearchLoop, TextDelta
+from router.loop import LoopConfig, LoopFinished, LoopResult, Mode, SearchDecided, SelfSearchLoop, TextDelta
 from router.policies import make_policy
 from router.prompts import example_messages
-from router.tags import sanitize_document_text
 from router.search.service import SearchService
+from router.tags import sanitize_document_text
 from router.votes import majority_vote
 from server.errors import APIError
 from server.protocol import (
     AssistantMessage,
     ChatChoice,
-    ChatMessage,
     ChatChunkChoice,
     ChatCompletionChunk,
     ChatCompletionRequest,
     ChatCompletionResponse,
+    ChatMessage,
     DeltaMessage,
     SelfSearchOptions,
     Usage,
@@ -54,7 +54,15 @@ class SelfSearchRuntime:
     search: SearchService
     # The system prompt of each protocol mode (a request may switch modes).
     system_prompts: dict[str, str]
-    mode: str
+    mode: Mode
+
+
+T = TypeVar("T")
+
+
+def pick(value: T | None, default: T) -> T:
+    """The request's value where it set one, else the server's default."""
+    return default if value is None else value
 
 
 def wants_self_search(runtime: SelfSearchRuntime | None, request: ChatCompletionRequest) -> bool:
@@ -76,7 +84,6 @@ def loop_config(
     """The trajectory's config and the number of votes, from server defaults + request."""
     s = runtime.settings
     o = request.self_search or SelfSearchOptions()
-    pick = lambda value, default: default if value is None else value  # noqa: E731
     policy_name = pick(o.policy, s.search_policy)
     aggregate = pick(o.aggregate, s.search_aggregate)
     max_turns = pick(o.max_turns, s.max_turns)
@@ -121,13 +128,17 @@ def citations(result: LoopResult) -> list[dict[str, Any]]:
         for doc in record.documents:
             if doc.url and doc.url not in seen:
                 seen.add(doc.url)
-                annotations.append({
-                    "type": "url_citation",
-                    "url_citation": {
-                        "url": doc.url, "title": sanitize_document_text(doc.title),
-                        "start_index": 0, "end_index": len(result.answer),
-                    },
-                })
+                annotations.append(
+                    {
+                        "type": "url_citation",
+                        "url_citation": {
+                            "url": doc.url,
+                            "title": sanitize_document_text(doc.title),
+                            "start_index": 0,
+                            "end_index": len(result.answer),
+                        },
+                    }
+                )
     return annotations
 
 
@@ -169,8 +180,10 @@ class SelfSearchChat:
         check_model(ctx, request.model)
         if request.logprobs:
             raise APIError(
-                400, "logprobs are not available with self-search; set self_search.enabled "
-                "to false for plain generation with logprobs.", param="logprobs",
+                400,
+                "logprobs are not available with self-search; set self_search.enabled "
+                "to false for plain generation with logprobs.",
+                param="logprobs",
             )
         self.ctx = ctx
         self.runtime = runtime
@@ -203,7 +216,11 @@ class SelfSearchChat:
 
             config = replace(config, seed=config.seed + 1000 * choice + 100 * sample)
         return SelfSearchLoop(
-            self.ctx.engine, self.runtime.search, config, self.prompt, new_request_id(),
+            self.ctx.engine,
+            self.runtime.search,
+            config,
+            self.prompt,
+            new_request_id(),
             vocab_size=getattr(self.ctx.engine, "vocab_size", None),
             on_abort=self.ctx.metrics.engine_aborts.labels(ROUTE).inc,
         )
@@ -222,7 +239,9 @@ class SelfSearchChat:
 
     async def _choice(self, index: int) -> ChoiceResult:
         samples = await asyncio.gather(*(self._run_loop(self._loop(index, s)) for s in range(self.votes)))
-        chosen = samples[majority_vote([r.answer for r in samples]).winner] if len(samples) > 1 else samples[0]
+        chosen = (
+            samples[majority_vote([r.answer for r in samples]).winner] if len(samples) > 1 else samples[0]
+        )
         return ChoiceResult(chosen, list(samples))
 
     async def complete(self) -> ChatCompletionResponse:
@@ -235,15 +254,16 @@ class SelfSearchChat:
         choices = []
         for i, r in enumerate(results):
             message = AssistantMessage(
-                content=r.chosen.answer, reasoning=r.chosen.transcript,
+                content=r.chosen.answer,
+                reasoning=r.chosen.transcript,
                 annotations=citations(r.chosen),
             )
-            choices.append(ChatChoice(
-                index=i, message=message, finish_reason=r.chosen.finish_reason, self_search=r.trace()
-            ))
-        usage = Usage.of(
-            sum(r.prompt_tokens for r in results), sum(r.completion_tokens for r in results)
-        )
+            choices.append(
+                ChatChoice(
+                    index=i, message=message, finish_reason=r.chosen.finish_reason, self_search=r.trace()
+                )
+            )
+        usage = Usage.of(sum(r.prompt_tokens for r in results), sum(r.completion_tokens for r in results))
         return ChatCompletionResponse(model=self.ctx.model_name, choices=choices, usage=usage)
 
     async def _choice_events(self, index: int) -> AsyncIterator[Any]:
@@ -265,9 +285,9 @@ class SelfSearchChat:
         first_token = True
 
         def chunk(choices: list[ChatChunkChoice], usage: Usage | None = None) -> str:
-            return sse(ChatCompletionChunk(
-                id=chunk_id, created=created, model=model, choices=choices, usage=usage
-            ))
+            return sse(
+                ChatCompletionChunk(id=chunk_id, created=created, model=model, choices=choices, usage=usage)
+            )
 
         prompt_tokens = completion_tokens = 0
         try:
@@ -279,24 +299,40 @@ class SelfSearchChat:
                     if first_token and event.text:
                         first_token = False
                         self.ctx.metrics.ttft.labels(ROUTE).observe(time.perf_counter() - self.started)
-                    yield chunk([ChatChunkChoice(
-                        index=index,
-                        delta=DeltaMessage(reasoning=event.text or None, content=event.answer or None),
-                    )])
+                    yield chunk(
+                        [
+                            ChatChunkChoice(
+                                index=index,
+                                delta=DeltaMessage(
+                                    reasoning=event.text or None, content=event.answer or None
+                                ),
+                            )
+                        ]
+                    )
                 elif isinstance(event, SearchDecided):
-                    yield chunk([ChatChunkChoice(
-                        index=index, delta=DeltaMessage(),
-                        self_search={"type": "search", "search": event.record.to_dict()},
-                    )])
+                    yield chunk(
+                        [
+                            ChatChunkChoice(
+                                index=index,
+                                delta=DeltaMessage(),
+                                self_search={"type": "search", "search": event.record.to_dict()},
+                            )
+                        ]
+                    )
                 elif isinstance(event, ChoiceResult):
                     prompt_tokens += event.prompt_tokens
                     completion_tokens += event.completion_tokens
-                    yield chunk([ChatChunkChoice(
-                        index=index, delta=DeltaMessage(),
-                        finish_reason=event.chosen.finish_reason,
-                        annotations=citations(event.chosen) or None,
-                        self_search={"type": "trace", **event.trace()},
-                    )])
+                    yield chunk(
+                        [
+                            ChatChunkChoice(
+                                index=index,
+                                delta=DeltaMessage(),
+                                finish_reason=event.chosen.finish_reason,
+                                annotations=citations(event.chosen) or None,
+                                self_search={"type": "trace", **event.trace()},
+                            )
+                        ]
+                    )
             options = self.request.stream_options
             if options is not None and options.include_usage:
                 yield chunk([], Usage.of(prompt_tokens, completion_tokens))

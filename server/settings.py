@@ -15,6 +15,7 @@ from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from router.engine.default_model import DEFAULT_MODEL_NAME, default_cache_dir
+from router.loop import Mode
 
 
 def _split_csv(value: Any) -> Any:
@@ -41,12 +42,15 @@ class ServeSettings(BaseSettings):
         None, ge=1, description="Requests served at once; past it 429 with Retry-After (none: no cap)."
     )
     rate_limit: float | None = Field(
-        None, gt=0, description="Requests per minute per API key (per client address without "
+        None,
+        gt=0,
+        description="Requests per minute per API key (per client address without "
         "keys); past it 429 with Retry-After (none: unlimited).",
     )
     max_header_bytes: int = Field(16384, ge=1024, description="Largest request head accepted (bytes).")
     http_parser: Literal["h11", "httptools"] = Field(
-        "h11", description="HTTP/1.1 parser: h11 stops reading a request head at "
+        "h11",
+        description="HTTP/1.1 parser: h11 stops reading a request head at "
         "--max-header-bytes; httptools is faster but buffers a head of any size first.",
     )
     max_n: int = Field(16, ge=1, description="Largest `n` a request may ask for.")
@@ -70,7 +74,8 @@ class ServeSettings(BaseSettings):
 
     # Remote engine mode: route in front of an existing vLLM OpenAI server instead.
     engine_url: str | None = Field(
-        None, description="Base URL of a vLLM OpenAI server (e.g. http://vllm:8000/v1) to "
+        None,
+        description="Base URL of a vLLM OpenAI server (e.g. http://vllm:8000/v1) to "
         "generate with instead of an in-process engine; --model then names the tokenizer.",
     )
     engine_api_key: str | None = Field(None, description="Bearer key of the remote engine.")
@@ -85,9 +90,7 @@ class ServeSettings(BaseSettings):
     dtype: str = Field("auto", description="vLLM --dtype.")
     max_model_len: int | None = Field(None, gt=0, description="vLLM --max-model-len.")
     tensor_parallel_size: int = Field(1, ge=1, description="vLLM --tensor-parallel-size.")
-    gpu_memory_utilization: float = Field(
-        0.9, gt=0, le=1, description="vLLM --gpu-memory-utilization."
-    )
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="vLLM --gpu-memory-utilization.")
     max_logprobs: int = Field(20, ge=0, description="vLLM --max-logprobs.")
     enable_prefix_caching: bool = Field(True, description="vLLM --enable-prefix-caching.")
     enforce_eager: bool = Field(False, description="vLLM --enforce-eager (skip torch.compile).")
@@ -108,14 +111,16 @@ class ServeSettings(BaseSettings):
     # Self-search (defaults for every request; a request may override within the caps)
     self_search: bool = Field(True, description="Run the self-search loop on chat requests by default.")
     search_mode: Literal["auto", "native", "guided"] = Field(
-        "auto", description="Protocol mode: native (SSRL-trained models), guided (any instruct "
+        "auto",
+        description="Protocol mode: native (SSRL-trained models), guided (any instruct "
         "model), auto (guided for the embedded default model, native otherwise).",
     )
     search_policy: str = Field(
         "threshold", description="Routing policy: threshold, ssrl, budget, always, never."
     )
     search_threshold: float = Field(
-        1.5, description="tau: external search when the query's aggregate entropy (nats) is above it "
+        1.5,
+        description="tau: external search when the query's aggregate entropy (nats) is above it "
         "(for min_prob: when the lowest token probability is below it).",
     )
     search_aggregate: Literal["mean", "max", "min_prob", "ssrl"] = Field(
@@ -149,7 +154,8 @@ class ServeSettings(BaseSettings):
         None, description="Replace the shipped system prompt of the active mode with this file."
     )
     search: str = Field(
-        "local", description="Search backend chain, comma-separated, tried in order: local, "
+        "local",
+        description="Search backend chain, comma-separated, tried in order: local, "
         "serper, tavily, brave, searxng, exa, google, wikipedia, retriever, an entry-point "
         "backend, or none.",
     )
@@ -160,7 +166,8 @@ class ServeSettings(BaseSettings):
     )
     searxng_url: str | None = Field(None, description="Base URL of a SearXNG instance.")
     secrets_file: Path | None = Field(
-        None, description="KEY=VALUE or JSON file of provider keys (SERPER_API_KEY, ...); "
+        None,
+        description="KEY=VALUE or JSON file of provider keys (SERPER_API_KEY, ...); "
         "environment variables win. Keys are never accepted as flags.",
     )
     search_max_attempts: int = Field(3, ge=1, le=10, description="Attempts per search call.")
@@ -179,7 +186,8 @@ class ServeSettings(BaseSettings):
     )
     search_cache_ttl: float = Field(600.0, gt=0, description="Seconds a cached result lives.")
     search_cache_url: str | None = Field(
-        None, description="redis://host:port/db to share the search cache between replicas "
+        None,
+        description="redis://host:port/db to share the search cache between replicas "
         "(default: in memory, per process).",
     )
     index_dir: Path | None = Field(
@@ -206,7 +214,7 @@ class ServeSettings(BaseSettings):
         return self
 
     @property
-    def resolved_search_mode(self) -> str:
+    def resolved_search_mode(self) -> Mode:
         if self.search_mode != "auto":
             return self.search_mode
         return "guided" if self.uses_default_model else "native"

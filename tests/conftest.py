@@ -35,11 +35,15 @@ SHUTDOWN_GRACE_S = 30.0
 # `ssrl serve` flags for the session server (the port is appended per run). Extend this list
 # when a test needs another flag; every e2e test shares the one server it starts.
 SERVER_ARGS: list[str] = [
-    "--host", "127.0.0.1",
+    "--host",
+    "127.0.0.1",
     "--enforce-eager",
-    "--max-model-len", str(MAX_MODEL_LEN),
-    "--api-key", API_KEY,
-    "--max-request-bytes", str(MAX_REQUEST_BYTES),
+    "--max-model-len",
+    str(MAX_MODEL_LEN),
+    "--api-key",
+    API_KEY,
+    "--max-request-bytes",
+    str(MAX_REQUEST_BYTES),
 ]
 
 
@@ -172,8 +176,9 @@ def auth_headers(server: RunningServer) -> dict[str, str]:
 def openai_client(server: RunningServer):
     import openai
 
-    client = openai.OpenAI(base_url=server.base_url + "/v1", api_key=server.api_key, max_retries=0,
-                           timeout=120)
+    client = openai.OpenAI(
+        base_url=server.base_url + "/v1", api_key=server.api_key, max_retries=0, timeout=120
+    )
     yield client
     client.close()
 
@@ -183,8 +188,9 @@ def async_openai_client(server: RunningServer):
     """An AsyncOpenAI client; function-scoped because its connections belong to one event loop."""
     import openai
 
-    return openai.AsyncOpenAI(base_url=server.base_url + "/v1", api_key=server.api_key,
-                              max_retries=0, timeout=120)
+    return openai.AsyncOpenAI(
+        base_url=server.base_url + "/v1", api_key=server.api_key, max_retries=0, timeout=120
+    )
 
 
 @pytest.fixture(scope="session")
@@ -199,8 +205,15 @@ def model_name(http: httpx.Client, server: RunningServer) -> str:
 
 def _start(argv: list[str], log_path, env: dict[str, str]) -> subprocess.Popen:
     with open(log_path, "wb") as log:
-        return subprocess.Popen(argv, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, env=env, start_new_session=True)
+        return subprocess.Popen(
+            argv,
+            cwd=REPO_ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            start_new_session=True,
+        )
 
 
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "VLLM_CPU_KVCACHE_SPACE": "1"}
@@ -213,10 +226,26 @@ def upstream(tmp_path_factory) -> Iterator[RunningServer]:
 
     log = tmp_path_factory.mktemp("vllm") / "vllm.log"
     port = _free_port()
-    vllm = _start([sys.executable, "-m", "vllm.entrypoints.openai.api_server",
-                   "--model", str(ensure_default_checkpoint()), "--served-model-name", "upstream",
-                   "--port", str(port), "--host", "127.0.0.1", "--max-model-len", "2048",
-                   "--enforce-eager"], log, ENV)
+    vllm = _start(
+        [
+            sys.executable,
+            "-m",
+            "vllm.entrypoints.openai.api_server",
+            "--model",
+            str(ensure_default_checkpoint()),
+            "--served-model-name",
+            "upstream",
+            "--port",
+            str(port),
+            "--host",
+            "127.0.0.1",
+            "--max-model-len",
+            "2048",
+            "--enforce-eager",
+        ],
+        log,
+        ENV,
+    )
     running = RunningServer(f"http://127.0.0.1:{port}", "", log, vllm)
     try:
         _wait_healthy(running, 420)
@@ -230,13 +259,28 @@ def start_router(
 ) -> RunningServer:
     """An ssrl router (no engine of its own, so it starts in seconds) in front of `upstream`."""
     port = _free_port()
-    process = _start([sys.executable, "-m", "clients.cli", "serve", "--host", "127.0.0.1",
-                      "--port", str(port), "--engine-url", upstream.base_url + "/v1",
-                      "--api-key", api_key, *extra], log, {**ENV, **(env or {})})
+    process = _start(
+        [
+            sys.executable,
+            "-m",
+            "clients.cli",
+            "serve",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--engine-url",
+            upstream.base_url + "/v1",
+            "--api-key",
+            api_key,
+            *extra,
+        ],
+        log,
+        {**ENV, **(env or {})},
+    )
     running = RunningServer(f"http://127.0.0.1:{port}", api_key, log, process)
     _wait_healthy(running, 120)
     return running
-
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

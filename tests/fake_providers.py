@@ -317,16 +317,12 @@ class FakeProviders:
             raise RuntimeError("the fake is not running (use running_fake or the fixtures)")
         return f"{self.base_url}/{provider}"
 
-    def script(
-        self, *behaviours: Behaviour, provider: str | None = None, path: str | None = None
-    ) -> None:
+    def script(self, *behaviours: Behaviour, provider: str | None = None, path: str | None = None) -> None:
         with self._lock:
             self._queues.setdefault((provider, path), deque()).extend(behaviours)
 
     def requests_for(self, provider: str, path: str | None = None) -> list[Recorded]:
-        return [
-            r for r in self.requests if r.provider == provider and (path is None or r.path == path)
-        ]
+        return [r for r in self.requests if r.provider == provider and (path is None or r.path == path)]
 
     def _next(self, provider: str, path: str) -> Behaviour:
         def specificity(key: tuple[str | None, str | None]) -> tuple[int, int]:

@@ -141,7 +141,9 @@ class ScriptedEngine:
         emitted = 0
         # Like vLLM, text that may be the start of a stop string is held back until decided,
         # and a stop string excluded from the output never appears in any delta.
-        holdback = 0 if options.include_stop_str_in_output else max((len(s) for s in options.stop), default=1) - 1
+        holdback = (
+            0 if options.include_stop_str_in_output else max((len(s) for s in options.stop), default=1) - 1
+        )
         first = True
         for count, step in enumerate(plan.steps, start=1):
             if self.delay:
@@ -170,8 +172,11 @@ class ScriptedEngine:
                 top = {token_id: _log(step.prob)}
                 for i, p in enumerate(step.alternatives[: max(options.logprobs, 0)]):
                     top[900_000 + i] = _log(p)
-                logprobs = (TokenLogprobs(token_id=token_id, logprob=_log(step.prob), top=top,
-                                          decoded={token_id: step.piece}),)
+                logprobs = (
+                    TokenLogprobs(
+                        token_id=token_id, logprob=_log(step.prob), top=top, decoded={token_id: step.piece}
+                    ),
+                )
             yield GenerationDelta(
                 text=piece,
                 token_ids=(token_id,),

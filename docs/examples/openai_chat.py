@@ -19,14 +19,16 @@ response = client.chat.completions.create(
     extra_body={"self_search": {"policy": "always", "max_turns": 1}},
 )
 choice = response.choices[0]
-trace = choice.model_extra["self_search"]            # the structured trace
+trace = choice.model_extra["self_search"]  # the structured trace
 reasoning = choice.message.model_extra["reasoning"]  # the whole tagged transcript
 
 print("answer:", choice.message.content)
 for search in trace["searches"]:
     entropy = search["entropy"]
-    print(f"search: {search['query']!r} mean entropy {entropy['mean']:.3f} nats "
-          f"-> {search['decision']} ({search['reason']})")
+    print(
+        f"search: {search['query']!r} mean entropy {entropy['mean']:.3f} nats "
+        f"-> {search['decision']} ({search['reason']})"
+    )
     for doc in search["documents"]:
         print("  document:", doc["title"])
 for annotation in choice.message.annotations or []:

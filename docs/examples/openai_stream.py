@@ -35,9 +35,13 @@ for chunk in stream:
         event = (choice.model_extra or {}).get("self_search")
         if event and event["type"] == "search":
             search = event["search"]
-            print(f"\n[search] {search['query']!r} -> {search['decision']}, "
-                  f"{len(search['documents'])} document(s)")
+            print(
+                f"\n[search] {search['query']!r} -> {search['decision']}, "
+                f"{len(search['documents'])} document(s)"
+            )
         elif event and event["type"] == "trace":
-            print(f"\n[trace] {event['turns']} search(es), {event['external_calls']} external, "
-                  f"finish_reason={choice.finish_reason}")
+            print(
+                f"\n[trace] {event['turns']} search(es), {event['external_calls']} external, "
+                f"finish_reason={choice.finish_reason}"
+            )
 print("answer:", "".join(answer))

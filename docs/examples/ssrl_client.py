@@ -11,8 +11,10 @@ with SSRLClient() as client:
     print("answer:", result.answer)
     assert result.trace is not None  # None only against a plain OpenAI-compatible server
     for search in result.trace.searches:
-        print(f"search: {search.query!r} entropy mean={search.entropy.mean:.3f} "
-              f"max={search.entropy.max:.3f} -> {search.decision}")
+        print(
+            f"search: {search.query!r} entropy mean={search.entropy.mean:.3f} "
+            f"max={search.entropy.max:.3f} -> {search.decision}"
+        )
         for doc in search.documents:
             print("  document:", doc.title, doc.url)
     print("citations:", [c.url for c in result.citations])

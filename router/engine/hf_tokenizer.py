@@ -27,7 +27,8 @@ class HFTokenizerEngine:
 
     @property
     def tokenizer(self) -> Tokenizer:
-        return self._tokenizer
+        tokenizer: Tokenizer = self._tokenizer
+        return tokenizer
 
     def apply_chat_template(
         self, messages: list[dict[str, str]], add_generation_prompt: bool = True

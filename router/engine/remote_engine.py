@@ -47,10 +47,12 @@ class RemoteEngineConfig:
 def _token_id(key: str) -> int:
     if not key.startswith(_TOKEN_PREFIX):
         raise ValueError(f"expected a '{_TOKEN_PREFIX}N' key, got {key!r}")
-    return int(key[len(_TOKEN_PREFIX):])
+    return int(key[len(_TOKEN_PREFIX) :])
 
 
-def parse_logprobs(token_ids: Sequence[int], logprobs: Mapping[str, Any] | None) -> tuple[TokenLogprobs, ...] | None:
+def parse_logprobs(
+    token_ids: Sequence[int], logprobs: Mapping[str, Any] | None
+) -> tuple[TokenLogprobs, ...] | None:
     """vLLM's completions logprobs (with `return_tokens_as_token_ids`) as TokenLogprobs."""
     if not logprobs:
         return None
@@ -61,11 +63,13 @@ def parse_logprobs(token_ids: Sequence[int], logprobs: Mapping[str, Any] | None)
         top_raw = tops[i] if i < len(tops) and tops[i] else {}
         top = {_token_id(k): float(v) for k, v in top_raw.items()}
         logprob = sampled[i] if i < len(sampled) and sampled[i] is not None else top.get(token_id)
-        converted.append(TokenLogprobs(
-            token_id=token_id,
-            logprob=float("-inf") if logprob is None else float(logprob),
-            top=top,
-        ))
+        converted.append(
+            TokenLogprobs(
+                token_id=token_id,
+                logprob=float("-inf") if logprob is None else float(logprob),
+                top=top,
+            )
+        )
     return tuple(converted)
 
 
@@ -133,7 +137,9 @@ class RemoteEngine(HFTokenizerEngine):
         first = True
         try:
             async with self._client.stream(
-                "POST", "/completions", json=self._body(prompt_ids, options),
+                "POST",
+                "/completions",
+                json=self._body(prompt_ids, options),
                 headers={"X-Request-Id": request_id},
             ) as response:
                 if response.status_code >= 400:
@@ -144,7 +150,7 @@ class RemoteEngine(HFTokenizerEngine):
                 async for line in response.aiter_lines():
                     if not line.startswith("data: ") or line == "data: [DONE]":
                         continue
-                    chunk = json.loads(line[len("data: "):])
+                    chunk = json.loads(line[len("data: ") :])
                     if "error" in chunk:
                         raise EngineDeadError(f"the remote engine failed: {chunk['error'].get('message')}")
                     for choice in chunk.get("choices", []):

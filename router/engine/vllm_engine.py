@@ -107,9 +107,7 @@ class VLLMEngine(HFTokenizerEngine):
                     token_ids=tuple(completion.token_ids),
                     logprobs=_convert_logprobs(completion.token_ids, completion.logprobs),
                     finish_reason=completion.finish_reason,
-                    stop_reason=(
-                        completion.stop_reason if isinstance(completion.stop_reason, str) else None
-                    ),
+                    stop_reason=(completion.stop_reason if isinstance(completion.stop_reason, str) else None),
                     prompt_token_count=len(prompt_ids) if first else None,
                 )
                 first = False

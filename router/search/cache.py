@@ -138,9 +138,7 @@ class CachedBackend:
     async def search(self, query: str, k: int) -> list[Document]:
         return await self.search_with_stats(query, k, None)
 
-    async def search_with_stats(
-        self, query: str, k: int, stats: CallStats | None = None
-    ) -> list[Document]:
+    async def search_with_stats(self, query: str, k: int, stats: CallStats | None = None) -> list[Document]:
         stats = stats if stats is not None else CallStats()
         if self.cache.enabled:
             cached = await self.cache.aget(self.name, query, k)

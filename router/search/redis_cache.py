@@ -27,8 +27,12 @@ class RedisSearchCache:
     """`aget` / `aput` over `redis.asyncio`; `url` like redis://host:6379/0."""
 
     def __init__(
-        self, url: str, ttl_s: float = 600.0, cache_empty: bool = False,
-        timeout_s: float = 0.5, client: Any = None,
+        self,
+        url: str,
+        ttl_s: float = 600.0,
+        cache_empty: bool = False,
+        timeout_s: float = 0.5,
+        client: Any = None,
     ) -> None:
         import redis.asyncio as redis
 
@@ -51,8 +55,9 @@ class RedisSearchCache:
     def _failed(self, action: str, exc: Exception) -> None:
         self.errors += 1
         if self._healthy:
-            logger.warning("search cache: redis %s failed (%s); going on without it",
-                           action, type(exc).__name__)
+            logger.warning(
+                "search cache: redis %s failed (%s); going on without it", action, type(exc).__name__
+            )
         self._healthy = False
 
     async def aget(self, backend: str, query: str, k: int) -> list[Document] | None:

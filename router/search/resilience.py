@@ -128,8 +128,7 @@ class ResiliencePolicy:
             raise ValueError("max_attempts must be at least 1")
         if self.deadline_s <= 0:
             raise ValueError("deadline_s must be positive")
-        if min(self.reset_after_s, self.backoff_base_s, self.backoff_max_s,
-               self.max_retry_after_s) < 0:
+        if min(self.reset_after_s, self.backoff_base_s, self.backoff_max_s, self.max_retry_after_s) < 0:
             raise ValueError("durations must not be negative")
 
 
@@ -400,12 +399,14 @@ class ResilientBackend:
 
     # -- the call -----------------------------------------------------------------------
 
-    async def search_with_stats(
-        self, query: str, k: int, stats: CallStats | None = None
-    ) -> list[Document]:
+    async def search_with_stats(self, query: str, k: int, stats: CallStats | None = None) -> list[Document]:
         """`search`, filling `stats` (attempts made) as it goes."""
         now = self._clock()
-        call = _Call(started=now, deadline=now + self.policy.deadline_s, stats=stats if stats is not None else CallStats())
+        call = _Call(
+            started=now,
+            deadline=now + self.policy.deadline_s,
+            stats=stats if stats is not None else CallStats(),
+        )
         retrying = AsyncRetrying(  # one per call: tenacity keeps per-run state on the object
             retry=lambda rs: self._should_retry(rs, call),
             stop=lambda rs: self._should_stop(rs, call),
@@ -415,7 +416,7 @@ class ResilientBackend:
             reraise=True,
         )
         try:
-            docs = await retrying(self._attempt, query, k, call)
+            docs: list[Document] = await retrying(self._attempt, query, k, call)
         except BaseException as exc:
             if not isinstance(exc, Exception):  # cancellation: no verdict, no report
                 raise
@@ -529,7 +530,10 @@ class ResilientBackend:
         notify(self.observer, "on_retry", self.name, _retry_reason(exc), wait)
         logger.info(
             "search backend %s: attempt %d failed (%s), retrying in %.2fs",
-            self.name, rs.attempt_number, type(exc).__name__, wait,
+            self.name,
+            rs.attempt_number,
+            type(exc).__name__,
+            wait,
         )
 
     # -- errors ---------------------------------------------------------------------------
@@ -545,7 +549,7 @@ class ResilientBackend:
         text = str(exc) if exc is not None else ""
         prefix = f"{self.name}: "
         while text.startswith(prefix):
-            text = text[len(prefix):]
+            text = text[len(prefix) :]
         return text or (type(exc).__name__ if exc is not None else "no error")
 
     def _final_error(self, exc: Exception, call: _Call) -> tuple[SearchError, str]:
@@ -572,10 +576,7 @@ class ResilientBackend:
             return SearchTimeoutError(msg), "timeout"
         msg = f"{self.name}: {n} failed: {self._detail(exc)}"
         if call.stopped == "retry_after" and isinstance(exc, SearchHTTPError):
-            msg += (
-                f" (Retry-After {exc.retry_after:g}s is over the "
-                f"{self.policy.max_retry_after_s:g}s cap)"
-            )
+            msg += f" (Retry-After {exc.retry_after:g}s is over the {self.policy.max_retry_after_s:g}s cap)"
         return _same_kind(exc, msg), "error"
 
 

@@ -39,8 +39,14 @@ RUN_TIMEOUT_S = 300
 
 
 def raw_body(model: str, **extra: Any) -> dict[str, Any]:
-    return {"model": model, "messages": [{"role": "user", "content": QUESTION}],
-            "temperature": 0, "seed": SEED, "self_search": dict(OPTIONS), **extra}
+    return {
+        "model": model,
+        "messages": [{"role": "user", "content": QUESTION}],
+        "temperature": 0,
+        "seed": SEED,
+        "self_search": dict(OPTIONS),
+        **extra,
+    }
 
 
 @pytest.fixture(scope="module")
@@ -60,20 +66,35 @@ def client(server: RunningServer):
 
 
 def child_env(server: RunningServer, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("FORCE_COLOR", "NO_COLOR", "TTY_COMPATIBLE", "SSRL_MODEL")}
-    env.update({
-        "SSRL_BASE_URL": server.base_url, "SSRL_API_KEY": server.api_key,
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")])),
-        "PYTHONUNBUFFERED": "1", "PYTHONIOENCODING": "utf-8",
-    })
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("FORCE_COLOR", "NO_COLOR", "TTY_COMPATIBLE", "SSRL_MODEL")
+    }
+    env.update(
+        {
+            "SSRL_BASE_URL": server.base_url,
+            "SSRL_API_KEY": server.api_key,
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")])),
+            "PYTHONUNBUFFERED": "1",
+            "PYTHONIOENCODING": "utf-8",
+        }
+    )
     env.update(extra)
     return env
 
 
 def run(cmd: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True,
-                          timeout=RUN_TIMEOUT_S, encoding="utf-8", check=False)
+    return subprocess.run(
+        cmd,
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=RUN_TIMEOUT_S,
+        encoding="utf-8",
+        check=False,
+    )
 
 
 # ----- the Python client ------------------------------------------------------------------
@@ -91,16 +112,22 @@ def test_client_chat_equals_the_raw_answer(client: SSRLClient, reference: dict[s
     trace = result.trace
     assert trace is not None
     assert [(s.query, s.decision) for s in trace.searches] == [
-        (s["query"], s["decision"]) for s in raw_trace["searches"]]
+        (s["query"], s["decision"]) for s in raw_trace["searches"]
+    ]
     assert trace.searches[0].decision == "external"
     assert [d.title for d in trace.searches[0].documents] == [
-        d["title"] for d in raw_trace["searches"][0]["documents"]]
+        d["title"] for d in raw_trace["searches"][0]["documents"]
+    ]
     assert trace.searches[0].entropy.per_token == raw_trace["searches"][0]["entropy"]["per_token"]
     assert (trace.external_calls, trace.internal_fills, trace.turns, trace.answered) == (
-        raw_trace["external_calls"], raw_trace["internal_fills"], raw_trace["turns"],
-        raw_trace["answered"])
+        raw_trace["external_calls"],
+        raw_trace["internal_fills"],
+        raw_trace["turns"],
+        raw_trace["answered"],
+    )
     assert [c.url for c in result.citations] == [
-        a["url_citation"]["url"] for a in raw_choice["message"]["annotations"]]
+        a["url_citation"]["url"] for a in raw_choice["message"]["annotations"]
+    ]
     # The typed trace is lossless: dumped back, it is the JSON the server sent.
     own = result.raw["choices"][0]["self_search"]
     assert trace.model_dump(exclude={"vote"}) == own
@@ -115,7 +142,8 @@ def test_async_client_equals_the_raw_answer(server: RunningServer, reference: di
     assert result.answer == reference["choices"][0]["message"]["content"]
     assert result.usage is not None and result.usage.model_dump() == reference["usage"]
     assert [s.query for s in result.trace.searches] == [
-        s["query"] for s in reference["choices"][0]["self_search"]["searches"]]
+        s["query"] for s in reference["choices"][0]["self_search"]["searches"]
+    ]
 
 
 def test_stream_events_arrive_in_order(client: SSRLClient, reference: dict[str, Any]) -> None:
@@ -124,8 +152,9 @@ def test_stream_events_arrive_in_order(client: SSRLClient, reference: dict[str, 
     assert kinds[0] is ReasoningDelta
     searches = [i for i, e in enumerate(events) if isinstance(e, SearchDecided)]
     assert len(searches) == 1
-    info = next(i for i, e in enumerate(events)
-                if isinstance(e, ReasoningDelta) and "<information>" in e.text)
+    info = next(
+        i for i, e in enumerate(events) if isinstance(e, ReasoningDelta) and "<information>" in e.text
+    )
     assert searches[0] < info  # decided before its information is written
     answers = [i for i, e in enumerate(events) if isinstance(e, AnswerDelta)]
     assert answers and answers[0] > info
@@ -134,7 +163,9 @@ def test_stream_events_arrive_in_order(client: SSRLClient, reference: dict[str, 
     assert isinstance(trace_event, TraceEvent) and isinstance(usage, Usage)
     raw_choice = reference["choices"][0]
     assert "".join(e.text for e in events if isinstance(e, AnswerDelta)) == raw_choice["message"]["content"]
-    assert "".join(e.text for e in events if isinstance(e, ReasoningDelta)) == raw_choice["message"]["reasoning"]
+    assert (
+        "".join(e.text for e in events if isinstance(e, ReasoningDelta)) == raw_choice["message"]["reasoning"]
+    )
     record = events[searches[0]].record  # type: ignore[union-attr]
     assert record.query == raw_choice["self_search"]["searches"][0]["query"]
     assert record.decision == "external" and record.documents
@@ -159,11 +190,13 @@ def test_search_and_retrieve_match_raw_http(
     found = client.search("Mona Lisa", k=2)
     assert [(h.title, h.url) for h in found.data] == [(h["title"], h["url"]) for h in raw["data"]]
     assert found.data[0].title == "Mona Lisa" and found.backend == "local"
-    raw_r = http.post("/retrieve", json={"queries": ["Mona Lisa", "capital of France"], "topk": 2},
-                      headers=auth_headers).json()
+    raw_r = http.post(
+        "/retrieve", json={"queries": ["Mona Lisa", "capital of France"], "topk": 2}, headers=auth_headers
+    ).json()
     docs = client.retrieve(["Mona Lisa", "capital of France"], topk=2)
     assert [[d.contents for d in row] for row in docs] == [
-        [d["contents"] for d in row] for row in raw_r["result"]]
+        [d["contents"] for d in row] for row in raw_r["result"]
+    ]
     assert docs[0][0].title == "Mona Lisa"
 
 
@@ -180,9 +213,26 @@ def test_client_reports_server_errors(server: RunningServer) -> None:
 
 
 def chat_cmd(server: RunningServer, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "clients.cli", "chat", "--base-url", server.base_url,
-            "--api-key", server.api_key, QUESTION, "--policy", "always", "--max-turns", "1",
-            "--temperature", "0", "--seed", str(SEED), *extra]
+    return [
+        sys.executable,
+        "-m",
+        "clients.cli",
+        "chat",
+        "--base-url",
+        server.base_url,
+        "--api-key",
+        server.api_key,
+        QUESTION,
+        "--policy",
+        "always",
+        "--max-turns",
+        "1",
+        "--temperature",
+        "0",
+        "--seed",
+        str(SEED),
+        *extra,
+    ]
 
 
 def test_cli_piped_output_is_plain(server: RunningServer, reference: dict[str, Any]) -> None:
@@ -220,8 +270,20 @@ def test_cli_on_a_terminal_is_formatted(server: RunningServer, reference: dict[s
 
 def test_cli_errors_are_one_line(server: RunningServer) -> None:
     env = child_env(server)
-    bad_key = run([sys.executable, "-m", "clients.cli", "chat", "--base-url", server.base_url,
-                   "--api-key", "wrong-key", QUESTION], env)
+    bad_key = run(
+        [
+            sys.executable,
+            "-m",
+            "clients.cli",
+            "chat",
+            "--base-url",
+            server.base_url,
+            "--api-key",
+            "wrong-key",
+            QUESTION,
+        ],
+        env,
+    )
     assert bad_key.returncode == 1
     assert bad_key.stderr.count("\n") == 1 and "401" in bad_key.stderr
     assert "Traceback" not in bad_key.stderr
@@ -296,8 +358,9 @@ def test_python_example_runs(server: RunningServer, script: str) -> None:
     assert_lines(done.stdout, EXAMPLE_LINES[script])
 
 
-@pytest.mark.skipif(shutil.which("curl") is None or shutil.which("bash") is None,
-                    reason="curl and bash are needed")
+@pytest.mark.skipif(
+    shutil.which("curl") is None or shutil.which("bash") is None, reason="curl and bash are needed"
+)
 def test_curl_example_runs(server: RunningServer, model_name: str) -> None:
     done = run(["bash", str(EXAMPLES / "curl.sh")], child_env(server, SSRL_MODEL=model_name))
     assert done.returncode == 0, f"curl.sh failed:\n{done.stdout}\n{done.stderr}"
@@ -307,9 +370,12 @@ def test_curl_example_runs(server: RunningServer, model_name: str) -> None:
     assert chat["choices"][0]["self_search"]["searches"][0]["decision"] == "external"
     stream = [line for line in sections[2].splitlines() if line]
     assert stream[-1] == "data: [DONE]"
-    chunks = [json.loads(line[len("data: "):]) for line in stream[:-1]]
-    kinds = [c["choices"][0]["self_search"]["type"] for c in chunks
-             if c["choices"] and "self_search" in c["choices"][0]]
+    chunks = [json.loads(line[len("data: ") :]) for line in stream[:-1]]
+    kinds = [
+        c["choices"][0]["self_search"]["type"]
+        for c in chunks
+        if c["choices"] and "self_search" in c["choices"][0]
+    ]
     assert kinds == ["search", "trace"]
     assert chunks[-1]["usage"]["total_tokens"] > 0
     search = json.loads(sections[3])

@@ -20,9 +20,26 @@ def qa_file(name: str = "nq_open_dev.jsonl") -> Path:
 
 
 def eval_args(server, out: Path, *extra: str) -> list[str]:
-    return ["eval", "--data", str(qa_file()), "--out", str(out), "--base-url", server.base_url,
-            "--api-key", server.api_key, "--max-turns", "1", "--no-progress", "--no-plots",
-            "--concurrency", "4", "--timeout", "300", *extra]
+    return [
+        "eval",
+        "--data",
+        str(qa_file()),
+        "--out",
+        str(out),
+        "--base-url",
+        server.base_url,
+        "--api-key",
+        server.api_key,
+        "--max-turns",
+        "1",
+        "--no-progress",
+        "--no-plots",
+        "--concurrency",
+        "4",
+        "--timeout",
+        "300",
+        *extra,
+    ]
 
 
 def rows_of(path: Path) -> list[dict]:
@@ -57,10 +74,12 @@ def test_sweep_never_and_always_then_calibrate(server, tmp_path):
     assert mean_curve[0]["accuracy"] == pytest.approx(sweep["accuracy_always"])
     assert mean_curve[-1]["accuracy"] == pytest.approx(sweep["accuracy_never"])
 
-    assert main(["calibrate", str(out), "--target-call-rate", "0.5", "--aggregate", "mean",
-                 "--no-plots"]) == 0
+    assert (
+        main(["calibrate", str(out), "--target-call-rate", "0.5", "--aggregate", "mean", "--no-plots"]) == 0
+    )
     env = dict(
-        line.split("=", 1) for line in (out / "calibration.env").read_text().splitlines()
+        line.split("=", 1)
+        for line in (out / "calibration.env").read_text().splitlines()
         if line and not line.startswith("#")
     )
     assert env["SSRL_SEARCH_AGGREGATE"] == "mean" and env["SSRL_SEARCH_POLICY"] == "threshold"
@@ -71,8 +90,7 @@ def test_sweep_never_and_always_then_calibrate(server, tmp_path):
 
 def test_samples_report_pass_at_k(server, tmp_path):
     out = tmp_path / "samples"
-    assert main(eval_args(server, out, "--limit", "2", "--n", "2", "--seed", "1",
-                          "--policy", "never")) == 0
+    assert main(eval_args(server, out, "--limit", "2", "--n", "2", "--seed", "1", "--policy", "never")) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["errors"] == 0 and summary["n"] == 2
     assert set(summary["pass_at_k"]) == {"1", "2"}

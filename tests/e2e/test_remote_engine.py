@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 
@@ -32,7 +29,9 @@ def remote_pair(server: RunningServer, upstream: RunningServer, tmp_path_factory
 def _ask(base_url: str, api_key: str, model: str, policy: str):
     client = openai.OpenAI(base_url=base_url + "/v1", api_key=api_key, max_retries=0, timeout=120)
     return client.chat.completions.create(
-        model=model, messages=[{"role": "user", "content": QUESTION}], temperature=0,
+        model=model,
+        messages=[{"role": "user", "content": QUESTION}],
+        temperature=0,
         extra_body={"self_search": {"policy": policy}},
     )
 
@@ -47,20 +46,26 @@ def test_remote_engine_runs_the_same_loop(remote_pair, server, model_name, polic
     # and the entropies come from the remote engine's logprobs keyed by token id.
     assert remote.message.model_extra["reasoning"] == local.message.model_extra["reasoning"]
     assert remote.message.content == local.message.content
-    r, l = remote_trace["searches"][0], local_trace["searches"][0]
-    assert r["query"] == l["query"] and r["decision"] == l["decision"] == (
-        "external" if policy == "always" else "internal")
-    assert r["entropy"]["tokens"] == l["entropy"]["tokens"] > 0
-    assert r["entropy"]["mean"] == pytest.approx(l["entropy"]["mean"], abs=0.05)
+    r, lo = remote_trace["searches"][0], local_trace["searches"][0]
+    assert r["query"] == lo["query"] and r["decision"] == lo["decision"] == (
+        "external" if policy == "always" else "internal"
+    )
+    assert r["entropy"]["tokens"] == lo["entropy"]["tokens"] > 0
+    assert r["entropy"]["mean"] == pytest.approx(lo["entropy"]["mean"], abs=0.05)
 
 
 def test_remote_engine_health_and_plain_chat(remote_pair, http, model_name):
     assert http.get(remote_pair.base_url + "/health").status_code == 200
-    client = openai.OpenAI(base_url=remote_pair.base_url + "/v1", api_key=remote_pair.api_key,
-                           max_retries=0, timeout=120)
+    client = openai.OpenAI(
+        base_url=remote_pair.base_url + "/v1", api_key=remote_pair.api_key, max_retries=0, timeout=120
+    )
     stream = client.chat.completions.create(
-        model=model_name, messages=[{"role": "user", "content": "Say hi"}], max_tokens=8,
-        temperature=0, stream=True, stream_options={"include_usage": True},
+        model=model_name,
+        messages=[{"role": "user", "content": "Say hi"}],
+        max_tokens=8,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
         extra_body={"self_search": {"enabled": False}},
     )
     text, usage = "", None
@@ -75,8 +80,13 @@ def test_remote_engine_health_and_plain_chat(remote_pair, http, model_name):
 def test_sigterm_drains_in_flight_requests_then_exits(upstream, server, model_name, tmp_path):
     router = start_router(upstream, server.api_key, tmp_path / "ssrl.log", "--shutdown-grace", "60")
     headers = {"Authorization": f"Bearer {server.api_key}"}
-    body = {"model": model_name, "prompt": "Count from 1 to 1000: 1, 2, 3, 4,", "max_tokens": 200,
-            "temperature": 0, "stream": True}
+    body = {
+        "model": model_name,
+        "prompt": "Count from 1 to 1000: 1, 2, 3, 4,",
+        "max_tokens": 200,
+        "temperature": 0,
+        "stream": True,
+    }
     try:
         with httpx.Client(base_url=router.base_url, timeout=120) as client:
             assert client.get("/ready").status_code == 200
@@ -87,8 +97,11 @@ def test_sigterm_drains_in_flight_requests_then_exits(upstream, server, model_na
                 router.process.send_signal(signal.SIGTERM)
                 # Readiness turns false at once; new work is refused with a retry hint.
                 assert _poll(lambda: client.get("/ready").status_code == 503)
-                refused = client.post("/v1/completions", headers=headers,
-                                      json={"model": model_name, "prompt": "hi", "max_tokens": 2})
+                refused = client.post(
+                    "/v1/completions",
+                    headers=headers,
+                    json={"model": model_name, "prompt": "hi", "max_tokens": 2},
+                )
                 assert refused.status_code == 503
                 assert refused.headers["Retry-After"].isdigit()
                 assert refused.json()["error"]["code"] == "server_shutting_down"
@@ -96,8 +109,11 @@ def test_sigterm_drains_in_flight_requests_then_exits(upstream, server, model_na
                 rest = [line for line in lines if line.startswith("data: ")]
             # The request in flight ran to its end.
             assert rest[-1] == "data: [DONE]"
-            finish = [json.loads(l[6:])["choices"][0].get("finish_reason") for l in rest[:-1]
-                      if json.loads(l[6:]).get("choices")]
+            finish = [
+                json.loads(line[6:])["choices"][0].get("finish_reason")
+                for line in rest[:-1]
+                if json.loads(line[6:]).get("choices")
+            ]
             assert finish[-1] in ("length", "stop")
         router.process.wait(timeout=60)
         assert router.process.poll() is not None

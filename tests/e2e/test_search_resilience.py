@@ -32,14 +32,23 @@ def fake() -> Iterator[FakeProviders]:
 def router(upstream, server, fake, tmp_path_factory) -> Iterator[RunningServer]:
     log = tmp_path_factory.mktemp("resilience") / "ssrl.log"
     running = start_router(
-        upstream, server.api_key, log,
-        "--search", "serper",
-        "--search-option", f"serper.base_url={fake.url('serper')}",
-        "--search-option", "serper.timeout=1",
-        "--search-max-attempts", "3",
-        "--search-breaker-failures", "4",
-        "--search-breaker-reset", "2",
-        "--search-timeout", "8",
+        upstream,
+        server.api_key,
+        log,
+        "--search",
+        "serper",
+        "--search-option",
+        f"serper.base_url={fake.url('serper')}",
+        "--search-option",
+        "serper.timeout=1",
+        "--search-max-attempts",
+        "3",
+        "--search-breaker-failures",
+        "4",
+        "--search-breaker-reset",
+        "2",
+        "--search-timeout",
+        "8",
         env={"SERPER_API_KEY": FAKE_SECRETS["SERPER_API_KEY"]},
     )
     try:
@@ -54,8 +63,9 @@ def _reset(fake: FakeProviders) -> None:
 
 
 def search(router: RunningServer, q: str) -> httpx.Response:
-    return httpx.get(router.base_url + "/v1/search", params={"q": q, "k": 2},
-                     headers=router.auth_headers, timeout=60)
+    return httpx.get(
+        router.base_url + "/v1/search", params={"q": q, "k": 2}, headers=router.auth_headers, timeout=60
+    )
 
 
 def metrics(router: RunningServer) -> str:
@@ -88,8 +98,10 @@ def test_retries_on_5xx_and_honours_retry_after(router, fake):
     assert len(fake.requests_for("serper")) == 3  # two failures, then the answer
     after = metrics(router)
     for reason in ("server_error", "rate_limited"):
-        assert value(after, "ssrl_search_retries_total", backend="serper", reason=reason) == \
-            value(before, "ssrl_search_retries_total", backend="serper", reason=reason) + 1
+        assert (
+            value(after, "ssrl_search_retries_total", backend="serper", reason=reason)
+            == value(before, "ssrl_search_retries_total", backend="serper", reason=reason) + 1
+        )
 
 
 def test_no_retry_on_401(router, fake):
@@ -103,12 +115,15 @@ def test_no_retry_on_401(router, fake):
 def test_failed_search_falls_back_to_self_fill_in_chat(router, fake, model_name):
     # Every attempt of every search fails: the chat still succeeds, filled by the model.
     fake.script(*[status(500)] * 3, provider="serper")
-    client = openai.OpenAI(base_url=router.base_url + "/v1", api_key=router.api_key,
-                           max_retries=0, timeout=120)
+    client = openai.OpenAI(
+        base_url=router.base_url + "/v1", api_key=router.api_key, max_retries=0, timeout=120
+    )
     before = metrics(router)
     response = client.chat.completions.create(
-        model=model_name, messages=[{"role": "user", "content": "Who painted the Mona Lisa?"}],
-        temperature=0, extra_body={"self_search": {"policy": "always"}},
+        model=model_name,
+        messages=[{"role": "user", "content": "Who painted the Mona Lisa?"}],
+        temperature=0,
+        extra_body={"self_search": {"policy": "always"}},
     )
     choice = response.choices[0]
     search_record = choice.model_extra["self_search"]["searches"][0]
@@ -119,16 +134,20 @@ def test_failed_search_falls_back_to_self_fill_in_chat(router, fake, model_name)
     assert choice.model_extra["self_search"]["fallbacks"] == 1
     assert choice.message.content
     after = metrics(router)
-    assert value(after, "ssrl_searches_total", decision="external", outcome="fallback") == \
-        value(before, "ssrl_searches_total", decision="external", outcome="fallback") + 1
+    assert (
+        value(after, "ssrl_searches_total", decision="external", outcome="fallback")
+        == value(before, "ssrl_searches_total", decision="external", outcome="fallback") + 1
+    )
 
 
 def test_a_read_that_never_finishes_times_out(router, fake):
     fake.script(*[hang(4.0)] * 3, provider="serper")
     response = search(router, "hanging provider")
     assert response.status_code == 502
-    assert "timed out" in response.json()["error"]["message"].lower() or \
-        "transport" in response.json()["error"]["message"].lower()
+    assert (
+        "timed out" in response.json()["error"]["message"].lower()
+        or "transport" in response.json()["error"]["message"].lower()
+    )
 
 
 def recovered(router: RunningServer, query: str) -> httpx.Response:
@@ -146,8 +165,8 @@ def test_breaker_opens_then_closes(router, fake):
     assert recovered(router, "breaker warm-up").status_code == 200
     fake.reset()
     fake.script(*[status(500)] * 6, provider="serper")
-    assert search(router, "breaker one").status_code == 502   # 3 attempts
-    assert search(router, "breaker two").status_code == 502   # 4th failure opens it
+    assert search(router, "breaker one").status_code == 502  # 3 attempts
+    assert search(router, "breaker two").status_code == 502  # 4th failure opens it
     calls = len(fake.requests_for("serper"))
     assert calls == 4
     refused = search(router, "breaker three")
@@ -177,8 +196,10 @@ def test_cache_hit_skips_the_provider(router, fake):
     assert again.status_code == 200 and again.json()["cache_hit"] is True
     assert len(fake.requests_for("serper")) == first
     after = metrics(router)
-    assert value(after, "ssrl_search_cache_total", backend="serper", result="hit") >= \
-        value(before, "ssrl_search_cache_total", backend="serper", result="hit") + 1
+    assert (
+        value(after, "ssrl_search_cache_total", backend="serper", result="hit")
+        >= value(before, "ssrl_search_cache_total", backend="serper", result="hit") + 1
+    )
 
 
 def test_the_key_never_leaks(router, fake):

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import re
 
-import httpx
 import pytest
 
 QUESTION = "Who painted the Mona Lisa?"
@@ -94,8 +93,11 @@ def test_forced_internal_search_is_self_filled(openai_client, model_name):
 
 def test_usage_sums_every_engine_call(openai_client, model_name):
     plain = openai_client.chat.completions.create(
-        model=model_name, messages=[{"role": "user", "content": QUESTION}], temperature=0,
-        max_tokens=8, extra_body={"self_search": {"enabled": False}},
+        model=model_name,
+        messages=[{"role": "user", "content": QUESTION}],
+        temperature=0,
+        max_tokens=8,
+        extra_body={"self_search": {"enabled": False}},
     )
     looped = ask(openai_client, model_name, "never")
     # Query, information and answer are three engine calls, each re-reading a longer prompt.
@@ -106,8 +108,11 @@ def test_usage_sums_every_engine_call(openai_client, model_name):
 
 def test_disabled_self_search_is_plain_generation(openai_client, model_name):
     response = openai_client.chat.completions.create(
-        model=model_name, messages=[{"role": "user", "content": QUESTION}], temperature=0,
-        max_tokens=12, extra_body={"self_search": {"enabled": False}},
+        model=model_name,
+        messages=[{"role": "user", "content": QUESTION}],
+        temperature=0,
+        max_tokens=12,
+        extra_body={"self_search": {"enabled": False}},
     )
     choice = response.choices[0]
     assert "self_search" not in (choice.model_extra or {})
@@ -116,8 +121,7 @@ def test_disabled_self_search_is_plain_generation(openai_client, model_name):
 
 def test_stream_matches_non_stream(openai_client, model_name):
     reference = ask(openai_client, model_name, "always").choices[0]
-    stream = ask(openai_client, model_name, "always", stream=True,
-                 stream_options={"include_usage": True})
+    stream = ask(openai_client, model_name, "always", stream=True, stream_options={"include_usage": True})
     reasoning, content, events, usage = [], [], [], None
     for chunk in stream:
         if not chunk.choices:
@@ -142,8 +146,11 @@ def test_stream_matches_non_stream(openai_client, model_name):
 
 def test_raw_sse_search_event_arrives_before_its_information(http, auth_headers, model_name):
     body = {
-        "model": model_name, "messages": [{"role": "user", "content": QUESTION}],
-        "temperature": 0, "stream": True, "self_search": {"policy": "always"},
+        "model": model_name,
+        "messages": [{"role": "user", "content": QUESTION}],
+        "temperature": 0,
+        "stream": True,
+        "self_search": {"policy": "always"},
     }
     seen_search_event = False
     information_before_event = False
@@ -157,7 +164,7 @@ def test_raw_sse_search_event_arrives_before_its_information(http, auth_headers,
             assert line.startswith("data: ")
             if line == "data: [DONE]":
                 continue
-            chunk = json.loads(line[len("data: "):])
+            chunk = json.loads(line[len("data: ") :])
             for choice in chunk["choices"]:
                 if choice.get("self_search", {}).get("type") == "search":
                     seen_search_event = True
@@ -170,8 +177,12 @@ def test_raw_sse_search_event_arrives_before_its_information(http, auth_headers,
 
 def test_two_choices_run_independent_loops(openai_client, model_name):
     response = openai_client.chat.completions.create(
-        model=model_name, messages=[{"role": "user", "content": QUESTION}], n=2, temperature=0.8,
-        seed=7, extra_body={"self_search": {"policy": "never"}},
+        model=model_name,
+        messages=[{"role": "user", "content": QUESTION}],
+        n=2,
+        temperature=0.8,
+        seed=7,
+        extra_body={"self_search": {"policy": "never"}},
     )
     assert [c.index for c in response.choices] == [0, 1]
     for choice in response.choices:
@@ -183,8 +194,7 @@ def test_two_choices_run_independent_loops(openai_client, model_name):
 
 
 def test_majority_vote_reports_every_sample(openai_client, model_name):
-    response = ask(openai_client, model_name, "never", extra_body={"self_search": {"votes": 3}},
-                   seed=3)
+    response = ask(openai_client, model_name, "never", extra_body={"self_search": {"votes": 3}}, seed=3)
     trace = trace_of(response.choices[0])
     vote = trace["vote"]
     assert vote["votes"] == 3 and len(vote["samples"]) == 3
@@ -198,12 +208,14 @@ def test_search_metrics_count_decisions(http, auth_headers, openai_client, model
     ask(openai_client, model_name, "never")
     after = http.get("/metrics").text
     for decision, outcome in (("external", "ok"), ("internal", "self_filled")):
-        delta = (metric_value(after, "ssrl_searches_total", decision=decision, outcome=outcome)
-                 - metric_value(before, "ssrl_searches_total", decision=decision, outcome=outcome))
+        delta = metric_value(after, "ssrl_searches_total", decision=decision, outcome=outcome) - metric_value(
+            before, "ssrl_searches_total", decision=decision, outcome=outcome
+        )
         assert delta >= 1, (decision, outcome)
     assert metric_value(after, "ssrl_query_entropy_nats_count", decision="external") >= 1
     assert metric_value(after, "ssrl_search_turns_per_request_count") > metric_value(
-        before, "ssrl_search_turns_per_request_count")
+        before, "ssrl_search_turns_per_request_count"
+    )
 
 
 @pytest.mark.parametrize(
@@ -216,8 +228,7 @@ def test_search_metrics_count_decisions(http, auth_headers, openai_client, model
     ],
 )
 def test_invalid_extension_is_a_400(http, auth_headers, model_name, extension, param):
-    body = {"model": model_name, "messages": [{"role": "user", "content": "hi"}],
-            "self_search": extension}
+    body = {"model": model_name, "messages": [{"role": "user", "content": "hi"}], "self_search": extension}
     response = http.post("/v1/chat/completions", json=body, headers=auth_headers)
     assert response.status_code == 400, response.text
     error = response.json()["error"]

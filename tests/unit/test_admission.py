@@ -43,8 +43,12 @@ def bearer(key: str) -> dict[str, str]:
 
 
 def chat(**fields: Any) -> dict[str, Any]:
-    return {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}],
-            "self_search": {"enabled": False}, **fields}
+    return {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "Hi"}],
+        "self_search": {"enabled": False},
+        **fields,
+    }
 
 
 def make_app(engine: ScriptedEngine, **settings: Any):
@@ -53,15 +57,17 @@ def make_app(engine: ScriptedEngine, **settings: Any):
     return create_app(ServeSettings(**values), engine_factory=lambda _: engine)
 
 
-def run(app, body: Callable[[httpx.AsyncClient], Awaitable[Any]],
-        client: tuple[str, int] = ("127.0.0.1", 123)) -> Any:
+def run(
+    app, body: Callable[[httpx.AsyncClient], Awaitable[Any]], client: tuple[str, int] = ("127.0.0.1", 123)
+) -> Any:
     """`body(client)` against `app` in process, its lifespan running."""
 
     async def main() -> Any:
         async with app.router.lifespan_context(app):
             transport = httpx.ASGITransport(app=app, client=client)
-            async with httpx.AsyncClient(transport=transport, base_url="http://test",
-                                         headers=bearer(KEY), timeout=30) as http:
+            async with httpx.AsyncClient(
+                transport=transport, base_url="http://test", headers=bearer(KEY), timeout=30
+            ) as http:
                 return await body(http)
 
     return asyncio.run(main())
@@ -76,8 +82,14 @@ async def until(predicate: Callable[[], bool], timeout: float = 10.0) -> bool:
     return True
 
 
-def assert_error(response: httpx.Response, status: int, *, code: str | None = None,
-                 param: str | None = None, type_: str | None = None) -> dict[str, Any]:
+def assert_error(
+    response: httpx.Response,
+    status: int,
+    *,
+    code: str | None = None,
+    param: str | None = None,
+    type_: str | None = None,
+) -> dict[str, Any]:
     assert response.status_code == status, response.text
     body = response.json()
     assert set(body) == {"error"}
@@ -180,8 +192,7 @@ def test_rate_limit_without_keys_is_per_client_address() -> None:
     async def from_address(address: str) -> list[int]:
         transport = httpx.ASGITransport(app=app, client=(address, 4242))
         async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
-            return [(await client.post(CHAT, json=chat(max_tokens=2))).status_code
-                    for _ in range(2)]
+            return [(await client.post(CHAT, json=chat(max_tokens=2))).status_code for _ in range(2)]
 
     async def main() -> tuple[list[int], list[int]]:
         async with app.router.lifespan_context(app):
@@ -248,8 +259,7 @@ def test_draining_answers_503_with_retry_after_and_keeps_probes() -> None:
 
     answers = run(app, body)
     for name in ("chat", "completion", "models", "retrieve"):
-        assert_error(answers[name], 503, code="server_shutting_down",
-                     type_="service_unavailable_error")
+        assert_error(answers[name], 503, code="server_shutting_down", type_="service_unavailable_error")
         assert answers[name].headers["Retry-After"] == "5"
     assert answers["health"].status_code == 200  # liveness holds while draining
     assert answers["ready"].status_code == 503 and answers["ready"].json() == {"status": "draining"}
@@ -269,9 +279,13 @@ def uvicorn_server() -> Iterator[str]:
     app = make_app(engine, max_header_bytes=HEADER_LIMIT)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.bind(("127.0.0.1", 0))
-    config = uvicorn.Config(app, log_level="warning", timeout_keep_alive=5,
-                            h11_max_incomplete_event_size=HEADER_LIMIT,
-                            timeout_graceful_shutdown=1)
+    config = uvicorn.Config(
+        app,
+        log_level="warning",
+        timeout_keep_alive=5,
+        h11_max_incomplete_event_size=HEADER_LIMIT,
+        timeout_graceful_shutdown=1,
+    )
     server = DrainingServer(config, app.state.drainer)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
@@ -332,8 +346,14 @@ def test_key_checker_compares_every_key_in_constant_time(monkeypatch: pytest.Mon
     monkeypatch.setattr(auth.hmac, "compare_digest", counting)
     keys = ["sk-first", "sk-second-longer", "sk-3"]
     checker = KeyChecker(keys)
-    for presented, accepted in [("sk-first", True), ("sk-3", True), ("sk-nope", False),
-                                ("", False), (None, False), ("x" * 10_000, False)]:
+    for presented, accepted in [
+        ("sk-first", True),
+        ("sk-3", True),
+        ("sk-nope", False),
+        ("", False),
+        (None, False),
+        ("x" * 10_000, False),
+    ]:
         compared.clear()
         assert checker.accepts(presented) is accepted
         # Every configured key is compared, whatever matched and wherever it sits...

@@ -21,12 +21,18 @@ from router.calibration import (
     uncertainty,
 )
 from router.entropy import QueryEntropy
-from router.policies import ThresholdPolicy, SearchContext
+from router.policies import SearchContext, ThresholdPolicy
 
 
 def entropy(mean: float, max_: float | None = None, min_prob: float = 0.5, ssrl: float = 0.2) -> dict:
-    return {"mean": mean, "max": mean if max_ is None else max_, "min_prob": min_prob, "ssrl": ssrl,
-            "tokens": 3, "kind": "topk_lower_bound"}
+    return {
+        "mean": mean,
+        "max": mean if max_ is None else max_,
+        "min_prob": min_prob,
+        "ssrl": ssrl,
+        "tokens": 3,
+        "kind": "topk_lower_bound",
+    }
 
 
 # Ten self-filled questions: the three most uncertain (top 30%) are exactly the wrong ones.
@@ -35,10 +41,14 @@ WRONG_MEANS = [2.00, 2.50, 3.00]
 
 
 def separated() -> list[Question]:
-    qs = [Question(f"r{i}", entropy(m, min_prob=0.9 - i * 0.01), correct_internal=1.0)
-          for i, m in enumerate(RIGHT_MEANS)]
-    qs += [Question(f"w{i}", entropy(m, min_prob=0.1 + i * 0.01), correct_internal=0.0)
-           for i, m in enumerate(WRONG_MEANS)]
+    qs = [
+        Question(f"r{i}", entropy(m, min_prob=0.9 - i * 0.01), correct_internal=1.0)
+        for i, m in enumerate(RIGHT_MEANS)
+    ]
+    qs += [
+        Question(f"w{i}", entropy(m, min_prob=0.1 + i * 0.01), correct_internal=0.0)
+        for i, m in enumerate(WRONG_MEANS)
+    ]
     return qs
 
 
@@ -87,15 +97,23 @@ def test_min_prob_threshold_is_a_probability_in_the_servers_direction():
 
 @pytest.mark.parametrize("aggregate", ["mean", "max", "min_prob", "ssrl"])
 def test_curve_routing_agrees_with_the_servers_threshold_policy(aggregate):
-    qs = [Question(str(i), entropy(0.1 * i, max_=0.3 * (9 - i), min_prob=0.05 * i + 0.1, ssrl=0.02 * (i % 4)))
-          for i in range(10)]
+    qs = [
+        Question(str(i), entropy(0.1 * i, max_=0.3 * (9 - i), min_prob=0.05 * i + 0.1, ssrl=0.02 * (i % 4)))
+        for i in range(10)
+    ]
     for point in threshold_curve(qs, aggregate):
         policy = ThresholdPolicy(point.threshold, aggregate)
         routed = 0
         for q in qs:
             e = q.entropy
-            qe = QueryEntropy(mean=e["mean"], max=e["max"], min_prob=e["min_prob"], ssrl=e["ssrl"],
-                              tokens=3, kind="topk_lower_bound")
+            qe = QueryEntropy(
+                mean=e["mean"],
+                max=e["max"],
+                min_prob=e["min_prob"],
+                ssrl=e["ssrl"],
+                tokens=3,
+                kind="topk_lower_bound",
+            )
             ctx = SearchContext(index=0, entropy=qe, previous=(), external_calls=0, max_external_calls=None)
             routed += policy.decide(ctx).route == "external"
         assert routed == point.calls
@@ -106,21 +124,28 @@ def test_auroc_perfect_random_and_tied():
     assert aggregate_auroc(qs, "mean") == 1.0
     assert aggregate_auroc(qs, "min_prob") == 1.0  # via 1 - min_prob
     # scores 1..4 with wrong at 1 and 4: half the pairs ordered each way
-    mixed = [Question(str(i), entropy(float(v)), correct_internal=c)
-             for i, (v, c) in enumerate([(1, 0.0), (2, 1.0), (3, 1.0), (4, 0.0)])]
+    mixed = [
+        Question(str(i), entropy(float(v)), correct_internal=c)
+        for i, (v, c) in enumerate([(1, 0.0), (2, 1.0), (3, 1.0), (4, 0.0)])
+    ]
     assert aggregate_auroc(mixed, "mean") == 0.5
     tied = [Question(str(i), entropy(1.0), correct_internal=float(i % 2)) for i in range(6)]
     assert aggregate_auroc(tied, "mean") == 0.5
     # no self-filled outcome, or one class only: undefined
     assert aggregate_auroc([Question("a", entropy(1.0), correct_external=1.0)], "mean") is None
-    assert aggregate_auroc([Question(str(i), entropy(i), correct_internal=1.0) for i in range(3)], "mean") is None
+    assert (
+        aggregate_auroc([Question(str(i), entropy(i), correct_internal=1.0) for i in range(3)], "mean")
+        is None
+    )
 
 
 def pair() -> list[Question]:
     # (uncertainty, right when self-filled, right when searched)
     rows = [(0.1, 1, 1), (0.5, 0, 1), (0.9, 1, 0), (1.5, 0, 1)]
-    return [Question(f"q{i}", entropy(u), correct_internal=float(ci), correct_external=float(ce))
-            for i, (u, ci, ce) in enumerate(rows)]
+    return [
+        Question(f"q{i}", entropy(u), correct_internal=float(ci), correct_external=float(ce))
+        for i, (u, ci, ce) in enumerate(rows)
+    ]
 
 
 def test_counterfactual_curve_on_a_tiny_pair():
@@ -140,7 +165,7 @@ def test_counterfactual_curve_on_a_tiny_pair():
 
 
 def test_questions_without_a_search_never_call_and_keep_their_self_filled_outcome():
-    qs = pair() + [Question("none", None, correct_internal=1.0, correct_external=0.0)]
+    qs = [*pair(), Question("none", None, correct_internal=1.0, correct_external=0.0)]
     curve = threshold_curve(qs, "mean")
     assert curve[0].searches == 4 and curve[0].calls == 4 and curve[0].call_rate == 1.0
     assert curve[0].accuracy == pytest.approx((3 + 1) / 5)
@@ -149,8 +174,10 @@ def test_questions_without_a_search_never_call_and_keep_their_self_filled_outcom
 def test_calibrate_picks_the_best_aggregate_and_rejects_bad_targets():
     qs = pair()
     # swap in a useless aggregate: max is the reverse of mean
-    qs = [Question(q.id, {**q.entropy, "max": 10 - q.entropy["mean"]}, q.correct_internal, q.correct_external)
-          for q in qs]
+    qs = [
+        Question(q.id, {**q.entropy, "max": 10 - q.entropy["mean"]}, q.correct_internal, q.correct_external)
+        for q in qs
+    ]
     cal = calibrate(qs, max_accuracy_loss=0.0)
     # min_prob and ssrl are constant here (they keep accuracy only at rate 1.0), max is
     # reversed (rate 0.5): mean reaches always-search accuracy at rate 0.25
@@ -193,7 +220,9 @@ def test_env_file_is_read_by_the_server_settings_and_by_a_shell(tmp_path):
     assert settings.search_policy == "threshold"
     shell = subprocess.run(
         ["bash", "-c", f"set -a; . '{path}'; echo $SSRL_SEARCH_AGGREGATE $SSRL_SEARCH_THRESHOLD"],
-        capture_output=True, text=True, check=True,
+        capture_output=True,
+        text=True,
+        check=True,
     )
     assert shell.stdout.split() == ["max", "1.2345678901234567"]
     with pytest.raises(ValueError):

@@ -43,51 +43,115 @@ from clients.client import (
 
 MODEL = "tiny-model"
 
-ENTROPY = {"mean": 1.1, "max": 2.2, "min_prob": 0.09, "ssrl": 0.28, "tokens": 3,
-           "kind": "topk_lower_bound", "per_token": [1.0, 2.2, 0.1]}
+ENTROPY = {
+    "mean": 1.1,
+    "max": 2.2,
+    "min_prob": 0.09,
+    "ssrl": 0.28,
+    "tokens": 3,
+    "kind": "topk_lower_bound",
+    "per_token": [1.0, 2.2, 0.1],
+}
 DOCS = [
-    {"title": "Mona Lisa", "url": "https://en.wikipedia.org/wiki/Mona_Lisa",
-     "snippet": "The Mona Lisa is a portrait by Leonardo da Vinci.", "score": 34.2,
-     "source": "local"},
-    {"title": "Leonardo da Vinci", "url": "https://en.wikipedia.org/wiki/Leonardo_da_Vinci",
-     "snippet": "Italian polymath.", "score": 20.1, "source": "local"},
+    {
+        "title": "Mona Lisa",
+        "url": "https://en.wikipedia.org/wiki/Mona_Lisa",
+        "snippet": "The Mona Lisa is a portrait by Leonardo da Vinci.",
+        "score": 34.2,
+        "source": "local",
+    },
+    {
+        "title": "Leonardo da Vinci",
+        "url": "https://en.wikipedia.org/wiki/Leonardo_da_Vinci",
+        "snippet": "Italian polymath.",
+        "score": 20.1,
+        "source": "local",
+    },
 ]
 SEARCH = {
-    "index": 0, "query": "Mona Lisa painter", "entropy": ENTROPY, "decision": "external",
-    "reason": "policy always searches externally", "policy": "always", "fallback": None,
-    "backend": "local", "latency_s": 0.01, "documents": DOCS,
+    "index": 0,
+    "query": "Mona Lisa painter",
+    "entropy": ENTROPY,
+    "decision": "external",
+    "reason": "policy always searches externally",
+    "policy": "always",
+    "fallback": None,
+    "backend": "local",
+    "latency_s": 0.01,
+    "documents": DOCS,
     "information": "Doc 1(Title: Mona Lisa) ...",
 }
-TRACE = {"searches": [SEARCH], "external_calls": 1, "internal_fills": 0, "fallbacks": 0,
-         "turns": 1, "answered": True, "notes": []}
-REASONING = ("<search> Mona Lisa painter </search>\n\n<information>Doc 1(Title: Mona Lisa) ..."
-             "</information>\n\n<answer> Leonardo da Vinci </answer>")
-ANNOTATIONS = [{"type": "url_citation", "url_citation": {
-    "url": d["url"], "title": d["title"], "start_index": 0, "end_index": 17}} for d in DOCS]
+TRACE = {
+    "searches": [SEARCH],
+    "external_calls": 1,
+    "internal_fills": 0,
+    "fallbacks": 0,
+    "turns": 1,
+    "answered": True,
+    "notes": [],
+}
+REASONING = (
+    "<search> Mona Lisa painter </search>\n\n<information>Doc 1(Title: Mona Lisa) ..."
+    "</information>\n\n<answer> Leonardo da Vinci </answer>"
+)
+ANNOTATIONS = [
+    {
+        "type": "url_citation",
+        "url_citation": {"url": d["url"], "title": d["title"], "start_index": 0, "end_index": 17},
+    }
+    for d in DOCS
+]
 USAGE = {"prompt_tokens": 600, "completion_tokens": 30, "total_tokens": 630}
 
 SSRL_RESPONSE = {
-    "id": "chatcmpl-1", "object": "chat.completion", "created": 1, "model": MODEL,
-    "choices": [{
-        "index": 0, "finish_reason": "stop", "self_search": TRACE,
-        "message": {"role": "assistant", "content": "Leonardo da Vinci", "reasoning": REASONING,
-                    "annotations": ANNOTATIONS},
-    }],
+    "id": "chatcmpl-1",
+    "object": "chat.completion",
+    "created": 1,
+    "model": MODEL,
+    "choices": [
+        {
+            "index": 0,
+            "finish_reason": "stop",
+            "self_search": TRACE,
+            "message": {
+                "role": "assistant",
+                "content": "Leonardo da Vinci",
+                "reasoning": REASONING,
+                "annotations": ANNOTATIONS,
+            },
+        }
+    ],
     "usage": USAGE,
 }
 PLAIN_RESPONSE = {
-    "id": "chatcmpl-2", "object": "chat.completion", "created": 1, "model": "gpt-x",
-    "choices": [{"index": 0, "finish_reason": "stop", "logprobs": None,
-                 "message": {"role": "assistant", "content": "Paris.", "refusal": None}}],
+    "id": "chatcmpl-2",
+    "object": "chat.completion",
+    "created": 1,
+    "model": "gpt-x",
+    "choices": [
+        {
+            "index": 0,
+            "finish_reason": "stop",
+            "logprobs": None,
+            "message": {"role": "assistant", "content": "Paris.", "refusal": None},
+        }
+    ],
     "usage": {"prompt_tokens": 9, "completion_tokens": 2, "total_tokens": 11},
 }
-MODELS = {"object": "list", "data": [{"id": MODEL, "object": "model", "owned_by": "ssrl"},
-                                      {"id": "other", "object": "model"}]}
+MODELS = {
+    "object": "list",
+    "data": [{"id": MODEL, "object": "model", "owned_by": "ssrl"}, {"id": "other", "object": "model"}],
+}
 
 
 def chunk(choices: list[dict[str, Any]], usage: dict[str, Any] | None = None) -> dict[str, Any]:
-    body: dict[str, Any] = {"id": "chatcmpl-s", "object": "chat.completion.chunk", "created": 1,
-                            "model": MODEL, "choices": choices}
+    body: dict[str, Any] = {
+        "id": "chatcmpl-s",
+        "object": "chat.completion.chunk",
+        "created": 1,
+        "model": MODEL,
+        "choices": choices,
+    }
     if usage is not None:
         body["usage"] = usage
     return body
@@ -104,13 +168,28 @@ SSRL_STREAM = sse(
     chunk([{"index": 0, "delta": {"reasoning": "<search> Mona Lisa"}}]),
     chunk([{"index": 0, "delta": {"reasoning": " painter </search>"}}]),
     chunk([{"index": 0, "delta": {}, "self_search": {"type": "search", "search": SEARCH}}]),
-    chunk([{"index": 0, "delta": {"reasoning": "\n\n<information>Doc 1(Title: Mona Lisa) ..."
-                                               "</information>\n\n"}}]),
+    chunk(
+        [
+            {
+                "index": 0,
+                "delta": {"reasoning": "\n\n<information>Doc 1(Title: Mona Lisa) ...</information>\n\n"},
+            }
+        ]
+    ),
     chunk([{"index": 0, "delta": {"reasoning": "<answer>"}}]),
     chunk([{"index": 0, "delta": {"content": "Leonardo", "reasoning": " Leonardo"}}]),
     chunk([{"index": 0, "delta": {"content": " da Vinci", "reasoning": " da Vinci </answer>"}}]),
-    chunk([{"index": 0, "delta": {}, "finish_reason": "stop", "annotations": ANNOTATIONS,
-            "self_search": {"type": "trace", **TRACE}}]),
+    chunk(
+        [
+            {
+                "index": 0,
+                "delta": {},
+                "finish_reason": "stop",
+                "annotations": ANNOTATIONS,
+                "self_search": {"type": "trace", **TRACE},
+            }
+        ]
+    ),
     chunk([], USAGE),
 )
 PLAIN_STREAM = sse(
@@ -161,19 +240,36 @@ class Loopback:
 
     async def handle(self, request: Request) -> Response:
         raw = await request.body()
-        self.seen.append(Seen(request.method, request.url.path, dict(request.headers),
-                              json.loads(raw) if raw else None))
+        self.seen.append(
+            Seen(request.method, request.url.path, dict(request.headers), json.loads(raw) if raw else None)
+        )
         queue = self.script.get(request.url.path)
         if not queue:
-            return Response(json.dumps({"error": {"message": "no script", "type": "not_found_error",
-                                                  "param": None, "code": None}}),
-                            status_code=404, media_type="application/json")
+            return Response(
+                json.dumps(
+                    {
+                        "error": {
+                            "message": "no script",
+                            "type": "not_found_error",
+                            "param": None,
+                            "code": None,
+                        }
+                    }
+                ),
+                status_code=404,
+                media_type="application/json",
+            )
         answer = queue.pop(0) if len(queue) > 1 else queue[0]
         if answer.sse is not None:
-            return Response(answer.sse, status_code=answer.status, headers=answer.headers,
-                            media_type="text/event-stream")
-        return Response(json.dumps(answer.body), status_code=answer.status,
-                        headers=answer.headers, media_type="application/json")
+            return Response(
+                answer.sse, status_code=answer.status, headers=answer.headers, media_type="text/event-stream"
+            )
+        return Response(
+            json.dumps(answer.body),
+            status_code=answer.status,
+            headers=answer.headers,
+            media_type="application/json",
+        )
 
 
 @pytest.fixture(scope="module")
@@ -238,9 +334,15 @@ def clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_503_with_retry_after_is_retried_then_succeeds(lb: Loopback) -> None:
-    lb.on(CHAT, Scripted(503, {"error": {"message": "busy", "type": "service_unavailable_error",
-                                         "param": None, "code": None}}, {"Retry-After": "0"}),
-          Scripted(200, SSRL_RESPONSE))
+    lb.on(
+        CHAT,
+        Scripted(
+            503,
+            {"error": {"message": "busy", "type": "service_unavailable_error", "param": None, "code": None}},
+            {"Retry-After": "0"},
+        ),
+        Scripted(200, SSRL_RESPONSE),
+    )
     retries = Retries()
     with SSRLClient(lb.base_url, "k", max_retries=2, on_retry=retries) as client:
         result = client.chat("Who painted the Mona Lisa?", model=MODEL)
@@ -253,9 +355,15 @@ def test_503_with_retry_after_is_retried_then_succeeds(lb: Loopback) -> None:
 
 
 def test_429_honours_retry_after(lb: Loopback) -> None:
-    lb.on(CHAT, Scripted(429, {"error": {"message": "slow down", "type": "rate_limit_error",
-                                         "param": None, "code": None}}, {"Retry-After": "0.05"}),
-          Scripted(200, SSRL_RESPONSE))
+    lb.on(
+        CHAT,
+        Scripted(
+            429,
+            {"error": {"message": "slow down", "type": "rate_limit_error", "param": None, "code": None}},
+            {"Retry-After": "0.05"},
+        ),
+        Scripted(200, SSRL_RESPONSE),
+    )
     retries = Retries()
     with SSRLClient(lb.base_url, max_retries=1, on_retry=retries) as client:
         result = client.chat("q", model=MODEL)
@@ -265,12 +373,26 @@ def test_429_honours_retry_after(lb: Loopback) -> None:
 
 
 def test_retry_after_is_capped_and_attempts_are_bounded(lb: Loopback) -> None:
-    lb.on(CHAT, Scripted(503, {"error": {"message": "engine down", "type": "service_unavailable_error",
-                                         "param": None, "code": "engine_unavailable"}},
-                         {"Retry-After": "3600"}))
+    lb.on(
+        CHAT,
+        Scripted(
+            503,
+            {
+                "error": {
+                    "message": "engine down",
+                    "type": "service_unavailable_error",
+                    "param": None,
+                    "code": "engine_unavailable",
+                }
+            },
+            {"Retry-After": "3600"},
+        ),
+    )
     retries = Retries()
-    with (SSRLClient(lb.base_url, max_retries=2, max_retry_wait=0.01, on_retry=retries) as client,
-          pytest.raises(SSRLAPIError) as info):
+    with (
+        SSRLClient(lb.base_url, max_retries=2, max_retry_wait=0.01, on_retry=retries) as client,
+        pytest.raises(SSRLAPIError) as info,
+    ):
         client.chat("q", model=MODEL)
     assert lb.count(CHAT) == 3
     assert retries.waits == [0.01, 0.01]
@@ -279,8 +401,20 @@ def test_retry_after_is_capped_and_attempts_are_bounded(lb: Loopback) -> None:
 
 
 def test_other_errors_are_not_retried(lb: Loopback) -> None:
-    lb.on(CHAT, Scripted(400, {"error": {"message": "bad policy", "type": "invalid_request_error",
-                                         "param": "self_search.policy", "code": "invalid_value"}}))
+    lb.on(
+        CHAT,
+        Scripted(
+            400,
+            {
+                "error": {
+                    "message": "bad policy",
+                    "type": "invalid_request_error",
+                    "param": "self_search.policy",
+                    "code": "invalid_value",
+                }
+            },
+        ),
+    )
     with SSRLClient(lb.base_url, max_retries=3) as client, pytest.raises(SSRLAPIError) as info:
         client.chat("q", model=MODEL, policy="always")
     assert lb.count(CHAT) == 1
@@ -288,8 +422,11 @@ def test_other_errors_are_not_retried(lb: Loopback) -> None:
 
 
 def test_stream_is_retried_before_it_starts(lb: Loopback) -> None:
-    lb.on(CHAT, Scripted(503, {"error": {"message": "busy"}}, {"Retry-After": "0"}),
-          Scripted(200, sse=SSRL_STREAM))
+    lb.on(
+        CHAT,
+        Scripted(503, {"error": {"message": "busy"}}, {"Retry-After": "0"}),
+        Scripted(200, sse=SSRL_STREAM),
+    )
     with SSRLClient(lb.base_url, max_retries=1) as client:
         events = list(client.stream("q", model=MODEL))
     assert lb.count(CHAT) == 2
@@ -299,8 +436,11 @@ def test_stream_is_retried_before_it_starts(lb: Loopback) -> None:
 
 
 def test_async_client_retries_too(lb: Loopback) -> None:
-    lb.on(CHAT, Scripted(429, {"error": {"message": "slow down"}}, {"Retry-After": "0"}),
-          Scripted(200, SSRL_RESPONSE))
+    lb.on(
+        CHAT,
+        Scripted(429, {"error": {"message": "slow down"}}, {"Retry-After": "0"}),
+        Scripted(200, SSRL_RESPONSE),
+    )
 
     async def go() -> str:
         async with AsyncSSRLClient(lb.base_url, max_retries=2, on_retry=retries) as client:
@@ -315,8 +455,10 @@ def test_async_client_retries_too(lb: Loopback) -> None:
 def test_connection_refused_is_retried_then_reported() -> None:
     port = closed_port()
     retries = Retries()
-    with SSRLClient(f"http://127.0.0.1:{port}", max_retries=2, backoff=0.001,
-                    on_retry=retries) as client, pytest.raises(SSRLConnectionError) as info:
+    with (
+        SSRLClient(f"http://127.0.0.1:{port}", max_retries=2, backoff=0.001, on_retry=retries) as client,
+        pytest.raises(SSRLConnectionError) as info,
+    ):
         client.chat("q", model=MODEL)
     # Three attempts: two retries after an exponential backoff (no Retry-After to honour).
     assert [(a, r) for a, w, r in retries.calls] == [(1, "ConnectError"), (2, "ConnectError")]
@@ -349,13 +491,30 @@ def test_ssrl_response_parses_into_the_typed_trace() -> None:
         return httpx.Response(200, json=SSRL_RESPONSE)
 
     with mock_client(handler) as client:
-        result = client.chat([{"role": "user", "content": "Who?"}], model=MODEL, policy="always",
-                             threshold=0.5, aggregate="max", mode="guided", max_turns=2,
-                             docs_per_search=2, max_external_calls=1, votes=1, temperature=0,
-                             max_tokens=64, seed=7)
+        result = client.chat(
+            [{"role": "user", "content": "Who?"}],
+            model=MODEL,
+            policy="always",
+            threshold=0.5,
+            aggregate="max",
+            mode="guided",
+            max_turns=2,
+            docs_per_search=2,
+            max_external_calls=1,
+            votes=1,
+            temperature=0,
+            max_tokens=64,
+            seed=7,
+        )
     assert sent[0]["self_search"] == {
-        "policy": "always", "threshold": 0.5, "aggregate": "max", "mode": "guided",
-        "max_turns": 2, "docs_per_search": 2, "max_external_calls": 1, "votes": 1,
+        "policy": "always",
+        "threshold": 0.5,
+        "aggregate": "max",
+        "mode": "guided",
+        "max_turns": 2,
+        "docs_per_search": 2,
+        "max_external_calls": 1,
+        "votes": 1,
     }
     assert sent[0]["temperature"] == 0 and sent[0]["seed"] == 7 and sent[0]["max_tokens"] == 64
     assert "n" not in sent[0] and "stream" not in sent[0]
@@ -389,8 +548,16 @@ def test_plain_openai_response_has_no_trace() -> None:
 
 def test_votes_trace_parses() -> None:
     sample = {"answer": "Leonardo", **TRACE}
-    trace = {**TRACE, "vote": {"votes": 2, "winner": 1, "answer": "leonardo",
-                               "counts": {"leonardo": 2}, "samples": [sample, sample]}}
+    trace = {
+        **TRACE,
+        "vote": {
+            "votes": 2,
+            "winner": 1,
+            "answer": "leonardo",
+            "counts": {"leonardo": 2},
+            "samples": [sample, sample],
+        },
+    }
     data = {**SSRL_RESPONSE, "choices": [{**SSRL_RESPONSE["choices"][0], "self_search": trace}]}
     result = parse_chat_response(data)
     assert result.trace is not None and result.trace.vote is not None
@@ -399,20 +566,31 @@ def test_votes_trace_parses() -> None:
 
 
 def test_stream_yields_typed_events_in_order() -> None:
-    with mock_client(lambda r: httpx.Response(200, text=SSRL_STREAM,
-                                              headers={"content-type": "text/event-stream"})) as c:
+    with mock_client(
+        lambda r: httpx.Response(200, text=SSRL_STREAM, headers={"content-type": "text/event-stream"})
+    ) as c:
         events = list(c.stream("Who painted the Mona Lisa?", model=MODEL, policy="always"))
     kinds = [type(e).__name__ for e in events]
     assert kinds == [
-        "ReasoningDelta", "ReasoningDelta", "SearchDecided", "ReasoningDelta", "ReasoningDelta",
-        "ReasoningDelta", "AnswerDelta", "ReasoningDelta", "AnswerDelta", "TraceEvent", "Usage",
+        "ReasoningDelta",
+        "ReasoningDelta",
+        "SearchDecided",
+        "ReasoningDelta",
+        "ReasoningDelta",
+        "ReasoningDelta",
+        "AnswerDelta",
+        "ReasoningDelta",
+        "AnswerDelta",
+        "TraceEvent",
+        "Usage",
     ]
     search = events[2]
     assert isinstance(search, SearchDecided) and search.record.query == "Mona Lisa painter"
     assert search.record.entropy.mean == 1.1 and search.record.documents[0].title == "Mona Lisa"
     # The search event precedes the information it decided.
-    info_at = next(i for i, e in enumerate(events)
-                   if isinstance(e, ReasoningDelta) and "<information>" in e.text)
+    info_at = next(
+        i for i, e in enumerate(events) if isinstance(e, ReasoningDelta) and "<information>" in e.text
+    )
     assert info_at > 2
     assert "".join(e.text for e in events if isinstance(e, AnswerDelta)) == "Leonardo da Vinci"
     assert "".join(e.text for e in events if isinstance(e, ReasoningDelta)).endswith("</answer>")
@@ -443,10 +621,17 @@ def test_async_stream_matches_sync() -> None:
 
 
 def test_error_inside_a_stream_raises() -> None:
-    body = sse(chunk([{"index": 0, "delta": {"reasoning": "<search>"}}]),
-               {"error": {"message": "The engine is not available.",
-                          "type": "service_unavailable_error", "param": None,
-                          "code": "engine_unavailable"}})
+    body = sse(
+        chunk([{"index": 0, "delta": {"reasoning": "<search>"}}]),
+        {
+            "error": {
+                "message": "The engine is not available.",
+                "type": "service_unavailable_error",
+                "param": None,
+                "code": "engine_unavailable",
+            }
+        },
+    )
     with mock_client(lambda r: httpx.Response(200, text=body)) as c:
         events = []
         with pytest.raises(SSRLAPIError) as info:
@@ -457,14 +642,27 @@ def test_error_inside_a_stream_raises() -> None:
 
 
 def test_sse_decoder_handles_comments_crlf_and_multiline_data() -> None:
-    lines = [": keep-alive", "data: {\"a\":", "data: 1}", "", "event: x\r", "data: 2\r", "\r",
-             "data: [DONE]", "", "data: after-done", ""]
+    lines = [
+        ": keep-alive",
+        'data: {"a":',
+        "data: 1}",
+        "",
+        "event: x\r",
+        "data: 2\r",
+        "\r",
+        "data: [DONE]",
+        "",
+        "data: after-done",
+        "",
+    ]
     assert list(iter_sse_data(lines)) == ['{"a":\n1}', "2"]
 
 
 def test_non_json_error_body_is_reported() -> None:
-    with (mock_client(lambda r: httpx.Response(502, text="Bad Gateway from proxy")) as c,
-          pytest.raises(SSRLAPIError) as info):
+    with (
+        mock_client(lambda r: httpx.Response(502, text="Bad Gateway from proxy")) as c,
+        pytest.raises(SSRLAPIError) as info,
+    ):
         c.chat("q", model=MODEL)
     assert info.value.status_code == 502 and "Bad Gateway from proxy" in str(info.value)
 
@@ -474,8 +672,9 @@ def test_environment_sets_base_url_and_key(monkeypatch: pytest.MonkeyPatch) -> N
 
     def handler(request: httpx.Request) -> httpx.Response:
         seen.append(request)
-        return httpx.Response(200, json={"query": "Mona Lisa", "backend": "local",
-                                         "latency_s": 0.001, "data": [DOCS[0]]})
+        return httpx.Response(
+            200, json={"query": "Mona Lisa", "backend": "local", "latency_s": 0.001, "data": [DOCS[0]]}
+        )
 
     monkeypatch.setenv("SSRL_BASE_URL", "http://env-host:9999/v1/")
     monkeypatch.setenv("SSRL_API_KEY", "env-key")
@@ -503,16 +702,19 @@ def test_retrieve_parses_both_shapes() -> None:
     with mock_client(handler) as client:
         plain = client.retrieve("Mona Lisa")
         scored = client.retrieve(["Mona Lisa", "Paris"], topk=1, return_scores=True)
-    assert bodies == [{"queries": ["Mona Lisa"]},
-                      {"queries": ["Mona Lisa", "Paris"], "topk": 1, "return_scores": True}]
+    assert bodies == [
+        {"queries": ["Mona Lisa"]},
+        {"queries": ["Mona Lisa", "Paris"], "topk": 1, "return_scores": True},
+    ]
     assert plain[0][0].title == "Mona Lisa" and plain[0][0].text == "A portrait."
     assert plain[0][0].score is None
     assert len(scored) == 2 and scored[1][0].score == 3.5 and scored[1][0].id == "local-0"
 
 
 def test_extra_body_merges_into_self_search() -> None:
-    body = build_chat_body("q", MODEL, policy="budget", n=2,
-                           extra_body={"self_search": {"budget": 1}, "top_p": 0.9})
+    body = build_chat_body(
+        "q", MODEL, policy="budget", n=2, extra_body={"self_search": {"budget": 1}, "top_p": 0.9}
+    )
     assert body["self_search"] == {"policy": "budget", "budget": 1}
     assert body["n"] == 2 and body["top_p"] == 0.9
     assert build_chat_body("q", MODEL, enabled=False)["self_search"] == {"enabled": False}
@@ -523,9 +725,23 @@ def test_extra_body_merges_into_self_search() -> None:
 
 def test_cli_plain_output(lb: Loopback, capsys: pytest.CaptureFixture[str]) -> None:
     lb.on(CHAT, Scripted(200, sse=SSRL_STREAM))
-    code = cli_main(["chat", "--base-url", lb.base_url, "--api-key", "k", "--model", MODEL,
-                     "--policy", "always", "--max-turns", "1", "--no-search",
-                     "Who painted the Mona Lisa?"])
+    code = cli_main(
+        [
+            "chat",
+            "--base-url",
+            lb.base_url,
+            "--api-key",
+            "k",
+            "--model",
+            MODEL,
+            "--policy",
+            "always",
+            "--max-turns",
+            "1",
+            "--no-search",
+            "Who painted the Mona Lisa?",
+        ]
+    )
     out, err = capsys.readouterr()
     assert code == 0, err
     assert "[search 1] Mona Lisa painter" in out
@@ -557,9 +773,20 @@ def test_cli_json_prints_the_raw_response(lb: Loopback, capsys: pytest.CaptureFi
 
 
 def test_cli_server_error_is_one_line(lb: Loopback, capsys: pytest.CaptureFixture[str]) -> None:
-    lb.on(CHAT, Scripted(401, {"error": {"message": "Incorrect API key provided.",
-                                         "type": "authentication_error", "param": None,
-                                         "code": "invalid_api_key"}}))
+    lb.on(
+        CHAT,
+        Scripted(
+            401,
+            {
+                "error": {
+                    "message": "Incorrect API key provided.",
+                    "type": "authentication_error",
+                    "param": None,
+                    "code": "invalid_api_key",
+                }
+            },
+        ),
+    )
     code = cli_main(["chat", "--base-url", lb.base_url, "--model", MODEL, "q"])
     out, err = capsys.readouterr()
     assert code == 1 and out == ""

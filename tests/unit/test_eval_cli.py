@@ -35,8 +35,13 @@ QUESTIONS: dict[str, tuple[list[str], float, str, str]] = {
     "speed of light": (["299,792 km/s"], 1.0, "300,000 km/s", "186,000 miles per second"),
 }
 # With several samples, choice i answers SAMPLE_PATTERN[i % 4] ("right"/"wrong").
-SAMPLE_PATTERN = {"capital of France": "RWWR", "author of Hamlet": "WWWW", "largest planet": "RRRW",
-                  "tallest mountain": "WWWR", "speed of light": "WWWW"}
+SAMPLE_PATTERN = {
+    "capital of France": "RWWR",
+    "author of Hamlet": "WWWW",
+    "largest planet": "RRRW",
+    "tallest mountain": "WWWR",
+    "speed of light": "WWWW",
+}
 
 
 class FakeState:
@@ -62,16 +67,35 @@ def trace_for(question: str, policy: str, threshold: float) -> dict[str, Any]:
     else:
         external = mean > threshold
     return {
-        "searches": [{
-            "index": 0, "query": question,
-            "entropy": {"mean": mean, "max": mean + 0.5, "min_prob": max(0.0, 1 - mean / 3),
-                        "ssrl": 0.3, "tokens": 3, "kind": "topk_lower_bound", "per_token": []},
-            "decision": "external" if external else "internal", "reason": "fake",
-            "policy": policy, "fallback": None, "backend": "fake" if external else None,
-            "latency_s": 0.0, "documents": [], "information": "",
-        }],
-        "external_calls": int(external), "internal_fills": int(not external), "fallbacks": 0,
-        "turns": 1, "answered": True, "notes": [],
+        "searches": [
+            {
+                "index": 0,
+                "query": question,
+                "entropy": {
+                    "mean": mean,
+                    "max": mean + 0.5,
+                    "min_prob": max(0.0, 1 - mean / 3),
+                    "ssrl": 0.3,
+                    "tokens": 3,
+                    "kind": "topk_lower_bound",
+                    "per_token": [],
+                },
+                "decision": "external" if external else "internal",
+                "reason": "fake",
+                "policy": policy,
+                "fallback": None,
+                "backend": "fake" if external else None,
+                "latency_s": 0.0,
+                "documents": [],
+                "information": "",
+            }
+        ],
+        "external_calls": int(external),
+        "internal_fills": int(not external),
+        "fallbacks": 0,
+        "turns": 1,
+        "answered": True,
+        "notes": [],
     }
 
 
@@ -87,8 +111,10 @@ async def chat(request: Request) -> JSONResponse:
         STATE.bodies.append(body)
         failing = question in STATE.fail
     if failing:
-        return JSONResponse({"error": {"message": "engine exploded", "type": "server_error",
-                                       "param": None, "code": None}}, status_code=500)
+        return JSONResponse(
+            {"error": {"message": "engine exploded", "type": "server_error", "param": None, "code": None}},
+            status_code=500,
+        )
     options = body.get("self_search") or {}
     policy = options.get("policy", "threshold")
     gold, _, internal, external = QUESTIONS[question]
@@ -100,19 +126,35 @@ async def chat(request: Request) -> JSONResponse:
             content = gold[0] if SAMPLE_PATTERN[question][i % 4] == "R" else "nonsense"
         else:
             content = external if routed_external else internal
-        choices.append({"index": i, "finish_reason": "stop", "self_search": trace,
-                        "message": {"role": "assistant", "content": content, "reasoning": "..."}})
-    return JSONResponse({
-        "id": "chatcmpl-fake", "object": "chat.completion", "created": 0, "model": body["model"],
-        "choices": choices,
-        "usage": {"prompt_tokens": 10, "completion_tokens": 5 * len(choices),
-                  "total_tokens": 10 + 5 * len(choices)},
-    })
+        choices.append(
+            {
+                "index": i,
+                "finish_reason": "stop",
+                "self_search": trace,
+                "message": {"role": "assistant", "content": content, "reasoning": "..."},
+            }
+        )
+    return JSONResponse(
+        {
+            "id": "chatcmpl-fake",
+            "object": "chat.completion",
+            "created": 0,
+            "model": body["model"],
+            "choices": choices,
+            "usage": {
+                "prompt_tokens": 10,
+                "completion_tokens": 5 * len(choices),
+                "total_tokens": 10 + 5 * len(choices),
+            },
+        }
+    )
 
 
 @pytest.fixture(scope="module")
 def fake_url() -> Iterator[str]:
-    app = Starlette(routes=[Route("/v1/models", models), Route("/v1/chat/completions", chat, methods=["POST"])])
+    app = Starlette(
+        routes=[Route("/v1/models", models), Route("/v1/chat/completions", chat, methods=["POST"])]
+    )
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
@@ -146,8 +188,21 @@ def data(tmp_path: Path) -> Path:
 
 
 def run_eval(url: str, data: Path, out: Path, *extra: str) -> int:
-    return main(["eval", "--data", str(data), "--out", str(out), "--base-url", url,
-                 "--no-progress", "--concurrency", "3", *extra])
+    return main(
+        [
+            "eval",
+            "--data",
+            str(data),
+            "--out",
+            str(out),
+            "--base-url",
+            url,
+            "--no-progress",
+            "--concurrency",
+            "3",
+            *extra,
+        ]
+    )
 
 
 def read_lines(path: Path) -> list[dict[str, Any]]:
@@ -178,7 +233,9 @@ def test_eval_writes_rows_summary_report(fake, data, tmp_path):
     assert summary["external_call_rate"] == 0.0
     assert summary["internal_fills"] == 4 and summary["searches"] == 4
     assert summary["tokens"]["prompt"] == 40 and summary["tokens"]["completion"] == 20
-    assert summary["latency_s"]["p50"] is not None and summary["latency_s"]["p99"] >= summary["latency_s"]["p50"]
+    assert (
+        summary["latency_s"]["p50"] is not None and summary["latency_s"]["p99"] >= summary["latency_s"]["p50"]
+    )
     # wrong self-fills (q1: 1.8, q3: 2.5) are the most uncertain: a perfect separator
     assert summary["auroc_wrong_self_fill"]["mean"] == 1.0
     report = (out / "report.md").read_text()
@@ -307,22 +364,55 @@ def test_sweep_then_calibrate(fake, data, tmp_path, capsys):
     tau = float(next(line for line in env if line.startswith("SSRL_SEARCH_THRESHOLD=")).split("=")[1])
     assert 1.8 < tau < 2.5
     cal = json.loads((out / "calibration.json").read_text())
-    assert cal["chosen"]["call_rate"] == pytest.approx(0.2) and cal["chosen"]["accuracy"] == pytest.approx(0.6)
+    assert cal["chosen"]["call_rate"] == pytest.approx(0.2) and cal["chosen"]["accuracy"] == pytest.approx(
+        0.6
+    )
 
     target = tmp_path / "cal"
-    assert main(["calibrate", str(out / "always"), str(out / "never"), "--target-call-rate", "0.4",
-                 "--aggregate", "mean", "--out", str(target), "--no-plots"]) == 0
+    assert (
+        main(
+            [
+                "calibrate",
+                str(out / "always"),
+                str(out / "never"),
+                "--target-call-rate",
+                "0.4",
+                "--aggregate",
+                "mean",
+                "--out",
+                str(target),
+                "--no-plots",
+            ]
+        )
+        == 0
+    )
     cal = json.loads((target / "calibration.json").read_text())
-    assert cal["chosen"]["call_rate"] == pytest.approx(0.4) and cal["chosen"]["accuracy"] == pytest.approx(0.8)
+    assert cal["chosen"]["call_rate"] == pytest.approx(0.4) and cal["chosen"]["accuracy"] == pytest.approx(
+        0.8
+    )
     assert 1.0 < cal["threshold"] < 1.8
 
     # two runs of the same policy cannot be paired
     assert main(["calibrate", str(out / "never"), str(out / "never")]) == 2
     # one run: a call-rate target works, an accuracy target needs both runs
-    assert main(["calibrate", str(out / "never"), "--target-call-rate", "0.2", "--out",
-                 str(tmp_path / "one"), "--no-plots"]) == 0
-    assert main(["calibrate", str(out / "never"), "--max-accuracy-loss", "0.1",
-                 "--out", str(tmp_path / "two")]) == 2
+    assert (
+        main(
+            [
+                "calibrate",
+                str(out / "never"),
+                "--target-call-rate",
+                "0.2",
+                "--out",
+                str(tmp_path / "one"),
+                "--no-plots",
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(["calibrate", str(out / "never"), "--max-accuracy-loss", "0.1", "--out", str(tmp_path / "two")])
+        == 2
+    )
 
 
 def test_sweep_plots(fake, data, tmp_path):

@@ -40,8 +40,11 @@ USER = [{"role": "user", "content": "Hi"}]
 def make_app(engine: ScriptedEngine, **settings: Any):
     # The plain chat path, and no search index to build (unknown settings are ignored).
     values: dict[str, Any] = {
-        "api_key": [KEY, OTHER_KEY], "warmup": False, "max_request_bytes": LIMIT,
-        "self_search": False, "search": "none",
+        "api_key": [KEY, OTHER_KEY],
+        "warmup": False,
+        "max_request_bytes": LIMIT,
+        "self_search": False,
+        "search": "none",
     }
     values.update(settings)
     return create_app(ServeSettings(**values), engine_factory=lambda _: engine)
@@ -86,13 +89,14 @@ def sse_events(response: httpx.Response) -> list[Any]:
         if not block.strip():
             continue
         assert block.startswith("data: "), block
-        data = block[len("data: "):]
+        data = block[len("data: ") :]
         events.append(data if data == "[DONE]" else json.loads(data))
     return events
 
 
-def assert_error(response: httpx.Response, status: int, *, code: str | None = None,
-                 param: str | None = None) -> dict[str, Any]:
+def assert_error(
+    response: httpx.Response, status: int, *, code: str | None = None, param: str | None = None
+) -> dict[str, Any]:
     assert response.status_code == status, response.text
     body = response.json()
     assert set(body) == {"error"}
@@ -245,7 +249,8 @@ def test_chat_without_logprobs_has_none() -> None:
 def test_chat_stream_assembles_the_same_text() -> None:
     engine = ScriptedEngine(scripts=[script("Hi there")])
     response = post(
-        engine, CHAT,
+        engine,
+        CHAT,
         chat(stream=True, max_tokens=50, stream_options={"include_usage": True}),
     )
     assert response.status_code == 200, response.text
@@ -256,12 +261,13 @@ def test_chat_stream_assembles_the_same_text() -> None:
     assert all(c["object"] == "chat.completion.chunk" for c in chunks)
     assert len({c["id"] for c in chunks}) == 1
     assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
-    text = "".join(
-        c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"]
-    )
+    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
     assert text == "Hi there"
-    finishes = [c["choices"][0]["finish_reason"] for c in chunks
-                if c["choices"] and c["choices"][0].get("finish_reason")]
+    finishes = [
+        c["choices"][0]["finish_reason"]
+        for c in chunks
+        if c["choices"] and c["choices"][0].get("finish_reason")
+    ]
     assert finishes == ["stop"]
     usage_chunk = chunks[-1]
     assert usage_chunk["choices"] == []
@@ -285,7 +291,8 @@ def test_chat_stream_without_include_usage_has_no_usage() -> None:
 def test_chat_stream_n_2_keeps_choices_apart() -> None:
     engine = ScriptedEngine(responder=_by_seed, delay=0.001)
     response = post(
-        engine, CHAT,
+        engine,
+        CHAT,
         chat(stream=True, n=2, seed=100, stream_options={"include_usage": True}),
     )
     events = sse_events(response)
@@ -318,7 +325,8 @@ def test_chat_stream_logprobs_ride_on_the_chunks() -> None:
     events = sse_events(post(engine, CHAT, chat(stream=True, logprobs=True, top_logprobs=1)))
     entries = [
         entry
-        for c in events[:-1] if c["choices"] and c["choices"][0].get("logprobs")
+        for c in events[:-1]
+        if c["choices"] and c["choices"][0].get("logprobs")
         for entry in c["choices"][0]["logprobs"]["content"]
     ]
     assert [e["token"] for e in entries] == ["a", "b"]
@@ -330,8 +338,7 @@ def test_chat_stream_logprobs_ride_on_the_chunks() -> None:
 
 def test_completion_text_usage_and_echo() -> None:
     engine = ScriptedEngine(scripts=[script(" world")])
-    response = post(engine, COMPLETIONS, {"model": MODEL, "prompt": "Hello", "max_tokens": 10,
-                                          "echo": True})
+    response = post(engine, COMPLETIONS, {"model": MODEL, "prompt": "Hello", "max_tokens": 10, "echo": True})
     assert response.status_code == 200, response.text
     body = response.json()
     assert body["object"] == "text_completion"
@@ -353,8 +360,9 @@ def test_completion_prompt_list_numbers_choices_prompt_major() -> None:
         return script(f"<{call.prompt_text}:{call.options.seed}>")
 
     engine = ScriptedEngine(responder=by_prompt)
-    response = post(engine, COMPLETIONS, {"model": MODEL, "prompt": ["a", "b"], "n": 2, "seed": 5,
-                                          "max_tokens": 20})
+    response = post(
+        engine, COMPLETIONS, {"model": MODEL, "prompt": ["a", "b"], "n": 2, "seed": 5, "max_tokens": 20}
+    )
     assert response.status_code == 200, response.text
     choices = response.json()["choices"]
     assert [c["index"] for c in choices] == [0, 1, 2, 3]
@@ -380,8 +388,7 @@ def test_completion_token_ids_out_of_vocab_are_rejected() -> None:
 
 def test_completion_logprobs_offsets_follow_the_text() -> None:
     engine = ScriptedEngine(scripts=[script("xyz", prob=0.5, alternatives=(0.25, 0.125))])
-    response = post(engine, COMPLETIONS, {"model": MODEL, "prompt": "ab", "logprobs": 2,
-                                          "echo": True})
+    response = post(engine, COMPLETIONS, {"model": MODEL, "prompt": "ab", "logprobs": 2, "echo": True})
     logprobs = response.json()["choices"][0]["logprobs"]
     assert logprobs["tokens"] == ["x", "y", "z"]
     assert logprobs["text_offset"] == [2, 3, 4]
@@ -391,8 +398,17 @@ def test_completion_logprobs_offsets_follow_the_text() -> None:
 
 def test_completion_stream_assembles_text_and_usage() -> None:
     engine = ScriptedEngine(scripts=[script("abc")])
-    response = post(engine, COMPLETIONS, {"model": MODEL, "prompt": "Q", "stream": True,
-                                          "echo": True, "stream_options": {"include_usage": True}})
+    response = post(
+        engine,
+        COMPLETIONS,
+        {
+            "model": MODEL,
+            "prompt": "Q",
+            "stream": True,
+            "echo": True,
+            "stream_options": {"include_usage": True},
+        },
+    )
     events = sse_events(response)
     assert events[-1] == "[DONE]"
     text = "".join(e["choices"][0]["text"] for e in events[:-1] if e["choices"])
@@ -422,8 +438,12 @@ def test_completion_stream_assembles_text_and_usage() -> None:
         (chat(n=0), 400, "invalid_value", "n"),
         (chat(stop=[""]), 400, "invalid_value", "stop"),
         (chat(messages=[{"role": "wizard", "content": "x"}]), 400, "invalid_value", None),
-        (chat(messages=[{"role": "user", "content": [{"type": "image_url"}]}]), 400,
-         "invalid_value", "messages"),
+        (
+            chat(messages=[{"role": "user", "content": [{"type": "image_url"}]}]),
+            400,
+            "invalid_value",
+            "messages",
+        ),
     ],
 )
 def test_chat_validation_errors_have_openai_shape(payload, status, code, param) -> None:
@@ -434,34 +454,35 @@ def test_chat_validation_errors_have_openai_shape(payload, status, code, param) 
 
 def test_malformed_json_is_400() -> None:
     async def body(client: httpx.AsyncClient) -> httpx.Response:
-        return await client.post(CHAT, content=b"{not json",
-                                 headers={"content-type": "application/json"})
+        return await client.post(CHAT, content=b"{not json", headers={"content-type": "application/json"})
 
     assert_error(drive(ScriptedEngine(), body), 400, code="invalid_json")
 
 
 def test_max_tokens_beyond_the_context_is_400() -> None:
     engine = ScriptedEngine(max_model_len=64)
-    assert_error(post(engine, CHAT, chat(max_tokens=64)), 400, code="context_length_exceeded",
-                 param="max_tokens")
+    assert_error(
+        post(engine, CHAT, chat(max_tokens=64)), 400, code="context_length_exceeded", param="max_tokens"
+    )
     assert engine.calls == []
 
 
 def test_prompt_beyond_the_context_is_400() -> None:
     engine = ScriptedEngine(max_model_len=64)
     long = [{"role": "user", "content": "x" * 100}]
-    assert_error(post(engine, CHAT, chat(messages=long)), 400, code="context_length_exceeded",
-                 param="messages")
-    assert_error(post(engine, COMPLETIONS, {"model": MODEL, "prompt": "y" * 100}), 400,
-                 code="context_length_exceeded")
+    assert_error(
+        post(engine, CHAT, chat(messages=long)), 400, code="context_length_exceeded", param="messages"
+    )
+    assert_error(
+        post(engine, COMPLETIONS, {"model": MODEL, "prompt": "y" * 100}), 400, code="context_length_exceeded"
+    )
 
 
 def test_top_logprobs_above_the_server_max_is_400() -> None:
     engine = ScriptedEngine()
     response = post(engine, CHAT, chat(logprobs=True, top_logprobs=6), max_logprobs=5)
     assert_error(response, 400, code="invalid_value", param="top_logprobs")
-    response = post(engine, COMPLETIONS, {"model": MODEL, "prompt": "x", "logprobs": 6},
-                    max_logprobs=5)
+    response = post(engine, COMPLETIONS, {"model": MODEL, "prompt": "x", "logprobs": 6}, max_logprobs=5)
     assert_error(response, 400, param="logprobs")
     assert engine.calls == []
 
@@ -477,8 +498,11 @@ def test_unknown_route_and_method_have_openai_shape() -> None:
 
 def test_models_routes() -> None:
     async def body(client: httpx.AsyncClient):
-        return (await client.get("/v1/models"), await client.get(f"/v1/models/{MODEL}"),
-                await client.get("/v1/models/other"))
+        return (
+            await client.get("/v1/models"),
+            await client.get(f"/v1/models/{MODEL}"),
+            await client.get("/v1/models/other"),
+        )
 
     listing, card, missing = drive(ScriptedEngine(max_model_len=321), body)
     assert listing.status_code == 200
@@ -598,7 +622,7 @@ def test_body_over_the_limit_by_content_length_is_413() -> None:
 def _chunked(data: bytes, size: int) -> Callable[[], AsyncIterator[bytes]]:
     async def chunks() -> AsyncIterator[bytes]:
         for start in range(0, len(data), size):
-            yield data[start:start + size]
+            yield data[start : start + size]
 
     return chunks
 
@@ -697,8 +721,7 @@ def test_non_stream_request_is_aborted_when_the_client_disconnects() -> None:
             await asyncio.sleep(0.1)
             return {"type": "http.disconnect"}
 
-        http_request = Request({"type": "http", "method": "POST", "path": CHAT, "headers": []},
-                               receive)
+        http_request = Request({"type": "http", "method": "POST", "path": CHAT, "headers": []}, receive)
         request = ChatCompletionRequest(model=MODEL, messages=USER)
         with pytest.raises(APIError) as caught:
             await until_disconnect(http_request, PlainChat(_context(engine), request).complete())

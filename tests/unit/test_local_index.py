@@ -201,9 +201,7 @@ def test_async_search_and_protocol(index_dir: Path) -> None:
 
 def test_malformed_line_names_line_number(tmp_path: Path) -> None:
     src = tmp_path / "docs.jsonl"
-    src.write_text(
-        json.dumps(DOCS[0]) + "\n\n" + '{"title": "broken", "text": \n', encoding="utf-8"
-    )
+    src.write_text(json.dumps(DOCS[0]) + "\n\n" + '{"title": "broken", "text": \n', encoding="utf-8")
     with pytest.raises(ValueError, match=r"docs\.jsonl:3"):
         build_index(src, tmp_path / "index", progress=False)
     assert leftovers(tmp_path / "index") == []

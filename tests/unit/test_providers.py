@@ -197,9 +197,7 @@ def test_brave_without_web_results_is_empty(fake: FakeProviders) -> None:
 
 
 def test_brave_rate_limit_reset_header(fake: FakeProviders) -> None:
-    fake.script(
-        status(429, headers={"X-RateLimit-Remaining": "0, 900", "X-RateLimit-Reset": "1, 86400"})
-    )
+    fake.script(status(429, headers={"X-RateLimit-Remaining": "0, 900", "X-RateLimit-Reset": "1, 86400"}))
     err = search_error(make(fake, "brave"))
     assert isinstance(err, SearchHTTPError) and err.retry_after == 1.0
 
@@ -249,9 +247,7 @@ def test_exa_request_and_documents(fake: FakeProviders) -> None:
 
 
 def test_exa_falls_back_to_highlights(fake: FakeProviders) -> None:
-    fake.script(
-        respond({"results": [{"title": "T", "url": "https://t", "highlights": ["a", "b"]}]})
-    )
+    fake.script(respond({"results": [{"title": "T", "url": "https://t", "highlights": ["a", "b"]}]}))
     (doc,) = search(make(fake, "exa"))
     assert doc.text == "a\nb" and doc.score == 1.0
 
@@ -357,13 +353,7 @@ def test_retriever_request_and_documents(fake: FakeProviders) -> None:
 
 def test_retriever_accepts_the_shape_without_scores(fake: FakeProviders) -> None:
     fake.script(
-        respond(
-            {
-                "result": [
-                    [{"id": "7", "contents": '"Hamlet"\nA play.'}, {"id": 8, "contents": "x\ny"}]
-                ]
-            }
-        )
+        respond({"result": [[{"id": "7", "contents": '"Hamlet"\nA play.'}, {"id": 8, "contents": "x\ny"}]]})
     )
     docs = search(make(fake, "retriever"), k=5)
     assert [(d.id, d.title, d.text, d.score) for d in docs] == [
@@ -491,9 +481,7 @@ def test_results_missing_their_fields_are_response_errors(fake: FakeProviders, n
 
 @pytest.mark.parametrize("name", PROVIDERS)
 @pytest.mark.parametrize("declare_length", [False, True], ids=["streamed", "content-length"])
-def test_huge_body_is_a_response_error(
-    fake: FakeProviders, name: str, declare_length: bool
-) -> None:
+def test_huge_body_is_a_response_error(fake: FakeProviders, name: str, declare_length: bool) -> None:
     fake.script(huge_body(1_000_000, declare_length=declare_length))
     err = search_error(make(fake, name, max_body_bytes="65536"))
     assert isinstance(err, SearchResponseError) and "65536" in str(err)
@@ -835,9 +823,7 @@ def test_load_secrets_errors_do_not_echo_lines(tmp_path: Path) -> None:
         load_secrets({}, tmp_path / "missing.env")
 
 
-def test_load_secrets_warns_about_a_readable_file(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
+def test_load_secrets_warns_about_a_readable_file(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     path = tmp_path / "secrets.env"
     path.write_text("SERPER_API_KEY=x\n")
     path.chmod(0o644)

@@ -32,9 +32,21 @@ def redis_url(tmp_path_factory) -> Iterator[str]:
     port = _free_port()
     workdir = tmp_path_factory.mktemp("redis")
     process = subprocess.Popen(
-        [REDIS, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-         "--dir", str(workdir)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [
+            REDIS,
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(workdir),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     try:
         for _ in range(100):
@@ -55,8 +67,16 @@ class CountingBackend:
 
     async def search(self, query: str, k: int) -> list[Document]:
         self.calls += 1
-        return [Document(title="Paris", text="Capital of France.", url="https://x/Paris",
-                         score=1.5, source=self.name, id="d1")][:k]
+        return [
+            Document(
+                title="Paris",
+                text="Capital of France.",
+                url="https://x/Paris",
+                score=1.5,
+                source=self.name,
+                id="d1",
+            )
+        ][:k]
 
     async def aclose(self) -> None:
         return None

@@ -601,7 +601,12 @@ def service(
     **policy: object,
 ) -> SearchService:
     return SearchService.from_backends(
-        backends, ResiliencePolicy(**policy), cache, observer, clock=t.clock, sleep=t.sleep  # type: ignore[arg-type]
+        backends,
+        ResiliencePolicy(**policy),
+        cache,
+        observer,
+        clock=t.clock,
+        sleep=t.sleep,  # type: ignore[arg-type]
     )
 
 
@@ -677,8 +682,11 @@ def test_per_backend_policies_override_the_default() -> None:
     t = FakeTime()
     one, two = Scripted("one", default=http(503)), Scripted("two", default=http(503))
     svc = SearchService.from_backends(
-        [one, two], ResiliencePolicy(max_attempts=3),
-        policies={"two": ResiliencePolicy(max_attempts=1)}, clock=t.clock, sleep=t.sleep,
+        [one, two],
+        ResiliencePolicy(max_attempts=3),
+        policies={"two": ResiliencePolicy(max_attempts=1)},
+        clock=t.clock,
+        sleep=t.sleep,
     )
     outcome = asyncio.run(svc.search("q", 1))
     assert (one.calls, two.calls) == (3, 1)

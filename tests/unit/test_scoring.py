@@ -93,8 +93,20 @@ def brute_force_pass_at_k(n: int, c: int, k: int) -> float:
 
 @pytest.mark.parametrize(
     ("n", "c", "k"),
-    [(1, 0, 1), (1, 1, 1), (5, 0, 3), (5, 1, 1), (5, 1, 3), (5, 2, 2), (6, 3, 4), (8, 1, 8),
-     (8, 7, 1), (10, 3, 5), (10, 9, 2), (12, 4, 6)],
+    [
+        (1, 0, 1),
+        (1, 1, 1),
+        (5, 0, 3),
+        (5, 1, 1),
+        (5, 1, 3),
+        (5, 2, 2),
+        (6, 3, 4),
+        (8, 1, 8),
+        (8, 7, 1),
+        (10, 3, 5),
+        (10, 9, 2),
+        (12, 4, 6),
+    ],
 )
 def test_pass_at_k_matches_brute_force(n, c, k):
     assert pass_at_k(n, c, k) == pytest.approx(brute_force_pass_at_k(n, c, k), abs=1e-12)
@@ -139,8 +151,8 @@ def test_majority_vote():
 
 
 def brute_force_auroc(scores, labels) -> float:
-    pos = [s for s, y in zip(scores, labels) if y]
-    neg = [s for s, y in zip(scores, labels) if not y]
+    pos = [s for s, y in zip(scores, labels, strict=False) if y]
+    neg = [s for s, y in zip(scores, labels, strict=False) if not y]
     total = sum(1.0 if p > q else 0.5 if p == q else 0.0 for p in pos for q in neg)
     return total / (len(pos) * len(neg))
 

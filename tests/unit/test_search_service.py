@@ -43,10 +43,7 @@ class FakeBackend:
 
 
 def docs(n: int, source: str = "fake") -> list[Document]:
-    return [
-        Document(title=f"T{i}", text=f"text {i}", url=f"https://x/{i}", source=source)
-        for i in range(n)
-    ]
+    return [Document(title=f"T{i}", text=f"text {i}", url=f"https://x/{i}", source=source) for i in range(n)]
 
 
 def test_the_first_backend_that_answers_wins() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 
 from router.engine.base import TokenLogprobs
@@ -71,7 +72,7 @@ def test_a_partial_character_prefix_is_owned_by_the_completing_token() -> None:
     assert spans == [(0, 1), (1, 1), (1, 2), (2, 2), (2, 2), (2, 3), (3, 4)]
     # Spans tile the text without gaps or overlaps and end at the full decode's length.
     assert spans[-1][1] == len(bd.decode(ids))
-    for (_, end), (start, _) in zip(spans, spans[1:]):
+    for (_, end), (start, _) in itertools.pairwise(spans):
         assert end == start
 
 
@@ -87,7 +88,7 @@ def test_offsets_never_step_back() -> None:
 
     spans = token_offsets([1, 2, 3], odd_decode)
     assert all(start <= end for start, end in spans)
-    assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:]))
+    assert all(a[1] <= b[0] for a, b in itertools.pairwise(spans))
     assert spans[0] == (0, 1)
 
 
@@ -126,9 +127,7 @@ def test_continuation_drops_the_stop_token_on_a_clean_cut() -> None:
 def test_continuation_reencodes_only_the_fragment_of_a_straddling_token() -> None:
     # " France </sea" + "rch>": the text ends at " France " and the third token straddles.
     ids = ids_of("capital", " of", " France </sea", "rch>")
-    segment = Segment(
-        text="capital of France ", token_ids=ids, stop="</search>", finish_reason="stop"
-    )
+    segment = Segment(text="capital of France ", token_ids=ids, stop="</search>", finish_reason="stop")
     kept = continuation_ids(segment, decode, encode)
     assert kept == ids[:2] + encode(" France ")
     assert decode(kept) == segment.text

@@ -33,12 +33,16 @@ GUIDED_ANSWER_STOPS = ("</answer>", "\n")
 FILL_STOPS = ("</information>",)
 
 DOCS = [
-    Document("Paris", "Paris is the capital of France.", url="https://en.wikipedia.org/wiki/Paris",
-             source="fake"),
-    Document("Paris (disambiguation)", "Paris may refer to a city.",
-             url="https://en.wikipedia.org/wiki/Paris", source="fake"),
-    Document("France", "France is a country.", url="https://en.wikipedia.org/wiki/France",
-             source="fake"),
+    Document(
+        "Paris", "Paris is the capital of France.", url="https://en.wikipedia.org/wiki/Paris", source="fake"
+    ),
+    Document(
+        "Paris (disambiguation)",
+        "Paris may refer to a city.",
+        url="https://en.wikipedia.org/wiki/Paris",
+        source="fake",
+    ),
+    Document("France", "France is a country.", url="https://en.wikipedia.org/wiki/France", source="fake"),
 ]
 INFO = (
     "Doc 1(Title: Paris) Paris is the capital of France.\n"
@@ -110,21 +114,31 @@ def run_app(
     monkeypatch: pytest.MonkeyPatch | None = None,
     **settings: Any,
 ) -> Any:
-    values: dict[str, Any] = {"warmup": False, "search": "none", "search_mode": "native",
-                              "max_turns": 3, "max_votes": 4}
+    values: dict[str, Any] = {
+        "warmup": False,
+        "search": "none",
+        "search_mode": "native",
+        "max_turns": 3,
+        "max_votes": 4,
+    }
     values.update(settings)
     if backend is not None:
         assert monkeypatch is not None
-        monkeypatch.setattr(server.app, "build_search_service",
-                            lambda s, observer=None: SearchService([backend], timeout_s=s.search_timeout))
+        monkeypatch.setattr(
+            server.app,
+            "build_search_service",
+            lambda s, observer=None: SearchService([backend], timeout_s=s.search_timeout),
+        )
     app = create_app(ServeSettings(**values), engine_factory=lambda s: engine)
 
     async def main() -> Any:
-        async with app.router.lifespan_context(app):
-            async with httpx.AsyncClient(
+        async with (
+            app.router.lifespan_context(app),
+            httpx.AsyncClient(
                 transport=httpx.ASGITransport(app=app), base_url="http://t", timeout=30
-            ) as client:
-                return await body(client)
+            ) as client,
+        ):
+            return await body(client)
 
     return asyncio.run(main())
 
@@ -145,9 +159,10 @@ def post_both(
     async def body(client: httpx.AsyncClient) -> tuple[httpx.Response, httpx.Response]:
         plain = await client.post(CHAT, json=payload)
         calls.append(list(engine.calls))
-        streamed = await client.post(CHAT, json={**payload, "stream": True,
-                                                 "stream_options": {"include_usage": True}})
-        calls.append(engine.calls[len(calls[0]):])
+        streamed = await client.post(
+            CHAT, json={**payload, "stream": True, "stream_options": {"include_usage": True}}
+        )
+        calls.append(engine.calls[len(calls[0]) :])
         return plain, streamed
 
     plain, streamed = run_app(engine, body, **kwargs)
@@ -166,15 +181,14 @@ def sse_events(response: httpx.Response) -> list[Any]:
         if not block.strip():
             continue
         assert block.startswith("data: "), block
-        data = block[len("data: "):]
+        data = block[len("data: ") :]
         events.append(data if data == "[DONE]" else json.loads(data))
     return events
 
 
 def usage_of(calls: list[Call], completion: int) -> dict[str, int]:
     prompt = sum(len(c.prompt) for c in calls)
-    return {"prompt_tokens": prompt, "completion_tokens": completion,
-            "total_tokens": prompt + completion}
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
 def assert_error(response: httpx.Response, status: int, param: str | None) -> dict[str, Any]:
@@ -192,8 +206,7 @@ def assert_error(response: httpx.Response, status: int, param: str | None) -> di
 def test_response_shape_with_an_external_search(monkeypatch: pytest.MonkeyPatch) -> None:
     engine = ScriptedEngine(responder=Responder())
     backend = FakeBackend()
-    response = post(engine, chat(self_search={"policy": "always"}), backend=backend,
-                    monkeypatch=monkeypatch)
+    response = post(engine, chat(self_search={"policy": "always"}), backend=backend, monkeypatch=monkeypatch)
     assert response.status_code == 200, response.text
     body = response.json()
     assert body["object"] == "chat.completion" and body["model"] == MODEL
@@ -230,10 +243,14 @@ def test_response_shape_with_an_external_search(monkeypatch: pytest.MonkeyPatch)
 
     # One citation per distinct external URL, over the answer.
     assert message["annotations"] == [
-        {"type": "url_citation", "url_citation": {
-            "url": url, "title": title, "start_index": 0, "end_index": len("Paris")}}
-        for url, title in [("https://en.wikipedia.org/wiki/Paris", "Paris"),
-                           ("https://en.wikipedia.org/wiki/France", "France")]
+        {
+            "type": "url_citation",
+            "url_citation": {"url": url, "title": title, "start_index": 0, "end_index": len("Paris")},
+        }
+        for url, title in [
+            ("https://en.wikipedia.org/wiki/Paris", "Paris"),
+            ("https://en.wikipedia.org/wiki/France", "France"),
+        ]
     ]
     # Usage: every engine call's prompt, every generated token.
     assert len(engine.calls) == 2
@@ -271,8 +288,9 @@ def test_server_default_policy_reads_the_entropy() -> None:
 
 def test_request_overrides_the_threshold(monkeypatch: pytest.MonkeyPatch) -> None:
     engine = ScriptedEngine(responder=Responder())
-    response = post(engine, chat(self_search={"threshold": 0.1}), backend=FakeBackend(),
-                    monkeypatch=monkeypatch)
+    response = post(
+        engine, chat(self_search={"threshold": 0.1}), backend=FakeBackend(), monkeypatch=monkeypatch
+    )
     (search,) = response.json()["choices"][0]["self_search"]["searches"]
     assert search["decision"] == "external"
     assert search["reason"].endswith("> tau 0.100")
@@ -380,8 +398,9 @@ def test_n_2_runs_two_independent_trajectories() -> None:
     for call in engine.calls:
         by_trajectory[trajectory(call)] = by_trajectory.get(trajectory(call), 0) + 1
     assert sorted(by_trajectory.values()) == [3, 3]
-    completion = 2 * (len(SEARCH_TURN) + len(FILL)) + len("<answer> Paris </answer>") + len(
-        "<answer> Lyon </answer>")
+    completion = (
+        2 * (len(SEARCH_TURN) + len(FILL)) + len("<answer> Paris </answer>") + len("<answer> Lyon </answer>")
+    )
     assert response.json()["usage"] == usage_of(engine.calls, completion)
 
 
@@ -401,7 +420,8 @@ def test_votes_pick_the_majority_answer() -> None:
     assert len({trajectory(c) for c in engine.calls}) == 3
     # Usage counts every sampled trajectory, not only the winner.
     completion = 3 * (len(SEARCH_TURN) + len(FILL)) + sum(
-        len(f"<answer> {a} </answer>") for a in ("Paris", "Lyon", "paris."))
+        len(f"<answer> {a} </answer>") for a in ("Paris", "Lyon", "paris.")
+    )
     assert response.json()["usage"] == usage_of(engine.calls, completion)
 
 
@@ -417,7 +437,8 @@ def test_stream_carries_the_same_trajectory(mode: str, monkeypatch: pytest.Monke
     engine = ScriptedEngine(responder=Responder(searches=2))
     payload = chat(self_search={"mode": mode, "policy": "always"})
     plain, streamed, plain_calls, stream_calls = post_both(
-        engine, payload, backend=FakeBackend(), monkeypatch=monkeypatch, guided_searches=2)
+        engine, payload, backend=FakeBackend(), monkeypatch=monkeypatch, guided_searches=2
+    )
     expected = plain.json()["choices"][0]
     events = sse_events(streamed)
     assert events[-1] == "[DONE]"

@@ -83,8 +83,17 @@ def test_flags_win_over_the_environment(monkeypatch: pytest.MonkeyPatch) -> None
 
 def test_typed_flags() -> None:
     settings = settings_from(
-        "--port", "9", "--max-model-len", "2048", "--gpu-memory-utilization", "0.5",
-        "--max-request-bytes", "1000", "--enforce-eager", "--host", "0.0.0.0",
+        "--port",
+        "9",
+        "--max-model-len",
+        "2048",
+        "--gpu-memory-utilization",
+        "0.5",
+        "--max-request-bytes",
+        "1000",
+        "--enforce-eager",
+        "--host",
+        "0.0.0.0",
     )
     assert settings.port == 9
     assert settings.max_model_len == 2048
@@ -111,12 +120,18 @@ def test_repeated_api_key() -> None:
 
 def test_engine_arg_values_parse_as_json() -> None:
     settings = settings_from(
-        "--engine-arg", "key=3",
-        "--engine-arg", "max-num-batched-tokens=512",
-        "--engine-arg", "kv_cache_dtype=fp8",
-        "--engine-arg", "disable_log_stats=true",
-        "--engine-arg", 'limit_mm_per_prompt={"image": 0}',
-        "--engine-arg", "empty=",
+        "--engine-arg",
+        "key=3",
+        "--engine-arg",
+        "max-num-batched-tokens=512",
+        "--engine-arg",
+        "kv_cache_dtype=fp8",
+        "--engine-arg",
+        "disable_log_stats=true",
+        "--engine-arg",
+        'limit_mm_per_prompt={"image": 0}',
+        "--engine-arg",
+        "empty=",
     )
     assert settings.extra_engine_args() == {
         "key": 3,

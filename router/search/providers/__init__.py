@@ -76,9 +76,7 @@ def known_backends() -> list[str]:
     return sorted(set(BUILTIN) | set(entry_point_factories()))
 
 
-def create_backend(
-    name: str, options: Mapping[str, str], secrets: Mapping[str, str]
-) -> SearchBackend:
+def create_backend(name: str, options: Mapping[str, str], secrets: Mapping[str, str]) -> SearchBackend:
     """A backend by name: built-in first, then the ``ssrl.search_backends`` entry points.
 
     ValueError for an unknown name (listing the known ones), an unknown or malformed option,
@@ -88,9 +86,7 @@ def create_backend(
     if factory is None:
         entry_point = entry_point_factories().get(name)
         if entry_point is None:
-            raise ValueError(
-                f"unknown search backend {name!r} (known: {', '.join(known_backends())})"
-            )
+            raise ValueError(f"unknown search backend {name!r} (known: {', '.join(known_backends())})")
         factory = entry_point.load()
     backend = factory(options, secrets)
     if not isinstance(backend, SearchBackend):

@@ -43,9 +43,7 @@ def _rate_limit_reset(headers: httpx.Headers) -> float | None:
     """
     try:
         resets = [float(v) for v in headers.get("x-ratelimit-reset", "").split(",") if v.strip()]
-        remaining = [
-            float(v) for v in headers.get("x-ratelimit-remaining", "").split(",") if v.strip()
-        ]
+        remaining = [float(v) for v in headers.get("x-ratelimit-remaining", "").split(",") if v.strip()]
     except ValueError:
         return None
     if not resets:

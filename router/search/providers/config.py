@@ -160,10 +160,10 @@ def _parse_json_secrets(text: str, path: Path) -> dict[str, str]:
         raise ValueError(f"{path}: not valid JSON") from None
     if not isinstance(data, dict):
         # ValueError, not TypeError: like every other bad-configuration case of load_secrets.
-        raise ValueError(f"{path}: expected a JSON object of NAME: value")  # noqa: TRY004
+        raise ValueError(f"{path}: expected a JSON object of NAME: value")
     for key, value in data.items():
         if not isinstance(value, str):
-            raise ValueError(f"{path}: the value of {key!r} must be a string")  # noqa: TRY004
+            raise ValueError(f"{path}: the value of {key!r} must be a string")
     return dict(data)
 
 

@@ -336,9 +336,7 @@ class HttpBackend:
         base_url: str | None = None,
     ) -> dict[str, Any]:
         """`request_json` for the providers whose answer is a JSON object (all of them)."""
-        answer = await self.request_json(
-            method, path, params=params, json_body=json_body, base_url=base_url
-        )
+        answer = await self.request_json(method, path, params=params, json_body=json_body, base_url=base_url)
         return expect_dict(answer, self.name, "the answer")
 
     async def _request(

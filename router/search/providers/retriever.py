@@ -50,9 +50,7 @@ class RetrieverBackend(HttpBackend):
         super().__init__(name=name, base_url=base_url, settings=settings)
 
     @classmethod
-    def from_options(
-        cls, options: Mapping[str, str], secrets: Mapping[str, str]
-    ) -> RetrieverBackend:
+    def from_options(cls, options: Mapping[str, str], secrets: Mapping[str, str]) -> RetrieverBackend:
         opts = Options("retriever", options, COMMON_HTTP_OPTIONS)
         return cls(
             base_url=opts.get("base_url") or DEFAULT_BASE_URL,

@@ -67,8 +67,7 @@ class SearxngBackend(HttpBackend):
     def status_hint(self, status: int) -> str | None:
         if status == 403:
             return (
-                "JSON output is disabled on this instance: "
-                "add 'json' to search.formats in its settings.yml"
+                "JSON output is disabled on this instance: add 'json' to search.formats in its settings.yml"
             )
         if status == 429:
             return "rate limited by the instance's limiter (exempt this client in limiter.toml)"

@@ -84,9 +84,7 @@ class SerperBackend(HttpBackend):
                 score=None,
                 rank=offset + rank,
             )
-            for rank, item in enumerate(
-                i for i in organic if isinstance(i, dict) and opt_str(i, "link")
-            )
+            for rank, item in enumerate(i for i in organic if isinstance(i, dict) and opt_str(i, "link"))
         ]
         require_items(organic, docs, self.name)
         if featured is not None:

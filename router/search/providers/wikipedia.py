@@ -68,9 +68,7 @@ class WikipediaBackend(HttpBackend):
         self.rest_base_url = normalize_base_url(rest_base_url) if rest_base_url else self.base_url
 
     @classmethod
-    def from_options(
-        cls, options: Mapping[str, str], secrets: Mapping[str, str]
-    ) -> WikipediaBackend:
+    def from_options(cls, options: Mapping[str, str], secrets: Mapping[str, str]) -> WikipediaBackend:
         opts = Options("wikipedia", options, COMMON_HTTP_OPTIONS | {"lang", "rest_base_url"})
         return cls(
             lang=opts.get("lang") or "en",
