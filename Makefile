@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup serve test test-unit lint format bench model
+.PHONY: setup serve test test-unit lint format bench model image-test
 
 setup:
 	@bash scripts/setup.sh
@@ -36,3 +36,9 @@ model: setup
 
 bench: setup
 	$(PY) -m bench.run $(or $(BENCH),suite) $(ARGS)
+
+# Build the CPU image with podman, run it, and check it for real (health check, a self-search
+# chat, non-root, SIGTERM drain); removes what it made. Slow, so not part of `make test`; skips
+# where podman is not installed. deploy/image-test.sh lists its settings.
+image-test: setup
+	bash deploy/image-test.sh

@@ -6,7 +6,8 @@
 
 The reasoning streams as the model writes it; each search is shown as soon as it is
 decided (query, entropy, decision, the documents' titles), then the answer. Output is
-formatted with rich on a terminal (`--color always` forces it) and plain when piped.
+formatted with rich on a terminal (`--color always` forces it) and plain when piped or
+when rich is not installed (it comes with the `client-extras` extra).
 Server and connection errors print one line on stderr and exit with code 1.
 """
 
@@ -16,10 +17,11 @@ import argparse
 import json
 import os
 import sys
-from typing import Any, TextIO
+from typing import Any, TextIO, get_args
 
 from clients.client import (
     AnswerDelta,
+    Policy,
     ReasoningDelta,
     SearchDecided,
     SearchRecord,
@@ -51,7 +53,11 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     conn.add_argument("--timeout", type=float, default=300.0, help="Request timeout in seconds.")
     conn.add_argument("--max-retries", type=int, default=2, help="Retries on connection errors and 429/503.")
     routing = parser.add_argument_group("self-search routing")
-    routing.add_argument("--policy", choices=["threshold", "ssrl", "budget", "always", "never"])
+    routing.add_argument(
+        "--policy",
+        metavar="POLICY",
+        help=f"Routing policy: {', '.join(get_args(Policy))}, or one a server plugin adds.",
+    )
     routing.add_argument("--threshold", type=float, help="tau in nats (min_prob: a probability).")
     routing.add_argument("--aggregate", choices=["mean", "max", "min_prob", "ssrl"])
     routing.add_argument("--mode", choices=["native", "guided"])
@@ -244,7 +250,12 @@ def make_renderer(color: str, show_reasoning: bool, out: TextIO | None = None) -
     out = out or sys.stdout
     if color == "never":
         return PlainRenderer(out, show_reasoning)
-    from rich.console import Console
+    try:
+        from rich.console import Console
+    except ModuleNotFoundError:  # rich comes with the `client-extras` extra
+        if color == "always":
+            print("ssrl chat: --color always needs rich: pip install 'ssrl[client-extras]'", file=sys.stderr)
+        return PlainRenderer(out, show_reasoning)
 
     if color == "always":
         console = Console(file=out, force_terminal=True, color_system="standard")

@@ -1,190 +1,198 @@
-"""The `ssrl` command: `ssrl serve`, `ssrl model prepare`, and the tools around them."""
+"""The `ssrl` entry point: one command line over two sides that install separately.
+
+    ssrl serve | model prepare | index build     # the server's commands (server/commands.py)
+    ssrl chat | eval | calibrate                 # the client's commands (clients/)
+
+This module is a dispatcher and imports neither side. It reads the command name from the
+arguments, imports only the module that registers that command, and runs it, so `ssrl chat`
+works where only the base install (the client: httpx, pydantic) is present, and `ssrl serve`
+without the server's dependencies says which extra to install instead of a traceback.
+
+A command is a function `register(subparsers)` that adds one top-level parser with
+`set_defaults(handler=...)`; the handler takes the parsed arguments as a dict and returns
+the exit code. Built-in commands are listed in `BUILTIN`; a third-party package adds one
+through the entry point group `ssrl.commands` (name = the command, value =
+`package.module:register`), the way search backends are added through
+`ssrl.search_backends`. A built-in name cannot be taken over.
+"""
 
 from __future__ import annotations
 
 import argparse
-import logging
+import importlib
+import importlib.metadata
 import sys
-import types
-import typing
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
-from pydantic.fields import FieldInfo
+__all__ = [
+    "BUILTIN",
+    "ENTRY_POINT_GROUP",
+    "CommandSpec",
+    "MissingExtra",
+    "build_parser",
+    "commands",
+    "main",
+]
+
+ENTRY_POINT_GROUP = "ssrl.commands"
+# Our own packages: a ModuleNotFoundError naming one of them is a bug, not a missing extra.
+_OWN = frozenset({"clients", "server", "router"})
+# Modules that come with an engine extra rather than with `server`.
+_ENGINE_MODULES = frozenset({"vllm", "torch", "gguf", "accelerate", "transformers"})
+
+Register = Callable[[Any], None]
 
 
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
+@dataclass(frozen=True, slots=True)
+class CommandSpec:
+    """One top-level `ssrl` command, not yet imported."""
+
+    name: str
+    # "module:function" of its `register(subparsers)`.
+    target: str
+    help: str
+    # The extra that installs what it needs (None: the base install suffices).
+    extra: str | None = None
+
+    def load(self) -> Register:
+        module_name, _, attr = self.target.partition(":")
+        register: Register = getattr(importlib.import_module(module_name), attr or "register")
+        return register
 
 
-def _base_type(annotation: Any) -> Any:
-    """`int | None` -> int; `Annotated[list[str], ...]` -> list[str]."""
-    if typing.get_origin(annotation) is typing.Annotated:
-        annotation = typing.get_args(annotation)[0]
-    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(annotation) if a is not type(None)]
-        annotation = args[0] if len(args) == 1 else str
-    return annotation
-
-
-def add_settings_flags(parser: argparse.ArgumentParser, fields: dict[str, FieldInfo]) -> None:
-    """One flag per settings field; unset flags stay out so the environment can apply."""
-    for name, info in fields.items():
-        kind = _base_type(info.annotation)
-        help_text = info.description or ""
-        if kind is bool:
-            parser.add_argument(
-                _flag(name),
-                dest=name,
-                action=argparse.BooleanOptionalAction,
-                default=argparse.SUPPRESS,
-                help=help_text,
-            )
-        elif typing.get_origin(kind) is list:
-            parser.add_argument(
-                _flag(name),
-                dest=name,
-                action="append",
-                default=argparse.SUPPRESS,
-                help=help_text + " (repeatable)",
-            )
-        else:
-            converter = kind if kind in (int, float) else str
-            choices = typing.get_args(kind) if typing.get_origin(kind) is typing.Literal else None
-            parser.add_argument(
-                _flag(name),
-                dest=name,
-                type=converter,
-                choices=choices,
-                default=argparse.SUPPRESS,
-                help=help_text,
-            )
-
-
-EXTRA_COMMANDS: tuple[str, ...] = ("clients.chat", "clients.eval_cli")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    from server.settings import ServeSettings
-
-    parser = argparse.ArgumentParser(
-        prog="ssrl", description="OpenAI-compatible server for self-search models."
-    )
-    commands = parser.add_subparsers(dest="command", required=True)
-
-    serve = commands.add_parser(
+BUILTIN: tuple[CommandSpec, ...] = (
+    CommandSpec(
         "serve",
-        help="Start the server (embedded default model unless --model).",
-        description="Every flag can also be set as SSRL_<NAME> in the environment; flags win.",
-    )
-    add_settings_flags(serve, ServeSettings.model_fields)
+        "server.commands:register_serve",
+        "Start the server (embedded default model unless --model).",
+        "server",
+    ),
+    CommandSpec("model", "server.commands:register_model", "Manage the embedded default model.", "server"),
+    CommandSpec("index", "server.commands:register_index", "Build the local BM25 search index.", "server"),
+    CommandSpec(
+        "chat", "clients.chat:register", "Ask a running server a question and show its self-search trace."
+    ),
+    CommandSpec(
+        "eval",
+        "clients.eval_cli:register_eval",
+        "Score a QA set against a running server (EM, F1, pass@k, search calls).",
+    ),
+    CommandSpec(
+        "calibrate",
+        "clients.eval_cli:register_calibrate",
+        "Choose the routing threshold from eval runs; write calibration.env.",
+    ),
+)
 
-    model = commands.add_parser("model", help="Manage the embedded default model.")
-    model_commands = model.add_subparsers(dest="model_command", required=True)
-    prepare = model_commands.add_parser(
-        "prepare", help="Convert the default model into the cache (done by serve when missing)."
-    )
-    prepare.add_argument(
-        "--cache-dir", default=None, help="Cache directory (default: SSRL_CACHE_DIR or ~/.cache/ssrl)."
-    )
 
-    index = commands.add_parser("index", help="Build the local BM25 search index.")
-    index_commands = index.add_subparsers(dest="index_command", required=True)
-    build = index_commands.add_parser(
-        "build", help="Build an index from JSONL ({id, title, text, url?} per line), atomically."
-    )
-    source = build.add_mutually_exclusive_group(required=True)
-    source.add_argument("--input", help="JSONL corpus to index.")
-    source.add_argument(
-        "--preset",
-        choices=["wiki-summaries"],
-        help="Build the default index from the offline Wikipedia summaries.",
-    )
-    build.add_argument("--out", help="Index directory (required with --input).")
-    build.add_argument("--cache-dir", default=None, help="Cache directory for --preset.")
-    build.add_argument("--no-progress", action="store_true", help="No progress bar.")
+def commands() -> dict[str, CommandSpec]:
+    """Every command by name: the built-ins, then the `ssrl.commands` entry points."""
+    out = {spec.name: spec for spec in BUILTIN}
+    for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+        if ep.name not in out:
+            source = ep.dist.name if ep.dist is not None else ep.value
+            out[ep.name] = CommandSpec(ep.name, ep.value, f"(from {source})")
+    return out
 
-    # Further commands live in their own modules: each has `register(subparsers)`, which
-    # adds its parser with `set_defaults(handler=...)`; the handler takes the parsed
-    # arguments as a dict and returns the exit code.
-    for module_name in EXTRA_COMMANDS:
-        import importlib
 
-        importlib.import_module(module_name).register(commands)
+class MissingExtra(Exception):
+    """A command's dependencies are not installed; the message names the extra."""
+
+
+def _missing_extra(spec: CommandSpec, exc: ModuleNotFoundError) -> MissingExtra | None:
+    missing = (exc.name or "").split(".")[0]
+    if not missing or missing in _OWN:
+        return None
+    if missing in _ENGINE_MODULES:
+        hint = "pip install 'ssrl[cpu]' (or 'ssrl[gpu]')"
+    elif spec.extra:
+        hint = f"pip install 'ssrl[{spec.extra}]'"
+    else:
+        hint = f"pip install {missing}"
+    return MissingExtra(f"ssrl {spec.name}: the module {missing!r} is not installed; install it: {hint}")
+
+
+class _StandIn(argparse.ArgumentParser):
+    """The parser of a command that cannot load: takes any arguments, explains why."""
+
+    def __init__(self, spec: CommandSpec, problem: MissingExtra) -> None:
+        super().__init__(prog=f"ssrl {spec.name}", add_help=False)
+        self.problem = problem
+
+    def explain(self, _: dict[str, Any]) -> int:
+        print(self.problem, file=sys.stderr)
+        return 2
+
+    def parse_known_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        namespace = namespace or argparse.Namespace()
+        namespace.handler = self.explain
+        return namespace, []
+
+
+def _stub(subparsers: Any, spec: CommandSpec, problem: MissingExtra) -> None:
+    subparsers.add_parser(spec.name, help=f"{spec.help} [{problem}]")
+    subparsers.choices[spec.name] = _StandIn(spec, problem)
+
+
+def build_parser(*names: str, stand_ins: bool = True) -> argparse.ArgumentParser:
+    """The `ssrl` parser with the full parsers of `names` (every command when none is given).
+
+    A command whose dependencies are missing gets a stand-in that prints the extra to
+    install (`stand_ins=False`: the ModuleNotFoundError propagates instead).
+    """
+    parser = argparse.ArgumentParser(
+        prog="ssrl", description="OpenAI-compatible server for self-search models, and its client."
+    )
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    known = commands()
+    for name in names or tuple(known):
+        spec = known[name]
+        try:
+            spec.load()(subparsers)
+        except ModuleNotFoundError as exc:
+            problem = _missing_extra(spec, exc)
+            if problem is None or not stand_ins:
+                raise
+            _stub(subparsers, spec, problem)
     return parser
 
 
-def _index_build(args: dict[str, Any]) -> int:
-    from pathlib import Path
-
-    from router.engine.default_model import default_cache_dir
-    from router.search.default_corpus import ensure_default_index
-    from router.search.local_index import build_index, read_index_info
-
-    progress = not args["no_progress"]
-    if args["preset"]:
-        cache_dir = Path(args["cache_dir"]) if args["cache_dir"] else default_cache_dir()
-        out = ensure_default_index(cache_dir, progress=progress)
-    else:
-        if not args["out"]:
-            print("ssrl index build: --out is required with --input", file=sys.stderr)
-            return 2
-        try:
-            build_index(Path(args["input"]), Path(args["out"]), source=args["input"], progress=progress)
-        except (OSError, ValueError) as exc:
-            print(f"ssrl index build: {exc}", file=sys.stderr)
-            return 1
-        out = Path(args["out"])
-    info = read_index_info(out)
-    print(f"{info.documents} documents indexed in {info.path}")
-    return 0
-
-
-def _serve(flags: dict[str, Any]) -> int:
-    from pydantic import ValidationError
-
-    from server.app import create_app
-    from server.settings import ServeSettings
-
-    try:
-        settings = ServeSettings(**flags)
-        settings.extra_engine_args()
-    except (ValidationError, ValueError) as exc:
-        print(f"ssrl serve: invalid settings:\n{exc}", file=sys.stderr)
-        return 2
-    logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+def _overview_parser() -> argparse.ArgumentParser:
+    """Every command listed with its one-line help, none of them imported (`ssrl --help`)."""
+    parser = argparse.ArgumentParser(
+        prog="ssrl", description="OpenAI-compatible server for self-search models, and its client."
     )
-    from server.lifecycle import DrainingServer, uvicorn_config
-
-    app = create_app(settings)
-    DrainingServer(uvicorn_config(app, settings), app.state.drainer).run()
-    return 0
-
-
-def _prepare(cache_dir: str | None) -> int:
-    from pathlib import Path
-
-    from router.engine.default_model import ensure_default_checkpoint
-
-    logging.basicConfig(level=logging.INFO)
-    print(ensure_default_checkpoint(Path(cache_dir) if cache_dir else None))
-    return 0
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for spec in commands().values():
+        subparsers.add_parser(spec.name, help=spec.help, add_help=False).add_argument(
+            "rest", nargs=argparse.REMAINDER
+        )
+    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = vars(build_parser().parse_args(argv))
-    command = args.pop("command")
-    handler = args.pop("handler", None)
-    if handler is not None:
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    known = commands()
+    name = next((a for a in args_list if not a.startswith("-")), None)
+    if name not in known:
+        _overview_parser().parse_args(args_list)  # prints the usage or the help, and exits
+        return 2
+    spec = known[name]
+    try:
+        args = vars(build_parser(name, stand_ins=False).parse_args(args_list))
+        args.pop("command")
+        handler = args.pop("handler")
         return int(handler(args))
-    if command == "serve":
-        return _serve(args)
-    if command == "model":
-        return _prepare(args.get("cache_dir"))
-    if command == "index":
-        return _index_build(args)
-    return 2
+    except ModuleNotFoundError as exc:
+        problem = _missing_extra(spec, exc)
+        if problem is None:
+            raise
+        print(problem, file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -17,23 +17,16 @@ without it, an exponential backoff. Other errors raise `SSRLAPIError` at once.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import random
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
 from email.utils import parsedate_to_datetime
-from typing import Any, Self
+from typing import Any, Self, TypedDict, Unpack
 
 import httpx
-from tenacity import (
-    AsyncRetrying,
-    RetryCallState,
-    Retrying,
-    retry_if_exception_type,
-    retry_if_result,
-    stop_after_attempt,
-)
 
 from clients.models import (
     Aggregate,
@@ -66,6 +59,7 @@ __all__ = [
     "Aggregate",
     "AnswerDelta",
     "AsyncSSRLClient",
+    "ChatOptions",
     "ChatResult",
     "Choice",
     "Citation",
@@ -95,6 +89,7 @@ __all__ = [
     "VoteSample",
     "build_chat_body",
     "iter_sse_data",
+    "normalize_base_url",
     "parse_chat_response",
     "parse_chunk",
 ]
@@ -171,10 +166,14 @@ class SSRLAPIError(SSRLError):
 # ----- requests and parsing (shared by both clients) ---------------------------------------
 
 
+def normalize_base_url(url: str) -> str:
+    """The server's root URL: the SDK-style ".../v1" is accepted too, since the client adds
+    /v1 itself (and /retrieve is at the root)."""
+    return url.rstrip("/").removesuffix("/v1")
+
+
 def _env_base_url(base_url: str | None) -> str:
-    url = (base_url or os.environ.get("SSRL_BASE_URL") or DEFAULT_BASE_URL).rstrip("/")
-    # Accept the SDK-style ".../v1" too: the client adds /v1 itself (and /retrieve is at root).
-    return url.removesuffix("/v1")
+    return normalize_base_url(base_url or os.environ.get("SSRL_BASE_URL") or DEFAULT_BASE_URL)
 
 
 def _messages(messages: str | Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
@@ -183,61 +182,76 @@ def _messages(messages: str | Sequence[Mapping[str, Any]]) -> list[dict[str, Any
     return [dict(m) for m in messages]
 
 
+class ChatOptions(TypedDict, total=False):
+    """The options of one chat request, declared once for `chat()` and `stream()` of both
+    clients and for `build_chat_body()`. Pass them as keywords (`client.chat(q,
+    policy="always")`) or keep a dict and spread it (`client.chat(q, **options)`).
+
+    The first ten are the `self_search` request extension (sent only when set, so a plain
+    OpenAI-compatible server never sees it); the rest are OpenAI's sampling fields.
+    `extra_body` is merged into the body last (its `self_search` into ours)."""
+
+    policy: Policy | None
+    threshold: float | None
+    aggregate: Aggregate | None
+    mode: Mode | None
+    max_turns: int | None
+    docs_per_search: int | None
+    max_external_calls: int | None
+    budget: int | None
+    votes: int | None
+    enabled: bool | None
+    temperature: float | None
+    top_p: float | None
+    max_tokens: int | None
+    seed: int | None
+    stop: str | list[str] | None
+    n: int
+    extra_body: Mapping[str, Any] | None
+
+
+SELF_SEARCH_OPTIONS: tuple[str, ...] = (
+    "enabled",
+    "mode",
+    "policy",
+    "threshold",
+    "aggregate",
+    "max_turns",
+    "docs_per_search",
+    "max_external_calls",
+    "budget",
+    "votes",
+)
+SAMPLING_OPTIONS: tuple[str, ...] = ("temperature", "top_p", "max_tokens", "seed", "stop")
+
+
 def build_chat_body(
     messages: str | Sequence[Mapping[str, Any]],
     model: str,
     *,
     stream: bool = False,
-    policy: Policy | None = None,
-    threshold: float | None = None,
-    aggregate: Aggregate | None = None,
-    mode: Mode | None = None,
-    max_turns: int | None = None,
-    docs_per_search: int | None = None,
-    max_external_calls: int | None = None,
-    budget: int | None = None,
-    votes: int | None = None,
-    enabled: bool | None = None,
-    temperature: float | None = None,
-    top_p: float | None = None,
-    max_tokens: int | None = None,
-    seed: int | None = None,
-    stop: str | list[str] | None = None,
-    n: int = 1,
-    extra_body: Mapping[str, Any] | None = None,
+    **options: Unpack[ChatOptions],
 ) -> dict[str, Any]:
     """The JSON body of a chat request. `self_search` is sent only when an option is set, so
     a plain OpenAI-compatible server never sees it."""
+    unknown = set(options) - set(ChatOptions.__annotations__)
+    if unknown:
+        raise TypeError(f"unknown chat option(s): {', '.join(sorted(unknown))}")
+    values: Mapping[str, Any] = options
     body: dict[str, Any] = {"model": model, "messages": _messages(messages)}
-    for key, value in (
-        ("temperature", temperature),
-        ("top_p", top_p),
-        ("max_tokens", max_tokens),
-        ("seed", seed),
-        ("stop", stop),
-    ):
-        if value is not None:
-            body[key] = value
+    for key in SAMPLING_OPTIONS:
+        if values.get(key) is not None:
+            body[key] = values[key]
+    n = options.get("n", 1)
     if n != 1:
         body["n"] = n
-    options = {
-        "enabled": enabled,
-        "mode": mode,
-        "policy": policy,
-        "threshold": threshold,
-        "aggregate": aggregate,
-        "max_turns": max_turns,
-        "docs_per_search": docs_per_search,
-        "max_external_calls": max_external_calls,
-        "budget": budget,
-        "votes": votes,
-    }
-    self_search = {k: v for k, v in options.items() if v is not None}
+    self_search = {k: values[k] for k in SELF_SEARCH_OPTIONS if values.get(k) is not None}
     if self_search:
         body["self_search"] = self_search
     if stream:
         body["stream"] = True
         body["stream_options"] = {"include_usage": True}
+    extra_body = options.get("extra_body")
     if extra_body:
         for key, value in extra_body.items():
             if key == "self_search" and isinstance(value, Mapping):
@@ -419,14 +433,18 @@ def _retry_after(response: httpx.Response) -> float | None:
     return max(0.0, when.timestamp() - time.time())
 
 
-def _retryable(response: httpx.Response) -> bool:
-    return response.status_code in RETRY_STATUSES
-
-
 RetryHook = Callable[[int, float, str], None]
 
 
 class _RetryPolicy:
+    """When to send a request again and how long to wait first (shared by both clients).
+
+    A request is retried when it failed to connect (`RETRY_EXCEPTIONS`: it surely did not
+    reach the model) or was answered 429/503, at most `max_retries` times. The wait is what
+    `Retry-After-Ms`/`Retry-After` asked (capped at `max_retry_wait`), else an exponential
+    backoff from `backoff` with jitter (75-100% of it), also capped.
+    """
+
     def __init__(
         self, max_retries: int, max_retry_wait: float, backoff: float, on_retry: RetryHook | None
     ) -> None:
@@ -437,56 +455,34 @@ class _RetryPolicy:
         self.backoff = backoff
         self.on_retry = on_retry
 
-    def wait(self, state: RetryCallState) -> float:
-        outcome = state.outcome
-        if outcome is not None and not outcome.failed:
-            asked = _retry_after(outcome.result())
+    def wait(self, attempt: int, response: httpx.Response | None) -> float:
+        if response is not None:
+            asked = _retry_after(response)
             if asked is not None:
                 return float(min(asked, self.max_retry_wait))
-        base = min(self.backoff * 2 ** (state.attempt_number - 1), self.max_retry_wait)
+        base = min(self.backoff * 2 ** (attempt - 1), self.max_retry_wait)
         return float(base * random.uniform(0.75, 1.0))
 
-    def notify(self, state: RetryCallState) -> httpx.Response | None:
-        """Report a retry about to happen; returns the dropped response (to be closed)."""
-        outcome = state.outcome
-        assert outcome is not None
-        response: httpx.Response | None = None if outcome.failed else outcome.result()
+    def next_wait(
+        self, attempt: int, response: httpx.Response | None, error: BaseException | None
+    ) -> float | None:
+        """Seconds to wait before attempt `attempt + 1`, or None to stop (attempt is 1-based).
+
+        Calls `on_retry(attempt, wait, reason)` when there will be a retry."""
+        if attempt > self.max_retries:
+            return None
+        if error is not None:
+            if not isinstance(error, RETRY_EXCEPTIONS):
+                return None
+            reason = type(error).__name__
+        elif response is not None and response.status_code in RETRY_STATUSES:
+            reason = f"HTTP {response.status_code}"
+        else:
+            return None
+        delay = self.wait(attempt, response)
         if self.on_retry is not None:
-            if response is not None:
-                reason = f"HTTP {response.status_code}"
-            else:
-                reason = type(outcome.exception()).__name__
-            upcoming = getattr(state, "upcoming_sleep", None)
-            if upcoming is None:
-                upcoming = getattr(state.next_action, "sleep", 0.0)
-            self.on_retry(state.attempt_number, float(upcoming or 0.0), reason)
-        return response
-
-    def _before_sleep(self, state: RetryCallState) -> None:
-        response = self.notify(state)
-        if response is not None:
-            response.close()  # free the connection of the dropped 429/503
-
-    async def _abefore_sleep(self, state: RetryCallState) -> None:
-        response = self.notify(state)
-        if response is not None:
-            await response.aclose()
-
-    @staticmethod
-    def _give_up(state: RetryCallState) -> Any:
-        # Out of attempts: hand back the last response (raised as an API error by the
-        # caller) or re-raise the last connection error.
-        assert state.outcome is not None
-        return state.outcome.result()
-
-    def kwargs(self, *, is_async: bool = False) -> dict[str, Any]:
-        return {
-            "stop": stop_after_attempt(self.max_retries + 1),
-            "retry": retry_if_exception_type(RETRY_EXCEPTIONS) | retry_if_result(_retryable),
-            "wait": self.wait,
-            "before_sleep": self._abefore_sleep if is_async else self._before_sleep,
-            "retry_error_callback": self._give_up,
-        }
+            self.on_retry(attempt, delay, reason)
+        return delay
 
 
 def _auth_headers(api_key: str | None, headers: Mapping[str, str] | None) -> dict[str, str]:
@@ -582,10 +578,21 @@ class SSRLClient(_Base):
 
     def _send(self, method: str, path: str, *, stream: bool = False, **kwargs: Any) -> httpx.Response:
         request = self._http.build_request(method, self.base_url + path, headers=self._headers, **kwargs)
-        try:
-            response = Retrying(**self.retry.kwargs())(self._http.send, request, stream=stream)
-        except httpx.HTTPError as exc:
-            raise _connection_error(self.base_url, exc) from exc
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                response = self._http.send(request, stream=stream)
+            except httpx.HTTPError as exc:
+                delay = self.retry.next_wait(attempt, None, exc)
+                if delay is None:
+                    raise _connection_error(self.base_url, exc) from exc
+            else:
+                delay = self.retry.next_wait(attempt, response, None)
+                if delay is None:
+                    break
+                response.close()  # free the connection of the dropped 429/503
+            time.sleep(delay)
         if response.status_code >= 400 and stream:
             try:
                 response.read()
@@ -626,45 +633,13 @@ class SSRLClient(_Base):
         messages: str | Sequence[Mapping[str, Any]],
         *,
         model: str | None = None,
-        policy: Policy | None = None,
-        threshold: float | None = None,
-        aggregate: Aggregate | None = None,
-        mode: Mode | None = None,
-        max_turns: int | None = None,
-        docs_per_search: int | None = None,
-        max_external_calls: int | None = None,
-        budget: int | None = None,
-        votes: int | None = None,
-        enabled: bool | None = None,
-        temperature: float | None = None,
-        top_p: float | None = None,
-        max_tokens: int | None = None,
-        seed: int | None = None,
-        stop: str | list[str] | None = None,
-        n: int = 1,
-        extra_body: Mapping[str, Any] | None = None,
+        **options: Unpack[ChatOptions],
     ) -> ChatResult:
         """One chat completion: the answer, the typed trace, citations, reasoning, usage."""
         body = build_chat_body(
             messages,
             model or self.default_model(),
-            policy=policy,
-            threshold=threshold,
-            aggregate=aggregate,
-            mode=mode,
-            max_turns=max_turns,
-            docs_per_search=docs_per_search,
-            max_external_calls=max_external_calls,
-            budget=budget,
-            votes=votes,
-            enabled=enabled,
-            temperature=temperature,
-            top_p=top_p,
-            max_tokens=max_tokens,
-            seed=seed,
-            stop=stop,
-            n=n,
-            extra_body=extra_body,
+            **options,
         )
         return parse_chat_response(self._json("POST", "/v1/chat/completions", json=body))
 
@@ -673,23 +648,7 @@ class SSRLClient(_Base):
         messages: str | Sequence[Mapping[str, Any]],
         *,
         model: str | None = None,
-        policy: Policy | None = None,
-        threshold: float | None = None,
-        aggregate: Aggregate | None = None,
-        mode: Mode | None = None,
-        max_turns: int | None = None,
-        docs_per_search: int | None = None,
-        max_external_calls: int | None = None,
-        budget: int | None = None,
-        votes: int | None = None,
-        enabled: bool | None = None,
-        temperature: float | None = None,
-        top_p: float | None = None,
-        max_tokens: int | None = None,
-        seed: int | None = None,
-        stop: str | list[str] | None = None,
-        n: int = 1,
-        extra_body: Mapping[str, Any] | None = None,
+        **options: Unpack[ChatOptions],
     ) -> Iterator[StreamEvent]:
         """Stream a chat completion as typed events, in the order the server sent them:
         `ReasoningDelta`s, a `SearchDecided` per search (before its information text),
@@ -698,23 +657,7 @@ class SSRLClient(_Base):
             messages,
             model or self.default_model(),
             stream=True,
-            policy=policy,
-            threshold=threshold,
-            aggregate=aggregate,
-            mode=mode,
-            max_turns=max_turns,
-            docs_per_search=docs_per_search,
-            max_external_calls=max_external_calls,
-            budget=budget,
-            votes=votes,
-            enabled=enabled,
-            temperature=temperature,
-            top_p=top_p,
-            max_tokens=max_tokens,
-            seed=seed,
-            stop=stop,
-            n=n,
-            extra_body=extra_body,
+            **options,
         )
         response = self._send("POST", "/v1/chat/completions", json=body, stream=True)
         try:
@@ -778,12 +721,21 @@ class AsyncSSRLClient(_Base):
 
     async def _send(self, method: str, path: str, *, stream: bool = False, **kwargs: Any) -> httpx.Response:
         request = self._http.build_request(method, self.base_url + path, headers=self._headers, **kwargs)
-        try:
-            response: httpx.Response = await AsyncRetrying(**self.retry.kwargs(is_async=True))(
-                self._http.send, request, stream=stream
-            )
-        except httpx.HTTPError as exc:
-            raise _connection_error(self.base_url, exc) from exc
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                response = await self._http.send(request, stream=stream)
+            except httpx.HTTPError as exc:
+                delay = self.retry.next_wait(attempt, None, exc)
+                if delay is None:
+                    raise _connection_error(self.base_url, exc) from exc
+            else:
+                delay = self.retry.next_wait(attempt, response, None)
+                if delay is None:
+                    break
+                await response.aclose()
+            await asyncio.sleep(delay)
         if response.status_code >= 400 and stream:
             try:
                 await response.aread()
@@ -821,44 +773,12 @@ class AsyncSSRLClient(_Base):
         messages: str | Sequence[Mapping[str, Any]],
         *,
         model: str | None = None,
-        policy: Policy | None = None,
-        threshold: float | None = None,
-        aggregate: Aggregate | None = None,
-        mode: Mode | None = None,
-        max_turns: int | None = None,
-        docs_per_search: int | None = None,
-        max_external_calls: int | None = None,
-        budget: int | None = None,
-        votes: int | None = None,
-        enabled: bool | None = None,
-        temperature: float | None = None,
-        top_p: float | None = None,
-        max_tokens: int | None = None,
-        seed: int | None = None,
-        stop: str | list[str] | None = None,
-        n: int = 1,
-        extra_body: Mapping[str, Any] | None = None,
+        **options: Unpack[ChatOptions],
     ) -> ChatResult:
         body = build_chat_body(
             messages,
             model or await self.default_model(),
-            policy=policy,
-            threshold=threshold,
-            aggregate=aggregate,
-            mode=mode,
-            max_turns=max_turns,
-            docs_per_search=docs_per_search,
-            max_external_calls=max_external_calls,
-            budget=budget,
-            votes=votes,
-            enabled=enabled,
-            temperature=temperature,
-            top_p=top_p,
-            max_tokens=max_tokens,
-            seed=seed,
-            stop=stop,
-            n=n,
-            extra_body=extra_body,
+            **options,
         )
         return parse_chat_response(await self._json("POST", "/v1/chat/completions", json=body))
 
@@ -867,45 +787,13 @@ class AsyncSSRLClient(_Base):
         messages: str | Sequence[Mapping[str, Any]],
         *,
         model: str | None = None,
-        policy: Policy | None = None,
-        threshold: float | None = None,
-        aggregate: Aggregate | None = None,
-        mode: Mode | None = None,
-        max_turns: int | None = None,
-        docs_per_search: int | None = None,
-        max_external_calls: int | None = None,
-        budget: int | None = None,
-        votes: int | None = None,
-        enabled: bool | None = None,
-        temperature: float | None = None,
-        top_p: float | None = None,
-        max_tokens: int | None = None,
-        seed: int | None = None,
-        stop: str | list[str] | None = None,
-        n: int = 1,
-        extra_body: Mapping[str, Any] | None = None,
+        **options: Unpack[ChatOptions],
     ) -> AsyncIterator[StreamEvent]:
         body = build_chat_body(
             messages,
             model or await self.default_model(),
             stream=True,
-            policy=policy,
-            threshold=threshold,
-            aggregate=aggregate,
-            mode=mode,
-            max_turns=max_turns,
-            docs_per_search=docs_per_search,
-            max_external_calls=max_external_calls,
-            budget=budget,
-            votes=votes,
-            enabled=enabled,
-            temperature=temperature,
-            top_p=top_p,
-            max_tokens=max_tokens,
-            seed=seed,
-            stop=stop,
-            n=n,
-            extra_body=extra_body,
+            **options,
         )
         response = await self._send("POST", "/v1/chat/completions", json=body, stream=True)
         try:

@@ -35,8 +35,18 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
+from clients.client import (
+    AsyncSSRLClient,
+    ChatOptions,
+    Policy,
+    SSRLAPIError,
+    SSRLConnectionError,
+    SSRLError,
+    build_chat_body,
+    normalize_base_url,
+)
 from clients.files import atomic_write_json, atomic_write_text
 from router.calibration import (
     Calibration,
@@ -72,7 +82,6 @@ CALIBRATION_ENV = "calibration.env"
 CALIBRATION_JSON = "calibration.json"
 CALIBRATION_PLOT = "calibration_curve.png"
 SWEEP_POLICIES = ("never", "always")
-POLICY_CHOICES = ("threshold", "ssrl", "budget", "always", "never")
 METRIC_LABELS = {"em": "exact match", "f1": "F1"}
 AGGREGATE_LABELS = {
     "mean": "mean entropy",
@@ -291,12 +300,8 @@ class EvalConfig:
 
 
 def normalise_base_url(url: str) -> str:
-    url = url.rstrip("/")
-    return url[: -len("/v1")] if url.endswith("/v1") else url
-
-
-def _headers(api_key: str | None) -> dict[str, str]:
-    return {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    """The server's root URL (a trailing `/v1` accepted), as the typed client takes it."""
+    return normalize_base_url(url)
 
 
 def check_run_dir(config: EvalConfig) -> None:
@@ -440,75 +445,73 @@ def error_row(
     }
 
 
-def _error_message(response: Any) -> str:
-    try:
-        body = response.json()
-        err = body.get("error") if isinstance(body, dict) else None
-        if isinstance(err, dict) and err.get("message"):
-            return str(err["message"])
-    except ValueError:
-        pass
-    return (response.text or "")[:500] or f"HTTP {response.status_code}"
-
-
 # ----------------------------------------------------------------------------- running
 
 
-def request_body(config: EvalConfig, question: Mapping[str, Any]) -> dict[str, Any]:
-    body: dict[str, Any] = {
-        "model": config.model,
-        "messages": [{"role": "user", "content": question["question"]}],
-        "n": config.n,
-        "temperature": config.effective_temperature,
-    }
+def chat_options(config: EvalConfig) -> ChatOptions:
+    """What each request of the run asks, as the typed client's options."""
+    options: ChatOptions = {"n": config.n, "temperature": config.effective_temperature}
     if config.seed is not None:
-        body["seed"] = config.seed
+        options["seed"] = config.seed
     if config.max_tokens is not None:
-        body["max_tokens"] = config.max_tokens
+        options["max_tokens"] = config.max_tokens
     if config.self_search:
-        body["self_search"] = dict(config.self_search)
-    return body
+        options["extra_body"] = {"self_search": dict(config.self_search)}
+    return options
 
 
-async def ask(client: Any, config: EvalConfig, question: Mapping[str, Any]) -> dict[str, Any]:
+def request_body(config: EvalConfig, question: Mapping[str, Any]) -> dict[str, Any]:
+    """The JSON body sent for `question` (what the typed client builds from `chat_options`)."""
+    return build_chat_body(question["question"], config.model or "", **chat_options(config))
+
+
+async def ask(client: AsyncSSRLClient, config: EvalConfig, question: Mapping[str, Any]) -> dict[str, Any]:
     """One question, one request; any failure becomes an error row, never an exception."""
-    import httpx
-
     started = time.perf_counter()
     try:
-        response = await client.post(
-            "/v1/chat/completions",
-            json=request_body(config, question),
-            headers=_headers(config.api_key),
-        )
-    except httpx.HTTPError as exc:
-        return error_row(question, None, f"{type(exc).__name__}: {exc}", time.perf_counter() - started)
+        result = await client.chat(question["question"], model=config.model, **chat_options(config))
+    except SSRLAPIError as exc:
+        return error_row(question, exc.status_code, exc.message, time.perf_counter() - started)
+    except SSRLConnectionError as exc:
+        return error_row(question, None, str(exc), time.perf_counter() - started)
+    except SSRLError as exc:
+        return error_row(question, 200, f"unreadable response: {exc}", time.perf_counter() - started)
     latency = time.perf_counter() - started
-    if response.status_code != 200:
-        return error_row(question, response.status_code, _error_message(response), latency)
     try:
-        return score_response(question, response.json(), latency)
+        return score_response(question, result.raw, latency)
     except (ValueError, TypeError, AttributeError, KeyError) as exc:
         return error_row(question, 200, f"unreadable response: {type(exc).__name__}: {exc}", latency)
 
 
-async def resolve_model(client: Any, api_key: str | None) -> str:
-    import httpx
-
+async def resolve_model(client: AsyncSSRLClient) -> str:
     try:
-        response = await client.get("/v1/models", headers=_headers(api_key))
-    except httpx.HTTPError as exc:
-        raise EvalError(f"cannot reach the server: {type(exc).__name__}: {exc}") from exc
-    if response.status_code != 200:
-        raise EvalError(f"GET /v1/models answered {response.status_code}: {_error_message(response)}")
-    data = response.json().get("data") or []
-    if not data:
-        raise EvalError("the server lists no model; pass --model")
-    return str(data[0]["id"])
+        return await client.default_model()
+    except SSRLConnectionError as exc:
+        raise EvalError(f"cannot reach the server: {exc}") from exc
+    except SSRLAPIError as exc:
+        raise EvalError(f"GET /v1/models answered {exc.status_code}: {exc.message}") from exc
+    except SSRLError as exc:
+        raise EvalError(f"{exc}; pass --model") from exc
+
+
+class _NoProgress:
+    """Stands in for a tqdm bar when tqdm is not installed (it comes with `client-extras`)."""
+
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def set_postfix(self, **kwargs: Any) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 def _progress(total: int, initial: int, enabled: bool, desc: str) -> Any:
-    from tqdm import tqdm
+    try:
+        from tqdm import tqdm
+    except ModuleNotFoundError:
+        return _NoProgress()
 
     return tqdm(
         total=total,
@@ -538,9 +541,13 @@ async def _run_eval_locked(config: EvalConfig, questions: Sequence[Mapping[str, 
     limits = httpx.Limits(max_connections=config.concurrency, max_keepalive_connections=config.concurrency)
     timeout = httpx.Timeout(config.timeout_s, connect=min(30.0, config.timeout_s))
     started = time.perf_counter()
-    async with httpx.AsyncClient(base_url=config.base_url, timeout=timeout, limits=limits) as client:
+    # No retries: a failed question becomes an error row, and the next run asks it again.
+    async with (
+        httpx.AsyncClient(timeout=timeout, limits=limits) as http,
+        AsyncSSRLClient(config.base_url, config.api_key or "", max_retries=0, http_client=http) as client,
+    ):
         if config.model is None:
-            config.model = await resolve_model(client, config.api_key)
+            config.model = await resolve_model(client)
         check_run_dir(config)
         results.repair()
         done = {str(r["id"]) for r in results.read() if r.get("error") is None}
@@ -1258,7 +1265,13 @@ def cmd_eval(args: Mapping[str, Any]) -> int:
 
 
 def register(subparsers: Any) -> None:
-    """Add `eval` and `calibrate` to the `ssrl` command (see clients.cli.EXTRA_COMMANDS)."""
+    """Add `eval` and `calibrate` to an `ssrl` parser."""
+    register_eval(subparsers)
+    register_calibrate(subparsers)
+
+
+def register_eval(subparsers: Any) -> None:
+    """Add `ssrl eval` (see clients.cli for the protocol)."""
     ev = subparsers.add_parser(
         "eval",
         help="Score a QA set against a running server (EM, F1, pass@k, search calls).",
@@ -1289,7 +1302,12 @@ def register(subparsers: Any) -> None:
     )
     ev.add_argument("--max-tokens", type=int, default=None, help="Token budget of each trajectory.")
     ev.add_argument("--mode", choices=["native", "guided"], default=None, help="self_search.mode")
-    ev.add_argument("--policy", choices=POLICY_CHOICES, default=None, help="self_search.policy")
+    ev.add_argument(
+        "--policy",
+        default=None,
+        metavar="POLICY",
+        help=f"self_search.policy: {', '.join(get_args(Policy))}, or one a server plugin adds.",
+    )
     ev.add_argument("--threshold", type=float, default=None, help="self_search.threshold")
     ev.add_argument("--aggregate", choices=AGGREGATES, default=None, help="self_search.aggregate")
     ev.add_argument("--max-turns", type=int, default=None, help="self_search.max_turns")
@@ -1305,6 +1323,9 @@ def register(subparsers: Any) -> None:
     ev.add_argument("--no-plots", action="store_true", help="Skip the PNG plots.")
     ev.set_defaults(handler=cmd_eval)
 
+
+def register_calibrate(subparsers: Any) -> None:
+    """Add `ssrl calibrate` (see clients.cli for the protocol)."""
     cal = subparsers.add_parser(
         "calibrate",
         help="Choose the routing threshold from eval runs; write calibration.env.",
@@ -1357,6 +1378,8 @@ __all__ = [
     "load_questions",
     "paired_questions",
     "register",
+    "register_calibrate",
+    "register_eval",
     "run_eval",
     "run_eval_async",
     "run_sweep",

@@ -18,12 +18,12 @@ is decided, and the final result), which serves streaming and non-streaming alik
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
-from router.engine.base import Engine, SamplingOptions
+from router.engine.base import Engine, SamplingOptions, offset_seed
 from router.engine.guard import generate_or_abort
-from router.entropy import QueryEntropy, query_entropy
+from router.entropy import DEFAULT_ESTIMATOR, QueryEntropy, query_entropy
 from router.policies import Decision, Policy, SearchContext
 from router.search.base import Document
 from router.search.service import SearchService
@@ -41,6 +41,7 @@ from router.tags import (
     format_documents,
     open_tag,
     sanitize_document_text,
+    sanitize_url,
     strip_tags,
 )
 
@@ -61,6 +62,8 @@ class LoopConfig:
     docs_per_search: int = 3
     max_external_calls: int | None = None
     logprobs_k: int = 20
+    # How the query entropy is estimated from the top-k (router.entropy.ESTIMATORS).
+    entropy_estimator: str = DEFAULT_ESTIMATOR
     max_doc_chars: int = 600
     max_query_tokens: int = 48
     max_information_tokens: int = 128
@@ -210,6 +213,11 @@ class SelfSearchLoop:
         self.notes: list[str] = []
         self._calls = 0
         self._finish_reason = "stop"
+        # Character spans of the transcript holding documents the server inserted: never
+        # the answer, never part of the fallback content (they are not the model's words).
+        self._inserted: list[tuple[int, int]] = []
+        # Tokens an information fill must leave free (guided mode keeps the answer's room).
+        self._fill_reserve = 0
         tokenizer = engine.tokenizer
         self._decode: Callable[[Sequence[int]], str] = lambda ids: tokenizer.decode(
             ids, skip_special_tokens=False
@@ -231,18 +239,39 @@ class SelfSearchLoop:
         self.transcript += segment.text
         self.ids.extend(continuation_ids(segment, self._decode, self._encode))
 
-    def _budget(self, cap: int) -> int:
-        left = min(
-            cap,
-            self.config.max_tokens - self.completion_tokens,
-            self.engine.max_model_len - len(self.ids),
-        )
+    def _room(self) -> int:
+        """What the trajectory has left: completion tokens and context, whichever is less."""
+        return min(self.config.max_tokens - self.completion_tokens, self.engine.max_model_len - len(self.ids))
+
+    def _budget(self, cap: int, reserve: int = 0) -> int:
+        """max_tokens for the next call: its cap, less than what is left minus `reserve`."""
+        left = min(cap, self._room() - reserve)
         if left <= 0:
             raise _OutOfBudget
         return left
 
+    def _tokens(self, *pieces: str) -> int:
+        """Tokens the loop's own insertions of `pieces` take (each is encoded alone, as
+        `_insert` does)."""
+        return sum(len(self._encode(p)) for p in pieces)
+
+    def _model_view(self) -> str:
+        """The transcript without the documents the server inserted (tags kept)."""
+        parts: list[str] = []
+        pos = 0
+        for start, end in self._inserted:
+            parts.append(self.transcript[pos:start])
+            pos = end
+        parts.append(self.transcript[pos:])
+        return "".join(parts)
+
     async def _generate(
-        self, stop: tuple[str, ...], cap: int, logprobs: bool, answer: bool = False
+        self,
+        stop: tuple[str, ...],
+        cap: int,
+        logprobs: bool,
+        answer: bool = False,
+        reserve: int = 0,
     ) -> AsyncIterator[TextDelta | Segment]:
         """One engine call; yields text as it may be shown, then the finished Segment.
 
@@ -250,10 +279,10 @@ class SelfSearchLoop:
         decided, so streamed text always equals the kept transcript.
         """
         options = SamplingOptions(
-            max_tokens=self._budget(cap),
+            max_tokens=self._budget(cap, reserve),
             temperature=self.config.temperature,
             top_p=self.config.top_p,
-            seed=None if self.config.seed is None else self.config.seed + self._calls,
+            seed=offset_seed(self.config.seed, self._calls),
             stop=stop,
             logprobs=self.config.logprobs_k if logprobs else None,
             include_stop_str_in_output=False,
@@ -314,7 +343,7 @@ class SelfSearchLoop:
         query = raw.strip()
         start = query_start + (len(raw) - len(raw.lstrip()))
         positions = query_positions(segment, self._decode, start, start + len(query))
-        entropy = query_entropy(positions, self.vocab_size)
+        entropy = query_entropy(positions, self.vocab_size, self.config.entropy_estimator)
         index = len(self.records)
         if not query:
             record = SearchRecord(index, "", entropy, "skipped", "empty query", self.config.policy.name)
@@ -331,7 +360,8 @@ class SelfSearchLoop:
             record.attempts = outcome.attempts
             record.cache_hit = outcome.cache_hit
             if outcome.error is None:
-                record.documents = outcome.documents
+                # URLs go to the trace and to `url_citation`s as they are: make them inert.
+                record.documents = [replace(d, url=sanitize_url(d.url)) for d in outcome.documents]
                 record.information = format_documents(outcome.documents, self.config.max_doc_chars)
             else:
                 record.fallback = outcome.error
@@ -339,9 +369,13 @@ class SelfSearchLoop:
         yield SearchDecided(record)
         yield self._insert(INFO_PREFIX)
         if record.route == "external" and record.fallback is None:
+            start = len(self.transcript)
             yield self._insert(record.information)
+            self._inserted.append((start, len(self.transcript)))
         else:
-            async for item in self._generate((INFORMATION_CLOSE,), self.config.max_information_tokens, False):
+            async for item in self._generate(
+                (INFORMATION_CLOSE,), self.config.max_information_tokens, False, reserve=self._fill_reserve
+            ):
                 if isinstance(item, Segment):
                     self._keep(item)
                     record.information = item.text.strip()
@@ -350,9 +384,19 @@ class SelfSearchLoop:
         yield self._insert(INFO_SUFFIX)
 
     async def _answer(self, prefix: str, stop: tuple[str, ...]) -> AsyncIterator[LoopEvent]:
-        """Make the model answer: write `<answer>`, let it fill, close the tag."""
+        """Make the model answer: write `<answer>`, let it fill, close the tag.
+
+        Without room for one answer token and the tags, nothing is written: an opened but
+        never closed `<answer>` would leave a transcript that ends inside a block.
+        """
+        if self._room() - self._tokens(prefix + ANSWER_OPEN, ANSWER_CLOSE) <= 0:
+            raise _OutOfBudget
         yield self._insert(prefix + ANSWER_OPEN)
-        async for item in self._generate(stop, self.config.max_answer_tokens, False, answer=True):
+        # The closing tag is the loop's to write: keep context for it.
+        closing = self._tokens(ANSWER_CLOSE)
+        async for item in self._generate(
+            stop, self.config.max_answer_tokens, False, answer=True, reserve=closing
+        ):
             if isinstance(item, Segment):
                 self._keep(item)
             else:
@@ -363,11 +407,28 @@ class SelfSearchLoop:
 
     async def _guided(self) -> AsyncIterator[LoopEvent]:
         searches = min(self.config.guided_searches, self.config.max_turns)
+        # Searches never eat the answer turn's room: its cap plus its tags stay free, so a
+        # budget hit while searching still ends with an answer (never with documents).
+        answer_room = self.config.max_answer_tokens + self._tokens("\n" + ANSWER_OPEN, ANSWER_CLOSE)
+        self._fill_reserve = answer_room + self._tokens(INFO_SUFFIX)
+        # The query call also leaves room for the tags after it and one token of fill.
+        query_reserve = self._fill_reserve + self._tokens(" " + SEARCH_CLOSE, INFO_PREFIX) + 1
         for _turn in range(searches):
-            yield self._insert(SEARCH_OPEN + " ")
+            if self._room() - self._tokens(SEARCH_OPEN) - query_reserve <= 0:
+                # The budget, not the model, ended the searches: report it as a length stop.
+                self._finish_reason = "length"
+                self.notes.append(
+                    "searching stopped early: the token budget or the context ran out; "
+                    "what is left is kept for the answer"
+                )
+                break
+            # No space after the tag: the model writes the query's first word with its own
+            # leading space (" Oliver"), as in the examples; a prompt ending in a lone " "
+            # token pushes a small model towards digits (years) instead of words.
+            yield self._insert(SEARCH_OPEN)
             segment: Segment | None = None
             async for item in self._generate(
-                (SEARCH_CLOSE, "\n"), self.config.max_query_tokens, logprobs=True
+                (SEARCH_CLOSE, "\n"), self.config.max_query_tokens, logprobs=True, reserve=query_reserve
             ):
                 if isinstance(item, Segment):
                     segment = item
@@ -375,7 +436,7 @@ class SelfSearchLoop:
                     yield item
             assert segment is not None
             self._keep(segment)
-            yield self._insert(" " + SEARCH_CLOSE)
+            yield self._insert(SEARCH_CLOSE if segment.text.endswith(" ") else " " + SEARCH_CLOSE)
             async for event in self._search_turn(segment, 0):
                 yield event
             if self.records[-1].route == "skipped":
@@ -435,11 +496,18 @@ class SelfSearchLoop:
         yield LoopFinished(result)
 
     def _result(self) -> LoopResult:
-        answer = extract_last_answer(self.transcript)
+        # Read from the model's words only: a document that slipped past the sanitiser still
+        # could not be (or end) the answer.
+        view = self._model_view()
+        answer = extract_last_answer(view)
         answered = answer is not None
-        if answer is None:
+        if answer is None and self.config.mode == "guided":
+            # Guided mode always closes its answer turn; none means there was no room for one.
+            self.notes.append("no answer turn fitted in the token budget or the context; content is empty")
+            answer = ""
+        elif answer is None:
             self.notes.append("the model produced no <answer>; content is its final text")
-            answer = _final_text(self.transcript)
+            answer = _final_text(view)
         return LoopResult(
             answer=answer,
             answered=answered,
@@ -469,7 +537,9 @@ _PROTOCOL_TAGS = tuple(tag(name) for name in TAG_NAMES for tag in (open_tag, clo
 def _final_text(transcript: str) -> str:
     """Best final text without an answer: what follows the last protocol tag, else all text.
 
-    Only protocol tags count: a `>` in the model's prose (`5 > 3`, `<b>`) is no tag.
+    `transcript` is the model view (server-inserted documents removed), so the fallback is
+    only ever the model's own words. Only protocol tags count: a `>` in the model's prose
+    (`5 > 3`, `<b>`) is no tag.
     """
     cut = max((transcript.rfind(t) + len(t) for t in _PROTOCOL_TAGS if t in transcript), default=0)
     return strip_tags(transcript[cut:]).strip() or strip_tags(transcript).strip()

@@ -4,19 +4,29 @@
 Every policy reads one aggregate of the query's uncertainty (see `router.entropy`). The
 per-request cap on external calls is enforced once, in `BasePolicy.decide`, so no policy can
 forget it. Pure logic, no I/O.
+
+Policies are found by name in one registry: the built-ins in `BUILTIN` (their names are the
+`PolicyName` literal), then the entry point group `ssrl.policies`, through which a
+third-party package adds one (name = the policy, value = a `PolicyFactory`, e.g.
+`mypkg.policy:factory`), as search backends are added through `ssrl.search_backends`.
+`make_policy` builds one; `known_policies()` lists them all.
 """
 
 from __future__ import annotations
 
+import functools
+import importlib.metadata
 import math
 from dataclasses import dataclass
-from typing import Final, Literal, Protocol, runtime_checkable
+from typing import Final, Literal, Protocol, get_args, runtime_checkable
 
 from router.entropy import QueryEntropy, check_aggregate
 
 Route = Literal["external", "internal"]
-
-POLICIES: Final[tuple[str, ...]] = ("threshold", "ssrl", "budget", "always", "never")
+# The built-in policies' names; everything that lists them derives from this.
+PolicyName = Literal["threshold", "ssrl", "budget", "always", "never"]
+POLICIES: Final[tuple[str, ...]] = get_args(PolicyName)
+ENTRY_POINT_GROUP: Final = "ssrl.policies"
 CAP_REACHED: Final = "external call cap reached"
 
 # How each aggregate reads in a decision's reason.
@@ -189,26 +199,78 @@ class NeverPolicy(BasePolicy):
         return "internal", "policy never searches externally"
 
 
+class PolicyFactory(Protocol):
+    """Builds a policy from the configured values; ValueError when one is missing or wrong.
+
+    `tau` is the threshold (None when not configured), `aggregate` an already checked
+    aggregate name, `budget` the external calls allowed per trajectory (None: not set)."""
+
+    def __call__(self, *, tau: float | None, aggregate: str, budget: int | None) -> Policy: ...
+
+
+def _threshold(*, tau: float | None, aggregate: str, budget: int | None) -> Policy:
+    if tau is None:
+        raise ValueError("policy 'threshold' needs tau")
+    return ThresholdPolicy(tau, aggregate)
+
+
+def _ssrl(*, tau: float | None, aggregate: str, budget: int | None) -> Policy:
+    return SSRLPolicy(aggregate)
+
+
+def _budget(*, tau: float | None, aggregate: str, budget: int | None) -> Policy:
+    # tau is an optional floor here: pass None for a pure budget.
+    if budget is None:
+        raise ValueError("policy 'budget' needs budget (max external calls per trajectory)")
+    return BudgetPolicy(budget, aggregate, tau)
+
+
+def _always(*, tau: float | None, aggregate: str, budget: int | None) -> Policy:
+    return AlwaysPolicy()
+
+
+def _never(*, tau: float | None, aggregate: str, budget: int | None) -> Policy:
+    return NeverPolicy()
+
+
+BUILTIN: Final[dict[str, PolicyFactory]] = {
+    "threshold": _threshold,
+    "ssrl": _ssrl,
+    "budget": _budget,
+    "always": _always,
+    "never": _never,
+}
+assert tuple(BUILTIN) == POLICIES, "BUILTIN and PolicyName must name the same policies"
+
+
+@functools.cache
+def entry_point_policies() -> dict[str, importlib.metadata.EntryPoint]:
+    """Third-party policies by name, not yet loaded (loading imports their package); read
+    once per process (`entry_point_policies.cache_clear()` to read again)."""
+    return {ep.name: ep for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)}
+
+
+def known_policies() -> tuple[str, ...]:
+    """Every policy name: the built-ins in order, then the entry points' sorted."""
+    extra = sorted(set(entry_point_policies()) - set(BUILTIN))
+    return (*POLICIES, *extra)
+
+
 def make_policy(name: str, *, tau: float | None, aggregate: str, budget: int | None) -> Policy:
-    """Build a policy from configuration values.
+    """Build a policy from configuration values: built-in first, then `ssrl.policies`.
 
     `tau` is required by "threshold"; for "budget" it is an optional floor (pass None for a
     pure budget). Raises ValueError for an unknown name or aggregate, or a missing value.
     """
-    if name not in POLICIES:
-        choices = ", ".join(POLICIES)
-        raise ValueError(f"unknown routing policy {name!r}; expected one of {choices}")
+    factory: PolicyFactory | None = BUILTIN.get(name)
+    if factory is None:
+        entry_point = entry_point_policies().get(name)
+        if entry_point is None:
+            choices = ", ".join(known_policies())
+            raise ValueError(f"unknown routing policy {name!r}; expected one of {choices}")
+        factory = entry_point.load()
     check_aggregate(aggregate)
-    if name == "threshold":
-        if tau is None:
-            raise ValueError("policy 'threshold' needs tau")
-        return ThresholdPolicy(tau, aggregate)
-    if name == "ssrl":
-        return SSRLPolicy(aggregate)
-    if name == "budget":
-        if budget is None:
-            raise ValueError("policy 'budget' needs budget (max external calls per trajectory)")
-        return BudgetPolicy(budget, aggregate, tau)
-    if name == "always":
-        return AlwaysPolicy()
-    return NeverPolicy()
+    policy = factory(tau=tau, aggregate=aggregate, budget=budget)
+    if not isinstance(policy, Policy):
+        raise TypeError(f"policy factory for {name!r} did not return a Policy")
+    return policy

@@ -20,20 +20,82 @@ NATIVE = (
 # prompt only has to explain what goes inside each tag.
 GUIDED = (
     "You answer questions by searching first. Inside <search> </search> write one short "
-    "search query on a single line. Inside <information> </information> write the facts you "
-    "know that answer that query, in one or two sentences. Inside <answer> </answer> write "
-    "only the final short answer, a few words, for example <answer> Beijing </answer>."
+    "search query on a single line that names the people, places or things the question is "
+    "about. The <information> </information> block holds the documents the search found; when "
+    "it holds none, write there the facts you know, in one or two sentences. Inside <answer> "
+    "</answer> write only the answer, a few words taken from the information, for example "
+    "<answer> Beijing </answer>."
 )
 
 
-# Guided mode shows the model one worked exchange before the real question: a small model
-# copies the shape of an example far more reliably than it follows an instruction.
+def _example(query: str, documents: tuple[tuple[str, str], ...], answer: str) -> str:
+    """One worked transcript, laid out as the loop writes it (documents as the server inserts
+    them: Search-R1's `Doc i(Title: ...) text`)."""
+    info = "\n".join(f"Doc {i}(Title: {title}) {text}" for i, (title, text) in enumerate(documents, 1))
+    return f"<search> {query} </search>\n\n<information>{info}</information>\n\n<answer> {answer} </answer>"
+
+
+# Guided mode shows the model worked exchanges before the real question: a small model copies
+# the shape of an example far more reliably than it follows an instruction. They are varied
+# (a person, a place, a number, a date, a symbol); each query names the entity the question is
+# about (never a year or the question's own numbers), the document holding the answer is not
+# always the first, and each answer is a few words copied from that document.
 GUIDED_EXAMPLES: tuple[tuple[str, str], ...] = (
     (
-        "Who wrote the play Hamlet?",
-        "<search> author of the play Hamlet </search>\n\n"
-        "<information>Hamlet is a tragedy written by William Shakespeare around 1600."
-        "</information>\n\n<answer> William Shakespeare </answer>",
+        "Who wrote the novel Oliver Twist?",
+        _example(
+            "Oliver Twist novel author",
+            (
+                ("Oliver Twist", "Oliver Twist is the second novel by the English author Charles Dickens."),
+                ("David Lean", "David Lean was an English filmmaker who directed a film of Oliver Twist."),
+            ),
+            "Charles Dickens",
+        ),
+    ),
+    (
+        "What is the capital of Portugal?",
+        _example(
+            "Portugal capital city",
+            (
+                ("Portugal", "Portugal is a country in Southwestern Europe, on the Iberian Peninsula."),
+                ("Lisbon", "Lisbon is the capital and most populous city of Portugal."),
+            ),
+            "Lisbon",
+        ),
+    ),
+    (
+        "How many legs does a spider have?",
+        _example(
+            "spider legs",
+            (
+                ("Spider", "Spiders are air-breathing arthropods that have eight legs and fangs."),
+                ("Insect", "Insects have a three-part body and three pairs of jointed legs."),
+            ),
+            "eight",
+        ),
+    ),
+    (
+        "In what year did the Wright brothers make their first flight?",
+        _example(
+            "Wright brothers first flight",
+            (
+                ("Charles Lindbergh", "Charles Lindbergh made the first nonstop flight from New York to Paris."),
+                (
+                    "Wright brothers",
+                    "The Wright brothers, Orville and Wilbur, made the first powered airplane flight "
+                    "on December 17, 1903.",
+                ),
+            ),
+            "1903",
+        ),
+    ),
+    (
+        "What is the chemical symbol for copper?",
+        _example(
+            "copper chemical element symbol",
+            (("Copper", "Copper is a chemical element; it has symbol Cu and atomic number 29."),),
+            "Cu",
+        ),
     ),
 )
 

@@ -117,6 +117,9 @@ def pass_at_k_curve(correct_counts: Sequence[tuple[int, int]], k_max: int) -> di
 
 @dataclass(frozen=True, slots=True)
 class MajorityVote:
+    """The one majority vote of ssrl: the loop's `votes` (SSRL's repeated-sampling gain, no
+    gold needed) and `ssrl eval`'s majority accuracy both use it."""
+
     # The winning normalised answer, how many samples gave it, and the first sample that did.
     answer: str
     count: int

@@ -14,26 +14,53 @@ from router.engine.base import TokenLogprobs
 Decode = Callable[[Sequence[int]], str]
 
 
-def token_offsets(token_ids: Sequence[int], decode: Decode) -> list[tuple[int, int]]:
-    """Character span of every token within `decode(token_ids)`.
+# A character still incomplete after this many tokens is given up on (its bytes are taken as
+# decoded, U+FFFD and all); keeps every decode window, and so the whole pass, bounded.
+_MAX_PENDING_TOKENS = 8
+_REPLACEMENT = "\ufffd"
 
-    Decoding growing prefixes (rather than tokens one by one) keeps multi-byte characters
-    that span several byte-level tokens intact: such a token gets an empty span until the
-    character completes, and the completing token owns it.
+
+def token_offsets(token_ids: Sequence[int], decode: Decode) -> list[tuple[int, int]]:
+    """Character span of every token within `decode(token_ids)`, in one linear pass.
+
+    Incremental detokenisation as vLLM's detokenizer does it: each step decodes only a short
+    window (the previous emitted token(s) as context, plus the tokens since), so the cost is
+    O(len(token_ids)) decode calls of bounded length, not a decode of every growing prefix.
+
+    A byte-level token may hold only part of a UTF-8 character (CJK, emoji, many scripts):
+    the window then decodes to a trailing U+FFFD. Such a token is never dropped: its span
+    reaches over the character it starts, and the token that completes the character spans
+    it too, so every token that carries part of a character overlaps that character. Spans
+    are therefore contiguous and non-decreasing (`end` never steps back) but may overlap by
+    one character where a character is split across tokens. The last token takes the full
+    decode as it is.
     """
-    spans = []
-    previous = 0
     total = len(token_ids)
-    for i in range(1, total + 1):
-        text = decode(token_ids[:i])
-        # A prefix ending inside a multi-byte character decodes to a trailing U+FFFD: that
-        # character is not there yet (the completing token owns it). The full decode is
-        # taken as it is. Never step back.
-        if i < total:
-            text = text.rstrip("\ufffd")
-        length = max(len(text), previous)
-        spans.append((previous, length))
-        previous = length
+    spans: list[tuple[int, int]] = []
+    # Characters confirmed so far, and the window [prefix_offset, read_offset) whose decode is
+    # `prefix_text`: the context the next token's text is read against.
+    emitted = 0
+    prefix_offset = read_offset = 0
+    prefix_text = ""
+    previous_end = 0
+    for i in range(total):
+        window = decode(token_ids[prefix_offset : i + 1])
+        fresh = window[len(prefix_text) :] if window.startswith(prefix_text) else window
+        last = i == total - 1
+        pending = not last and fresh.endswith(_REPLACEMENT) and i + 1 - read_offset < _MAX_PENDING_TOKENS
+        visible = fresh.rstrip(_REPLACEMENT) if pending else fresh
+        end = max(previous_end, emitted + len(visible))
+        # A token that leaves a character incomplete also spans that character.
+        spans.append((previous_end, end + 1 if pending else end))
+        previous_end = end
+        if not pending:
+            emitted = end
+            prefix_offset, read_offset = read_offset, i + 1
+            prefix_text = decode(token_ids[prefix_offset:read_offset]) if not last else ""
+    if spans:
+        # A character left incomplete at the very end cannot lie beyond the text.
+        final = spans[-1][1]
+        spans = [(min(a, final), min(b, final)) for a, b in spans]
     return spans
 
 
@@ -60,7 +87,8 @@ def kept_token_count(spans: Sequence[tuple[int, int]], text_length: int) -> int:
     """How many leading tokens lie wholly inside the first `text_length` characters."""
     kept = 0
     for start, end in spans:
-        # An empty span at the cut is the first byte of a character beyond it.
+        # A token that reaches past the cut (the start of a character beyond it) is not kept;
+        # nor is an empty span at the cut.
         if end > text_length or start == end == text_length:
             break
         kept += 1

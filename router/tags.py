@@ -15,6 +15,7 @@ from __future__ import annotations
 import re
 import string
 import unicodedata
+import urllib.parse
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final, Protocol
@@ -51,41 +52,82 @@ NO_RESULTS: Final = "No results found."
 SAFE_LT: Final = "\u2039"
 ELLIPSIS: Final = "\u2026"
 
-# Invisible characters a page could slip between `<` and `/answer` to dodge the tag check
-# while a model still reads a tag. ZWJ/ZWNJ are not listed: scripts and emoji need them.
-_INVISIBLE: Final = frozenset("\u200b\u2060\ufeff\u00ad")
-_WS: Final = r"[\s\u200c\u200d]*"
-# `<`, optional space, optional `/`, optional space, a tag name: any case, and no word
-# boundary required (`<answer2>` is neutralised too; over-matching only costs one glyph).
-_TAG_LIKE = re.compile(rf"<(?={_WS}/?{_WS}(?:{'|'.join(TAG_NAMES)}))", re.IGNORECASE)
+# Characters that render as nothing (or next to nothing) and that a page could slip between
+# `<` and `/answer` to dodge the tag check while a model still reads a tag: every format
+# character (category Cf, e.g. U+200E, U+2062-U+2064, U+E0020, ZWJ/ZWNJ) is dropped by
+# category; these are the default-ignorable ones of other categories (U+034F combining
+# grapheme joiner, Hangul fillers, variation selectors). Emoji lose a ZWJ or a variation
+# selector; a search snippet can afford that, a forged tag it cannot.
+_IGNORABLE: Final = frozenset(
+    "\u034f\u115f\u1160\u17b4\u17b5\u3164\uffa0"
+    + "".join(chr(c) for c in range(0x180B, 0x1810))
+    + "".join(chr(c) for c in range(0xFE00, 0xFE10))
+    + "".join(chr(c) for c in range(0xE0100, 0xE01F0))
+)
+# Glyphs a reader (or a model) takes for `<` and `/` that NFKC leaves alone (NFKC already
+# folds fullwidth U+FF1C and small U+FE64 into `<`, fullwidth U+FF0F into `/`; it composes
+# `<` + U+0338 into U+226E, listed here).
+_LT_LIKE: Final = "<\u02c2\u1438\u2039\u226e\u2329\u27e8\u276c\u276e\u2770\u3008"
+_SLASH_LIKE: Final = "/\u2044\u2215\u2571\u29f8"
+# Whitespace, or combining marks that do not compose with `<` and so stay visible next to it.
+_WS: Final = r"[\s\u0300-\u036f\u20d0-\u20ff\ufe20-\ufe2f]*"
+# `<` (or a look-alike), optional space, optional `/`, optional space, a tag name: any case,
+# and no word boundary required (`<answer2>` is neutralised too; over-matching only costs
+# one glyph).
+_TAG_LIKE = re.compile(rf"[{_LT_LIKE}](?={_WS}[{_SLASH_LIKE}]?{_WS}(?:{'|'.join(TAG_NAMES)}))", re.IGNORECASE)
 _WHITESPACE_RUN = re.compile(r"\s+")
 # Exact protocol tags, as the parser reads them.
 _OPEN_TAG = re.compile(rf"<({'|'.join(TAG_NAMES)})>")
 _ANY_TAG = re.compile(rf"</?(?:{'|'.join(TAG_NAMES)})>")
 # Three or more line breaks (possibly with trailing blanks) left where tags were removed.
 _BLANK_LINES = re.compile(r"(?:[ \t]*\n){3,}")
+# What a URL placed in the trace or a citation may keep as is: RFC 3986 unreserved and
+# reserved characters minus the quote; `%` so existing escapes survive. Everything else
+# (`<`, `>`, `"`, `'`, backtick, whitespace, controls, any non-ASCII look-alike) is
+# percent-encoded, so a URL can never spell a tag or break out of an attribute.
+_URL_SAFE: Final = "!#$%&()*+,-./:;=?@[]_~"
+_URL_SCHEMES: Final = ("http://", "https://")
 
 
 def _drop_control(text: str) -> str:
-    """Remove control characters and invisible separators; newline and tab become spaces
-    later, so they are kept here to stop words from gluing together."""
+    """Remove control characters and invisible ones; newline and tab become spaces later,
+    so they are kept here to stop words from gluing together."""
     return "".join(
-        ch for ch in text if ch in "\n\t" or (unicodedata.category(ch) != "Cc" and ch not in _INVISIBLE)
+        ch
+        for ch in text
+        if ch in "\n\t" or (unicodedata.category(ch) not in ("Cc", "Cf") and ch not in _IGNORABLE)
     )
 
 
 def sanitize_document_text(text: str) -> str:
     """Make web text safe to place inside an `<information>` block.
 
-    Control characters are dropped, every whitespace run (newlines included) becomes one
-    space so a document stays on its one line, and any `<` that would start something read
-    as a protocol tag (`</information>`, `< / Answer >`, `<SEARCH`) becomes `‹`. Other markup
-    (`<b>`, `a < b`) is left as is. Neutralising runs last, after the text can no longer
-    change shape, so stripping a control character cannot re-assemble a tag.
+    The text is NFKC-normalised (fullwidth and small `<` become `<`) and control and
+    invisible characters are dropped, before and after, because normalising can compose
+    characters and dropping can bring parts of a tag together. Every whitespace run
+    (newlines included) becomes one space so a document stays on its one line, and any `<`
+    or `<` look-alike that would start something read as a protocol tag (`</information>`,
+    `< / Answer >`, `〈answer>`) becomes `‹`. Other markup (`<b>`, `a < b`) is left as is.
+    Neutralising runs last, after the text can no longer change shape.
     """
-    text = _drop_control(text)
+    text = _drop_control(unicodedata.normalize("NFKC", _drop_control(text)))
     text = _WHITESPACE_RUN.sub(" ", text).strip()
     return _TAG_LIKE.sub(SAFE_LT, text)
+
+
+def sanitize_url(url: str | None) -> str | None:
+    """A document URL safe to show in the trace and in `url_citation`s, else None.
+
+    Only http(s) URLs are kept (no `javascript:`); control and invisible characters are
+    dropped, and every character outside `_URL_SAFE` is percent-encoded (UTF-8), so no
+    `<`, `>`, quote or whitespace, and no `<` look-alike, survives.
+    """
+    if not url:
+        return None
+    url = _drop_control(url).strip()
+    if not url.lower().startswith(_URL_SCHEMES):
+        return None
+    return urllib.parse.quote(url, safe=_URL_SAFE)
 
 
 def _cut(text: str, limit: int) -> str:

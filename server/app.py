@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
-from fastapi import FastAPI, Query, Request
+from fastapi import APIRouter, FastAPI, Query, Request
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from pydantic.json_schema import models_json_schema
@@ -18,7 +18,7 @@ from router.engine.base import Engine, EngineDeadError, SamplingOptions
 from router.prompts import system_prompt
 from server.auth import AuthMiddleware, KeyChecker
 from server.errors import APIError, install_error_handlers
-from server.lifecycle import Drainer, DrainMiddleware
+from server.lifecycle import Drainer, DrainMiddleware, StartupInterrupted, until_draining
 from server.limits import BodySizeLimitMiddleware, HeaderSizeLimitMiddleware, RateLimitMiddleware
 from server.metrics import HTTPMetrics, MetricsMiddleware, SearchMetricsObserver
 from server.protocol import (
@@ -36,12 +36,20 @@ from server.protocol import (
     SearchResult,
 )
 from server.search_config import build_search_service
-from server.serving import ServingContext
+from server.serving import ServingContext, check_caps
 from server.serving_chat import PlainChat
 from server.serving_completion import Completion
 from server.serving_search import retrieve, search_once
 from server.serving_self_search import SelfSearchChat, SelfSearchRuntime, wants_self_search
 from server.settings import ServeSettings
+from server.vllm_serving import (
+    OpenAIServing,
+    build_openai_serving,
+    chat_decision,
+    completion_decision,
+    dispatching_route,
+    forward_always,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -212,21 +220,38 @@ def create_app(settings: ServeSettings, engine_factory: EngineFactory = start_en
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        engine = engine_factory(settings)
-        if settings.warmup:
-            await _warm_up(engine)
+        # A SIGTERM/SIGINT during start-up stops it (DrainingServer._interrupt_startup): the
+        # engine's processes are killed and, while the factory blocks, the handler raises.
+        drainer.starting = True
+        try:
+            engine = engine_factory(settings)
+        finally:
+            drainer.starting = False
+        try:
+            if drainer.draining:
+                raise StartupInterrupted("start-up interrupted by a signal")
+            if settings.warmup:
+                await until_draining(drainer, _warm_up(engine))
+        except BaseException:
+            await engine.shutdown()
+            raise
         state["self_search"] = build_self_search(settings)
+        state["openai"] = await build_openai_serving(engine, settings)
         state["ctx"] = ServingContext(
             engine=engine,
             model_name=settings.model_name,
             metrics=metrics,
             max_logprobs=settings.max_logprobs,
+            max_n=settings.max_n,
+            max_tokens_limit=settings.max_tokens_limit,
         )
         logger.info("serving %s on http://%s:%d", settings.model_name, settings.host, settings.port)
         try:
             yield
         finally:
             await state["self_search"].search.aclose()
+            if state["openai"] is not None:
+                await state["openai"].aclose()
             await engine.shutdown()
 
     app = FastAPI(title="ssrl", version=_version(), lifespan=lifespan)
@@ -253,21 +278,6 @@ def create_app(settings: ServeSettings, engine_factory: EngineFactory = start_en
     def ctx() -> ServingContext:
         context: ServingContext = state["ctx"]
         return context
-
-    def check_caps(n: int, max_tokens: int | None) -> None:
-        """Server caps, so that one request cannot monopolise the engine."""
-        if n > settings.max_n:
-            raise APIError(
-                400, f"n must be at most {settings.max_n} on this server.", param="n", code="invalid_value"
-            )
-        limit = settings.max_tokens_limit
-        if limit is not None and max_tokens is not None and max_tokens > limit:
-            raise APIError(
-                400,
-                f"max_tokens must be at most {limit} on this server.",
-                param="max_tokens",
-                code="invalid_value",
-            )
 
     @app.get("/health", response_model=HealthStatus, responses=_PROBE)
     async def health() -> Response:
@@ -310,7 +320,18 @@ def create_app(settings: ServeSettings, engine_factory: EngineFactory = start_en
             id=c.model_name, root=settings.model or c.model_name, max_model_len=c.engine.max_model_len
         )
 
-    @app.post(
+    def openai_serving() -> OpenAIServing | None:
+        serving: OpenAIServing | None = state.get("openai")
+        return serving
+
+    # Chat and completions may be answered by vLLM's own serving layer (server/vllm_serving.py)
+    # before ssrl's validation runs; the rest stays with ssrl.
+    chat_router = APIRouter(route_class=dispatching_route(chat_decision(settings, openai_serving)))
+    completion_router = APIRouter(
+        route_class=dispatching_route(completion_decision(settings, openai_serving))
+    )
+
+    @chat_router.post(
         "/v1/chat/completions",
         response_model=ChatCompletionResponse,
         responses={
@@ -319,18 +340,19 @@ def create_app(settings: ServeSettings, engine_factory: EngineFactory = start_en
         },
     )
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
-        check_caps(body.n, body.token_limit)
+        check_caps(ctx(), body.n, body.token_limit)
         runtime: SelfSearchRuntime | None = state.get("self_search")
         if runtime is not None and wants_self_search(runtime, body):
             chat: PlainChat | SelfSearchChat = SelfSearchChat(ctx(), runtime, body)
         else:
             chat = PlainChat(ctx(), body)
+        await chat.prepare()  # tokenising runs off the event loop
         if body.stream:
             return StreamingResponse(chat.stream(), media_type="text/event-stream")
         result = await until_disconnect(request, chat.complete())
         return JSONResponse(result.model_dump(exclude_none=True))
 
-    @app.post(
+    @completion_router.post(
         "/v1/completions",
         response_model=CompletionResponse,
         responses={
@@ -339,12 +361,42 @@ def create_app(settings: ServeSettings, engine_factory: EngineFactory = start_en
         },
     )
     async def completions(body: CompletionRequest, request: Request) -> Response:
-        check_caps(body.n * len(body.prompts()), body.max_tokens)
+        check_caps(ctx(), body.n * len(body.prompts()), body.max_tokens)
         completion = Completion(ctx(), body)
+        await completion.prepare()  # tokenising runs off the event loop
         if body.stream:
             return StreamingResponse(completion.stream(), media_type="text/event-stream")
         result = await until_disconnect(request, completion.complete())
         return JSONResponse(result.model_dump(exclude_none=True))
+
+    app.include_router(chat_router)
+    app.include_router(completion_router)
+
+    # Routes that never self-search: vLLM's own serving layer answers them (vLLM documents
+    # their bodies; ssrl's schema leaves them out).
+    @app.post("/v1/responses", responses=_MODEL_ERRORS, include_in_schema=False)
+    async def responses(request: Request) -> Response:
+        return await forward_always(openai_serving(), settings, request)
+
+    @app.get("/v1/responses/{response_id}", responses=_MODEL_ERRORS, include_in_schema=False)
+    async def retrieve_response(response_id: str, request: Request) -> Response:
+        return await forward_always(openai_serving(), settings, request)
+
+    @app.post("/v1/responses/{response_id}/cancel", responses=_MODEL_ERRORS, include_in_schema=False)
+    async def cancel_response(response_id: str, request: Request) -> Response:
+        return await forward_always(openai_serving(), settings, request)
+
+    @app.post("/tokenize", responses=_MODEL_ERRORS, include_in_schema=False)
+    async def tokenize(request: Request) -> Response:
+        return await forward_always(openai_serving(), settings, request)
+
+    @app.post("/detokenize", responses=_MODEL_ERRORS, include_in_schema=False)
+    async def detokenize(request: Request) -> Response:
+        return await forward_always(openai_serving(), settings, request)
+
+    @app.get("/version", include_in_schema=False)
+    async def version(request: Request) -> Response:
+        return await forward_always(openai_serving(), settings, request)
 
     @app.post("/retrieve", response_model=RetrieveResponse, responses=_SEARCH_ERRORS)
     async def retrieve_documents(body: RetrieveRequest) -> JSONResponse:
@@ -356,11 +408,13 @@ def create_app(settings: ServeSettings, engine_factory: EngineFactory = start_en
     ) -> SearchResult:
         return await search_once(state["self_search"].search, q, k)
 
-    # Outermost first: metrics see every answer, the size cap runs before auth reads nothing.
+    # Innermost first (each add wraps the ones before): metrics see every answer; the size
+    # caps run before auth reads nothing; the limiter keys on the key auth accepted; the
+    # admission (drain, in-flight cap) reads the body before it counts a request.
+    app.add_middleware(DrainMiddleware, drainer=drainer)
     if settings.rate_limit is not None:
         app.add_middleware(RateLimitMiddleware, per_minute=settings.rate_limit)
     app.add_middleware(AuthMiddleware, checker=KeyChecker(settings.api_key))
-    app.add_middleware(DrainMiddleware, drainer=drainer)
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_request_bytes)
     app.add_middleware(HeaderSizeLimitMiddleware, max_bytes=settings.max_header_bytes)
     app.add_middleware(MetricsMiddleware, metrics=metrics, router_app=app.router)

@@ -40,13 +40,34 @@ class KeyChecker:
         return matched and presented is not None
 
 
+# Where AuthMiddleware leaves the SHA-256 digest of the accepted key, for the rate limiter.
+KEY_DIGEST_SCOPE = "ssrl.key_digest"
+
+
 def bearer_token(authorization: str | None) -> str | None:
+    """The token of `Bearer TOKEN`: the scheme in any case, any whitespace around both.
+
+    The one parser of the header: auth and the rate limiter both use what it returns, so
+    `bearer  KEY` and `BEARER KEY` are the same key to both.
+    """
     if not authorization:
         return None
-    scheme, _, token = authorization.partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
+    parts = authorization.split(None, 1)
+    if len(parts) != 2 or parts[0].lower() != "bearer" or not parts[1].strip():
         return None
-    return token.strip()
+    return parts[1].strip()
+
+
+def request_token(scope: Scope) -> str | None:
+    """The bearer token of an ASGI request's Authorization header, normalised."""
+    for name, value in scope.get("headers") or ():
+        if name.lower() == b"authorization":
+            return bearer_token(value.decode("latin-1"))
+    return None
+
+
+def key_digest(key: str) -> bytes:
+    return _digest(key)
 
 
 class AuthMiddleware:
@@ -63,9 +84,7 @@ class AuthMiddleware:
             and scope["path"].startswith(PROTECTED_PREFIXES)
             and scope["method"] != "OPTIONS"
         ):
-            headers = dict(scope["headers"])
-            raw = headers.get(b"authorization")
-            token = bearer_token(raw.decode("latin-1") if raw else None)
+            token = request_token(scope)
             if not self.checker.accepts(token):
                 message = (
                     "Incorrect API key provided."
@@ -80,4 +99,6 @@ class AuthMiddleware:
                 )
                 await error.response()(scope, receive, send)
                 return
+            # The limiter keys on the authenticated key, never on the header's spelling.
+            scope[KEY_DIGEST_SCOPE] = _digest(token or "")
         await self.app(scope, receive, send)

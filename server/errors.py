@@ -12,6 +12,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from router.engine.base import EngineDeadError, EngineRequestError, PromptTooLongError
+
 logger = logging.getLogger(__name__)
 
 _TYPES = {
@@ -28,6 +30,15 @@ _TYPES = {
 }
 
 
+def encodable(text: str) -> str:
+    """`text` with what UTF-8 cannot encode (lone surrogates) written as escapes.
+
+    Error messages may quote what a client sent; a lone surrogate in it would make the
+    answer itself unencodable (a 500, and a closed connection).
+    """
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 class APIError(Exception):
     """An error the API answers with; raise it anywhere in a request."""
 
@@ -41,10 +52,11 @@ class APIError(Exception):
         type: str | None = None,
         headers: dict[str, str] | None = None,
     ) -> None:
+        message = encodable(message)
         super().__init__(message)
         self.status = status
         self.message = message
-        self.param = param
+        self.param = None if param is None else encodable(param)
         self.code = code
         self.type = type or _TYPES.get(status, "invalid_request_error")
         self.headers = headers
@@ -63,8 +75,37 @@ class APIError(Exception):
         return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
 
 
+UNEXPECTED = "The server had an error while processing your request."
+
+
+def api_error_of(exc: BaseException) -> APIError:
+    """THE mapping of an error to its HTTP answer: every route, streamed or not, uses it."""
+    if isinstance(exc, APIError):
+        return exc
+    if isinstance(exc, EngineRequestError):
+        return APIError(exc.status, exc.message, param=exc.param, code=exc.code, type=exc.type)
+    if isinstance(exc, PromptTooLongError):
+        return APIError(400, str(exc), code="context_length_exceeded")
+    if isinstance(exc, EngineDeadError):
+        return APIError(503, "The engine is not available.", code="engine_unavailable")
+    return APIError(500, UNEXPECTED)
+
+
+def error_event(exc: BaseException, what: str) -> dict[str, Any]:
+    """The error event that ends a stream; call it in the `except` block (an unexpected
+    error's trace is logged for operators, never sent)."""
+    error = api_error_of(exc)
+    if error.status >= 500 and not isinstance(exc, (APIError, EngineDeadError)):
+        logger.exception("error while streaming %s", what)
+    return error.body()
+
+
 def error_json(status: int, message: str, **kwargs: Any) -> JSONResponse:
     return APIError(status, message, **kwargs).response()
+
+
+def _is_union_branch(part: Any) -> bool:
+    return isinstance(part, str) and ("[" in part or part in ("str", "int", "float", "bool"))
 
 
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None, str | None]:
@@ -72,8 +113,14 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None, s
     errors = exc.errors()
     if not errors:
         return "Invalid request.", None, None
-    first = errors[0]
-    loc = [str(part) for part in first.get("loc", ()) if part not in ("body", "query")]
+    # The error a validator of ours raised says more than "not a list" from another branch
+    # of a union; the union's branch names (`str`, `list[ContentPart]`) are no parameters.
+    first = next((e for e in errors if e.get("type") == "value_error"), errors[0])
+    loc = [
+        str(part)
+        for part in first.get("loc", ())
+        if part not in ("body", "query") and not _is_union_branch(part)
+    ]
     param = ".".join(loc) or None
     if first.get("type") == "json_invalid":
         return "We could not parse the JSON body of your request.", None, "invalid_json"
@@ -88,6 +135,12 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(_: Request, exc: APIError) -> JSONResponse:
         return exc.response()
+
+    async def _engine_error(_: Request, exc: Exception) -> JSONResponse:
+        return api_error_of(exc).response()
+
+    for engine_error in (EngineRequestError, PromptTooLongError, EngineDeadError):
+        app.add_exception_handler(engine_error, _engine_error)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -107,4 +160,4 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
         # Log the trace for operators; never send it to the client.
         logger.exception("unhandled error: %s", exc)
-        return error_json(500, "The server had an error while processing your request.")
+        return error_json(500, UNEXPECTED)

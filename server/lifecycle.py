@@ -11,15 +11,20 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable
 from types import FrameType
+from typing import TypeVar
 
 import uvicorn
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.errors import APIError
 from server.settings import ServeSettings
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 # Probes and scrapes keep answering while the server drains.
 UNCOUNTED_PATHS = ("/health", "/ready", "/metrics")
@@ -36,6 +41,8 @@ class Drainer:
         self.max_in_flight = max_in_flight
         self.draining = False
         self.in_flight = 0
+        # True while the engine factory runs (blocking this thread): a signal then stops it.
+        self.starting = False
 
     async def wait_idle(self, poll_s: float = 0.1) -> bool:
         """Wait until nothing is in flight or the grace period ends; True when idle."""
@@ -48,57 +55,141 @@ class Drainer:
 class DrainMiddleware:
     """Admission: counts requests in flight; answers new ones 503 + Retry-After while
     draining, and 429 + Retry-After past the in-flight cap (backpressure instead of an
-    unbounded queue in front of the engine)."""
+    unbounded queue in front of the engine).
+
+    A request counts only once its whole body is here: the body is read first (bounded by
+    BodySizeLimitMiddleware outside, and in time by the transport's body deadline), then the
+    request is admitted and the app gets the buffered body. So clients that open a request
+    and stall its body hold no slot; eight of them cannot lock out everyone else.
+    """
 
     def __init__(self, app: ASGIApp, drainer: Drainer) -> None:
         self.app = app
         self.drainer = drainer
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in UNCOUNTED_PATHS:
-            await self.app(scope, receive, send)
-            return
+    def _refusal(self) -> APIError | None:
         if self.drainer.draining:
-            error = APIError(
+            return APIError(
                 503,
                 "The server is shutting down; retry on another replica.",
                 code="server_shutting_down",
                 headers={"Retry-After": str(self.drainer.retry_after_s)},
             )
-            await error.response()(scope, receive, send)
-            return
         cap = self.drainer.max_in_flight
         if cap is not None and self.drainer.in_flight >= cap:
-            error = APIError(
+            return APIError(
                 429,
                 f"The server is at its limit of {cap} requests in flight; retry shortly.",
                 code="server_overloaded",
                 headers={"Retry-After": "1"},
             )
+        return None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in UNCOUNTED_PATHS:
+            await self.app(scope, receive, send)
+            return
+        body: bytes | None = None
+        error = self._refusal()
+        if error is None:
+            try:
+                body = await read_body(receive)
+            except HTTPException as exc:  # the body size limit, raised by its receive
+                code = "request_too_large" if exc.status_code == 413 else None
+                error = APIError(exc.status_code, str(exc.detail), code=code)
+            else:
+                if body is None:
+                    return  # the client left (or the body deadline closed it) mid-body
+                error = self._refusal()  # the state may have changed while the body came
+        if error is not None:
             await error.response()(scope, receive, send)
             return
         self.drainer.in_flight += 1
         try:
-            await self.app(scope, receive, send)
+            await self.app(scope, replay_body(body or b"", receive), send)
         finally:
             self.drainer.in_flight -= 1
 
 
+async def read_body(receive: Receive) -> bytes | None:
+    """The whole request body, or None when the client disconnected first."""
+    chunks: list[bytes] = []
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return None
+        if message["type"] == "http.request":
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body", False):
+                return b"".join(chunks)
+
+
+def replay_body(body: bytes, receive: Receive) -> Receive:
+    """A receive channel that yields `body` once, then the real channel (disconnects)."""
+    sent = False
+
+    async def replay() -> Message:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay
+
+
 def uvicorn_config(app: ASGIApp, settings: ServeSettings) -> uvicorn.Config:
-    """How `ssrl serve` runs uvicorn."""
-    return uvicorn.Config(
-        app,
-        host=settings.host,
-        port=settings.port,
-        log_level=settings.log_level.lower(),
-        timeout_keep_alive=30,
-        # h11 stops reading a request head at --max-header-bytes; httptools (uvicorn's
-        # "auto" choice) buffers a head of any size before the app can refuse it (431).
-        http=settings.http_parser,
-        h11_max_incomplete_event_size=settings.max_header_bytes,
-        # The drain already waited for requests; this bounds what is left (connections).
-        timeout_graceful_shutdown=max(1, int(settings.shutdown_grace)),
-    )
+    """How `ssrl serve` runs uvicorn (server/http_server.py)."""
+    from server.http_server import uvicorn_config as serve_config
+
+    return serve_config(app, settings)
+
+
+class StartupInterrupted(BaseException):
+    """SIGTERM/SIGINT came while the engine was starting: start-up stops, the server exits.
+
+    A BaseException, like KeyboardInterrupt: raised from the signal handler into whatever
+    the engine factory is doing, it must not be caught by a broad `except Exception`.
+    """
+
+
+def kill_child_processes(grace_s: float = 2.0) -> int:
+    """SIGTERM this process's children (vLLM's engine core, its workers), SIGKILL the ones
+    still alive after `grace_s`; returns how many there were."""
+    import psutil
+
+    try:
+        children = psutil.Process().children(recursive=True)
+    except psutil.Error:
+        return 0
+    for child in children:
+        try:
+            child.terminate()
+        except psutil.Error:
+            pass
+    _, alive = psutil.wait_procs(children, timeout=grace_s)
+    for child in alive:
+        try:
+            child.kill()
+        except psutil.Error:
+            pass
+    return len(children)
+
+
+async def until_draining(drainer: Drainer, work: Awaitable[T], poll_s: float = 0.1) -> T:
+    """Await `work` during start-up, cancelling it when a signal starts the drain."""
+    task = asyncio.ensure_future(work)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=poll_s)
+            if done:
+                return task.result()
+            if drainer.draining:
+                raise StartupInterrupted("start-up interrupted by a signal")
+    finally:
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
 
 
 class DrainingServer(uvicorn.Server):
@@ -107,8 +198,12 @@ class DrainingServer(uvicorn.Server):
     def __init__(self, config: uvicorn.Config, drainer: Drainer) -> None:
         super().__init__(config)
         self.drainer = drainer
+        self.startup_signal: int | None = None  # the signal that interrupted start-up
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if not self.started:
+            self._interrupt_startup(sig, frame)
+            return
         if self.drainer.draining:
             super().handle_exit(sig, frame)  # a second signal: stop now
             return
@@ -126,6 +221,27 @@ class DrainingServer(uvicorn.Server):
             return
         # A signal handler must not block: the drain runs as a task on the server's loop.
         loop.call_soon_threadsafe(loop.create_task, self._drain_then_exit(sig))
+
+    def _interrupt_startup(self, sig: int, frame: FrameType | None) -> None:
+        """A signal before the server serves: nothing to drain; stop the engine's start-up.
+
+        uvicorn only looks at `should_exit` once start-up is over, which for vLLM can be
+        minutes of loading and compiling. The engine's processes are killed (vLLM's start-up
+        then fails at once), and when the factory is running on this thread the signal
+        handler raises into it; an async warm-up sees the draining flag (`until_draining`).
+        """
+        first = not self.drainer.draining
+        self.drainer.draining = True
+        self.startup_signal = sig
+        super().handle_exit(sig, frame)
+        if first:
+            logger.warning("signal %d during start-up: stopping the engine and exiting", sig)
+            killed = kill_child_processes()
+            if killed:
+                logger.info("killed %d engine process(es)", killed)
+        if self.drainer.starting:
+            self.drainer.starting = False
+            raise StartupInterrupted(f"signal {sig} during engine start-up")
 
     async def _drain_then_exit(self, sig: int) -> None:
         idle = await self.drainer.wait_idle()

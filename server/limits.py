@@ -12,6 +12,7 @@ from cachetools import LRUCache
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from server.auth import KEY_DIGEST_SCOPE
 from server.errors import APIError
 
 
@@ -86,8 +87,9 @@ class HeaderSizeLimitMiddleware:
 
 
 class RateLimitMiddleware:
-    """A token bucket per API key (per client address when there are no keys).
+    """A token bucket per authenticated API key (per client address when there are no keys).
 
+    Runs inside AuthMiddleware, which leaves the accepted key's digest in the scope.
     Buckets are keyed by a digest of the key, never the key itself, and kept in an LRU of
     bounded size so that a flood of distinct keys cannot grow memory without bound.
     """
@@ -107,9 +109,12 @@ class RateLimitMiddleware:
         self.buckets: LRUCache[bytes, tuple[float, float]] = LRUCache(maxsize=max_clients)
 
     def _client(self, scope: Scope) -> bytes:
-        auth = dict(scope["headers"]).get(b"authorization")
-        if auth:
-            return hashlib.sha256(auth).digest()
+        # The authenticated key as AuthMiddleware parsed it (a digest): `bearer  KEY` and
+        # `BEARER KEY` share one bucket. Without keys configured, a presented token proves
+        # nothing (any string passes), so the client address is the key.
+        digest = scope.get(KEY_DIGEST_SCOPE)
+        if isinstance(digest, bytes):
+            return digest
         client = scope.get("client") or ("?", 0)
         return hashlib.sha256(str(client[0]).encode()).digest()
 

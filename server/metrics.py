@@ -142,13 +142,33 @@ class HTTPMetrics:
         return generate_latest(self.registry)
 
 
+# Label values come from fixed sets, never from the request: any client can send any method
+# or status-looking thing, and each distinct value would be a new time series forever.
+KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+KNOWN_STATUSES = frozenset(
+    {200, 201, 204, 304, 400, 401, 403, 404, 405, 408, 409, 413, 415, 422, 429, 431, 499}
+    | {500, 501, 502, 503, 504}
+)
+
+
+def method_label(method: str) -> str:
+    return method if method in KNOWN_METHODS else "other"
+
+
+def status_label(status: int) -> str:
+    """The status itself when it is one the server answers, else its class (`4xx`)."""
+    if status in KNOWN_STATUSES:
+        return str(status)
+    return f"{status // 100}xx" if 100 <= status <= 599 else "other"
+
+
 def _route_template(app: ASGIApp, scope: Scope) -> str:
     """The matched route's path template, so label values stay bounded."""
     partial = None
     for route in getattr(app, "routes", ()):
         match, _ = route.matches(scope)
         if match == Match.FULL:
-            return str(getattr(route, "path", scope["path"]))
+            return str(getattr(route, "path", "unmatched"))
         if match == Match.PARTIAL and partial is None:
             partial = getattr(route, "path", None)  # the path matched, the method did not
     return partial or "unmatched"
@@ -182,7 +202,9 @@ class MetricsMiddleware:
             await self.app(scope, receive, recording_send)
         finally:
             gauge.dec()
-            self.metrics.requests.labels(route, scope["method"], str(status)).inc()
+            self.metrics.requests.labels(
+                route, method_label(str(scope.get("method", ""))), status_label(status)
+            ).inc()
             self.metrics.latency.labels(route).observe(time.perf_counter() - start)
 
 

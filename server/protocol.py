@@ -4,9 +4,24 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    SerializerFunctionWrapHandler,
+    StrictInt,
+    WithJsonSchema,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
+
+from router.engine.base import SEED_MAX, SEED_MIN
+from router.policies import POLICIES, known_policies
 
 
 def new_id(prefix: str) -> str:
@@ -15,6 +30,29 @@ def new_id(prefix: str) -> str:
 
 def now() -> int:
     return int(time.time())
+
+
+def _encodable(value: Any) -> Any:
+    """Text must be valid Unicode: a lone surrogate (JSON allows `"\\ud800"`) cannot be
+    encoded as UTF-8, so no tokenizer, stop check or answer could carry it. Checks a string,
+    or every string of a list (a field typed `str | list[str]` is checked as a whole, so an
+    error names the field, not a branch of its union)."""
+    for i, text in enumerate(value if isinstance(value, list) else [value]):
+        if not isinstance(text, str):
+            continue
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            where = (
+                f"item {i}, character {exc.start}" if isinstance(value, list) else f"character {exc.start}"
+            )
+            # The message says where, never what: echoing it would be unencodable again.
+            raise ValueError(f"text must be valid Unicode; a lone surrogate is at {where}") from None
+    return value
+
+
+# Every text field of every request model carries this validator: one check for all of them.
+Encodable = AfterValidator(_encodable)
 
 
 class _Request(BaseModel):
@@ -28,15 +66,15 @@ class StreamOptions(BaseModel):
 
 class ContentPart(BaseModel):
     model_config = ConfigDict(extra="allow")
-    type: str
-    text: str | None = None
+    type: Annotated[str, Encodable]
+    text: Annotated[str | None, Encodable] = None
 
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[ContentPart] | None = None
-    name: str | None = None
+    content: Annotated[str | list[ContentPart] | None, Encodable] = None
+    name: Annotated[str | None, Encodable] = None
 
     def text(self) -> str:
         """The message's text; only text parts are supported."""
@@ -55,16 +93,16 @@ class ChatMessage(BaseModel):
 class SamplingFields(_Request):
     """Sampling fields shared by chat and completions, bounded as OpenAI bounds them."""
 
-    model: str
+    model: Annotated[str, Encodable]
     n: int = Field(1, ge=1, le=128)
     max_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
-    seed: int | None = None
-    stop: str | list[str] | None = None
+    seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX)
+    stop: Annotated[str | list[str] | None, Encodable] = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    user: str | None = None
+    user: Annotated[str | None, Encodable] = None
 
     @field_validator("stop")
     @classmethod
@@ -97,7 +135,9 @@ class SelfSearchOptions(BaseModel):
 
     enabled: bool | None = None
     mode: Literal["native", "guided"] | None = None
-    policy: Literal["threshold", "ssrl", "budget", "always", "never"] | None = None
+    # A built-in name (router.policies.PolicyName) or one an `ssrl.policies` entry point adds.
+    # The schema lists the built-ins; the validator also takes the entry points' names.
+    policy: Annotated[str, WithJsonSchema({"type": "string", "enum": list(POLICIES)})] | None = None
     threshold: float | None = Field(None, allow_inf_nan=False)
     aggregate: Literal["mean", "max", "min_prob", "ssrl"] | None = None
     max_turns: int | None = Field(None, ge=1)
@@ -105,6 +145,16 @@ class SelfSearchOptions(BaseModel):
     max_external_calls: int | None = Field(None, ge=0)
     budget: int | None = Field(None, ge=0)
     votes: int | None = Field(None, ge=1)
+
+    @field_validator("policy")
+    @classmethod
+    def _known_policy(cls, value: str | None) -> str | None:
+        if value is None or value in POLICIES:
+            return value
+        known = known_policies()
+        if value not in known:
+            raise ValueError(f"unknown routing policy {value!r}; expected one of {', '.join(known)}")
+        return value
 
 
 class ChatCompletionRequest(SamplingFields):
@@ -126,10 +176,12 @@ class ChatCompletionRequest(SamplingFields):
 
 
 class CompletionRequest(SamplingFields):
-    prompt: str | list[str] | list[int] | list[list[int]]
+    prompt: Annotated[str | list[str] | list[int] | list[list[int]], Encodable]
     max_tokens: int | None = Field(16, ge=1)
     logprobs: int | None = Field(None, ge=0, le=20)
     echo: bool = False
+    # vLLM's extension: name tokens "token_id:N" in `tokens` and `top_logprobs` keys.
+    return_tokens_as_token_ids: bool = False
 
     @field_validator("prompt")
     @classmethod
@@ -228,6 +280,15 @@ class ChatChunkChoice(_Response):
     logprobs: ChoiceLogprobs | None = None
     finish_reason: str | None = None
 
+    @model_serializer(mode="wrap")
+    def _openai_nulls(self, handler: SerializerFunctionWrapHandler):  # type: ignore[no-untyped-def]
+        # As OpenAI (and vLLM): `logprobs` and `finish_reason` on every chunk, null until
+        # known; unset extension fields (self_search, reasoning) stay out under exclude_none.
+        data = handler(self)
+        data.setdefault("logprobs", None)
+        data.setdefault("finish_reason", None)
+        return data
+
 
 class ChatCompletionChunk(_Response):
     id: str
@@ -236,6 +297,20 @@ class ChatCompletionChunk(_Response):
     model: str
     choices: list[ChatChunkChoice]
     usage: Usage | None = None
+    _null_usage: bool = PrivateAttr(False)
+
+    def with_usage_field(self, include_usage: bool) -> ChatCompletionChunk:
+        """With `stream_options.include_usage`, OpenAI sends `usage: null` on every chunk but
+        the last (the usage chunk)."""
+        self._null_usage = include_usage
+        return self
+
+    @model_serializer(mode="wrap")
+    def _usage_null(self, handler: SerializerFunctionWrapHandler):  # type: ignore[no-untyped-def]
+        data = handler(self)
+        if self._null_usage:
+            data.setdefault("usage", None)
+        return data
 
 
 class CompletionLogprobs(BaseModel):
@@ -269,7 +344,7 @@ class RetrieveRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    queries: list[str] = Field(min_length=1, max_length=256)
+    queries: Annotated[list[str], Encodable] = Field(min_length=1, max_length=256)
     topk: StrictInt | None = Field(None, ge=1, le=100)
     return_scores: bool = False
 

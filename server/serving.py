@@ -2,33 +2,87 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from router.engine.base import (
     Engine,
-    EngineDeadError,
     GenerationDelta,
-    PromptTooLongError,
     SamplingOptions,
     TokenLogprobs,
+    offset_seed,
 )
 from router.engine.guard import generate_or_abort
 from server.errors import APIError
 from server.metrics import HTTPMetrics
 from server.protocol import SamplingFields, TopLogprob
 
+T = TypeVar("T")
+
+# Characters one token may stand for, where the engine does not say (a generous bound: the
+# embedded model's longest token is 81 characters).
+DEFAULT_MAX_CHARS_PER_TOKEN = 128
+
+
+def _tokenizer_pool() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="ssrl-tokenizer")
+
 
 @dataclass
 class ServingContext:
-    """What a route needs: the engine, its served name, and the metrics."""
+    """What a route needs: the engine, its served name, the metrics and the server's caps."""
 
     engine: Engine
     model_name: str
     metrics: HTTPMetrics
     max_logprobs: int = 20
+    max_n: int | None = None
+    max_tokens_limit: int | None = None
+    # Tokenising and chat templating run here, off the event loop: one worker, as vLLM's
+    # own async tokenizer, so that big prompts queue rather than take every core.
+    tokenizer_pool: ThreadPoolExecutor = field(default_factory=_tokenizer_pool)
+
+    async def off_loop(self, work: Callable[[], T]) -> T:
+        """Run CPU-bound prompt work (tokenising, templating) without blocking the loop."""
+        return await asyncio.get_running_loop().run_in_executor(self.tokenizer_pool, work)
+
+    @property
+    def max_prompt_chars(self) -> int:
+        """More characters than this cannot fit the context whatever the tokenizer does."""
+        per_token = getattr(self.engine, "max_chars_per_token", None) or DEFAULT_MAX_CHARS_PER_TOKEN
+        return self.engine.max_model_len * per_token
+
+
+def check_caps(ctx: ServingContext, n: int, max_tokens: int | None) -> None:
+    """Server caps (--max-n, --max-tokens-limit), so one request cannot monopolise the engine."""
+    if ctx.max_n is not None and n > ctx.max_n:
+        raise APIError(400, f"n must be at most {ctx.max_n} on this server.", param="n", code="invalid_value")
+    limit = ctx.max_tokens_limit
+    if limit is not None and max_tokens is not None and max_tokens > limit:
+        raise APIError(
+            400,
+            f"max_tokens must be at most {limit} on this server.",
+            param="max_tokens",
+            code="invalid_value",
+        )
+
+
+def check_prompt_chars(ctx: ServingContext, chars: int, param: str) -> None:
+    """Refuse, before tokenising it, text too long for the context by its length alone."""
+    if chars > ctx.max_prompt_chars:
+        raise APIError(
+            400,
+            f"This model's maximum context length is {ctx.engine.max_model_len} tokens. However, "
+            f"your prompt has {chars} characters, more than that many tokens can hold. Please "
+            "reduce the length of the prompt.",
+            param=param,
+            code="context_length_exceeded",
+        )
 
 
 def check_model(ctx: ServingContext, requested: str) -> None:
@@ -41,19 +95,28 @@ def check_model(ctx: ServingContext, requested: str) -> None:
         )
 
 
-def completion_budget(ctx: ServingContext, prompt_tokens: int, requested: int | None) -> int:
-    """The max_tokens to ask for: the request's, or what the context has left."""
+def completion_budget(
+    ctx: ServingContext,
+    prompt_tokens: int,
+    requested: int | None,
+    default: int | None = None,
+    prompt_param: str = "messages",
+) -> int:
+    """The tokens one choice may generate: the request's `max_tokens` if it fits the context;
+    without one, `default` (if any), capped by --max-tokens-limit and by what the context has
+    left. The same rule for plain chat, completions and each self-search trajectory."""
     limit = ctx.engine.max_model_len
     if prompt_tokens >= limit:
         raise APIError(
             400,
             f"This model's maximum context length is {limit} tokens. However, your prompt "
-            f"has {prompt_tokens} tokens. Please reduce the length of the messages.",
-            param="messages",
+            f"has {prompt_tokens} tokens. Please reduce the length of the {prompt_param}.",
+            param=prompt_param,
             code="context_length_exceeded",
         )
     if requested is None:
-        return limit - prompt_tokens
+        caps = [limit - prompt_tokens, default, ctx.max_tokens_limit]
+        return min(c for c in caps if c is not None)
     if prompt_tokens + requested > limit:
         raise APIError(
             400,
@@ -71,12 +134,11 @@ def sampling_options(
 ) -> SamplingOptions:
     # n choices run as n engine requests; a fixed seed is offset per choice so that the
     # choices differ, as they do when vLLM samples n sequences from one seed.
-    seed = None if request.seed is None else request.seed + choice
     return SamplingOptions(
         max_tokens=max_tokens,
         temperature=1.0 if request.temperature is None else request.temperature,
         top_p=1.0 if request.top_p is None else request.top_p,
-        seed=seed,
+        seed=offset_seed(request.seed, choice),
         stop=request.stop_list(),
         logprobs=logprobs,
         include_stop_str_in_output=False,
@@ -157,10 +219,8 @@ class TimedStream:
                     first = False
                 generated += len(delta.token_ids)
                 yield delta
-        except PromptTooLongError as exc:
-            raise APIError(400, str(exc), param="max_tokens", code="context_length_exceeded") from exc
-        except EngineDeadError as exc:
-            raise APIError(503, "The engine is not available.", code="engine_unavailable") from exc
+        # Engine errors propagate as they are: `server.errors.api_error_of` maps them, for
+        # answers and stream events alike.
         finally:
             await stream.aclose()
             metrics.completion_tokens.labels(self.route).inc(generated)

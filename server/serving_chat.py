@@ -7,7 +7,7 @@ import time
 from collections.abc import AsyncIterator, Sequence
 
 from router.engine.base import TokenLogprobs
-from server.errors import APIError
+from server.errors import APIError, error_event
 from server.protocol import (
     AssistantMessage,
     ChatChoice,
@@ -28,6 +28,7 @@ from server.serving import (
     TimedStream,
     check_logprobs,
     check_model,
+    check_prompt_chars,
     completion_budget,
     openai_finish_reason,
     sampling_options,
@@ -40,22 +41,30 @@ logger = logging.getLogger(__name__)
 ROUTE = "/v1/chat/completions"
 
 
-def chat_prompt(ctx: ServingContext, request: ChatCompletionRequest) -> list[int]:
-    """Token ids of the conversation under the model's chat template."""
+async def chat_prompt(ctx: ServingContext, request: ChatCompletionRequest) -> list[int]:
+    """Token ids of the conversation under the model's chat template.
+
+    Refused first when its text alone is too long for the context; the template and the
+    tokenizer then run off the event loop, so one big prompt stalls no other request.
+    """
     try:
         messages = [
             {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
             for m in request.messages
         ]
-        return ctx.engine.apply_chat_template(messages, add_generation_prompt=True)
     except ValueError as exc:
         raise APIError(400, str(exc), param="messages", code="invalid_value") from exc
+    check_prompt_chars(ctx, sum(len(m["content"]) for m in messages), "messages")
+    try:
+        return await ctx.off_loop(
+            lambda: ctx.engine.apply_chat_template(messages, add_generation_prompt=True)
+        )
     except Exception as exc:  # jinja errors from a template that rejects this conversation
         raise APIError(400, f"The chat template rejected these messages: {exc}", param="messages") from exc
 
 
 class PlainChat:
-    """One validated chat request, ready to run as n engine requests."""
+    """One validated chat request, ready to run as n engine requests once `prepare`d."""
 
     def __init__(self, ctx: ServingContext, request: ChatCompletionRequest) -> None:
         check_model(ctx, request.model)
@@ -64,11 +73,20 @@ class PlainChat:
         self.ctx = ctx
         self.request = request
         self.started = time.perf_counter()
-        self.prompt = chat_prompt(ctx, request)
-        self.max_tokens = completion_budget(ctx, len(self.prompt), request.token_limit)
+        self._prepared = False
+        self.prompt: list[int] = []
+        self.max_tokens = 0
         self.top_logprobs = top
         self.logprobs = top if request.logprobs else None
-        ctx.metrics.prompt_tokens.labels(ROUTE).inc(len(self.prompt))
+
+    async def prepare(self) -> None:
+        """Template and tokenise the prompt (off the event loop) and size the completion."""
+        if self._prepared:
+            return
+        self._prepared = True
+        self.prompt = await chat_prompt(self.ctx, self.request)
+        self.max_tokens = completion_budget(self.ctx, len(self.prompt), self.request.token_limit)
+        self.ctx.metrics.prompt_tokens.labels(ROUTE).inc(len(self.prompt))
 
     def _streams(self) -> list[TimedStream]:
         return [
@@ -100,6 +118,7 @@ class PlainChat:
         return ChoiceLogprobs(content=content)
 
     async def complete(self) -> ChatCompletionResponse:
+        await self.prepare()  # a no-op when the route prepared it already
         outcomes = [ChoiceOutcome() for _ in range(self.request.n)]
         async for index, delta in merge([aiter(s) for s in self._streams()]):
             outcomes[index].add(delta)
@@ -118,11 +137,16 @@ class PlainChat:
         )
 
     async def stream(self) -> AsyncIterator[str]:
+        await self.prepare()
         chunk_id, created, model = new_id("chatcmpl"), now(), self.ctx.model_name
+
+        include_usage = self.request.stream_options is not None and self.request.stream_options.include_usage
 
         def chunk(choices: list[ChatChunkChoice], usage: Usage | None = None) -> str:
             return sse(
-                ChatCompletionChunk(id=chunk_id, created=created, model=model, choices=choices, usage=usage)
+                ChatCompletionChunk(
+                    id=chunk_id, created=created, model=model, choices=choices, usage=usage
+                ).with_usage_field(include_usage)
             )
 
         completion = 0
@@ -154,9 +178,6 @@ class PlainChat:
             options = self.request.stream_options
             if options is not None and options.include_usage:
                 yield chunk([], Usage.of(len(self.prompt), completion))
-        except APIError as exc:
-            yield sse(exc.body())
-        except Exception:
-            logger.exception("error while streaming a chat completion")
-            yield sse(APIError(500, "The server had an error while streaming.").body())
+        except Exception as exc:
+            yield sse(error_event(exc, "a chat completion"))
         yield DONE

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections import Counter
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 
 from router.engine.base import TokenLogprobs
-from server.errors import APIError
+from server.errors import APIError, error_event
 from server.protocol import (
     CompletionChoice,
     CompletionLogprobs,
@@ -23,6 +24,7 @@ from server.serving import (
     TimedStream,
     check_logprobs,
     check_model,
+    check_prompt_chars,
     completion_budget,
     openai_finish_reason,
     sampling_options,
@@ -35,7 +37,7 @@ ROUTE = "/v1/completions"
 
 
 class Completion:
-    """One validated completions request: every prompt times n samples."""
+    """One validated completions request: every prompt times n samples, once `prepare`d."""
 
     def __init__(self, ctx: ServingContext, request: CompletionRequest) -> None:
         check_model(ctx, request.model)
@@ -43,24 +45,46 @@ class Completion:
         self.ctx = ctx
         self.request = request
         self.started = time.perf_counter()
-        tokenizer = ctx.engine.tokenizer
+        self._prepared = False
         self.prompts: list[list[int]] = []
         self.prompt_texts: list[str] = []
+        self.max_tokens: list[int] = []
         vocab = getattr(ctx.engine, "vocab_size", None)
         for prompt in request.prompts():
             if isinstance(prompt, str):
-                ids = tokenizer.encode(prompt, add_special_tokens=True)
-                text = prompt
+                # Before any tokenising: text too long for the context by its length alone.
+                check_prompt_chars(ctx, len(prompt), "prompt")
             else:
                 if vocab is not None and any(t < 0 or t >= vocab for t in prompt):
                     raise APIError(400, f"Token ids must lie in [0, {vocab}).", param="prompt")
+                completion_budget(ctx, len(prompt), None, prompt_param="prompt")
+
+    def _tokenize(self) -> tuple[list[list[int]], list[str]]:
+        """Every prompt as ids and as text (runs on the tokenizer's thread)."""
+        tokenizer = self.ctx.engine.tokenizer
+        prompts, texts = [], []
+        for prompt in self.request.prompts():
+            if isinstance(prompt, str):
+                ids, text = tokenizer.encode(prompt, add_special_tokens=True), prompt
+            else:
                 ids, text = list(prompt), tokenizer.decode(prompt)
-            if not ids:
-                raise APIError(400, "The prompt must not be empty.", param="prompt")
-            self.prompts.append(ids)
-            self.prompt_texts.append(text)
-        self.max_tokens = [completion_budget(ctx, len(p), request.max_tokens) for p in self.prompts]
-        ctx.metrics.prompt_tokens.labels(ROUTE).inc(sum(map(len, self.prompts)))
+            prompts.append(ids)
+            texts.append(text)
+        return prompts, texts
+
+    async def prepare(self) -> None:
+        """Tokenise the prompts off the event loop, and size each completion."""
+        if self._prepared:
+            return
+        self._prepared = True
+        self.prompts, self.prompt_texts = await self.ctx.off_loop(self._tokenize)
+        if any(not ids for ids in self.prompts):
+            raise APIError(400, "The prompt must not be empty.", param="prompt")
+        self.max_tokens = [
+            completion_budget(self.ctx, len(p), self.request.max_tokens, prompt_param="prompt")
+            for p in self.prompts
+        ]
+        self.ctx.metrics.prompt_tokens.labels(ROUTE).inc(sum(map(len, self.prompts)))
 
     def _streams(self) -> list[TimedStream]:
         # Choice index = prompt index * n + sample index, as OpenAI numbers them.
@@ -84,26 +108,25 @@ class Completion:
         if self.request.logprobs is None:
             return None
         decode = self.ctx.engine.tokenizer.decode
+        as_ids = self.request.return_tokens_as_token_ids
         result = CompletionLogprobs()
         for position in positions:
-            token = position.decoded.get(position.token_id) or decode([position.token_id])
-            result.tokens.append(token)
+            text = position.decoded.get(position.token_id) or decode([position.token_id])
+            result.tokens.append(token_id_placeholder(position.token_id) if as_ids else text)
             result.token_logprobs.append(position.logprob)
             ranked = sorted(position.top.items(), key=lambda kv: kv[1], reverse=True)
             result.top_logprobs.append(
-                {
-                    position.decoded.get(tid) or decode([tid]): lp
-                    for tid, lp in ranked[: self.request.logprobs]
-                }
+                top_logprobs_keyed(ranked[: self.request.logprobs], position.decoded, decode, as_ids)
             )
             result.text_offset.append(offset)
-            offset += len(token)
+            offset += len(text)
         return result
 
     def _usage(self, completion_tokens: int) -> Usage:
         return Usage.of(sum(map(len, self.prompts)), completion_tokens)
 
     async def complete(self) -> CompletionResponse:
+        await self.prepare()  # a no-op when the route prepared it already
         outcomes = [ChoiceOutcome() for _ in range(len(self.prompts) * self.request.n)]
         async for index, delta in merge([aiter(s) for s in self._streams()]):
             outcomes[index].add(delta)
@@ -125,6 +148,7 @@ class Completion:
         )
 
     async def stream(self) -> AsyncIterator[str]:
+        await self.prepare()
         chunk_id, created, model = new_id("cmpl"), now(), self.ctx.model_name
 
         def chunk(choices: list[CompletionChoice], usage: Usage | None = None) -> str:
@@ -157,9 +181,32 @@ class Completion:
             options = self.request.stream_options
             if options is not None and options.include_usage:
                 yield chunk([], self._usage(completion))
-        except APIError as exc:
-            yield sse(exc.body())
-        except Exception:
-            logger.exception("error while streaming a completion")
-            yield sse(APIError(500, "The server had an error while streaming.").body())
+        except Exception as exc:
+            yield sse(error_event(exc, "a completion"))
         yield DONE
+
+
+def token_id_placeholder(token_id: int) -> str:
+    """vLLM's name for a token by id (`return_tokens_as_token_ids`)."""
+    return f"token_id:{token_id}"
+
+
+def top_logprobs_keyed(
+    ranked: Sequence[tuple[int, float]],
+    decoded: Mapping[int, str],
+    decode: Callable[[list[int]], str],
+    as_ids: bool,
+) -> dict[str, float]:
+    """One position's `top_logprobs` dict, one key per candidate token, best first.
+
+    Keys are decoded strings as in vLLM's server, or `token_id:N` with
+    `return_tokens_as_token_ids` (vLLM's own way to keep tokens apart). vLLM lets candidates
+    whose decoded strings coincide (every partial-byte token of a multi-byte character decodes
+    to U+FFFD) overwrite each other; here every candidate whose string is not unique in the
+    position is keyed `token_id:N` instead, so none is lost.
+    """
+    if as_ids:
+        return {token_id_placeholder(tid): lp for tid, lp in ranked}
+    texts = [(tid, decoded.get(tid) or decode([tid]), lp) for tid, lp in ranked]
+    counts = Counter(text for _, text, _ in texts)
+    return {(text if counts[text] == 1 else token_id_placeholder(tid)): lp for tid, text, lp in texts}

@@ -13,17 +13,17 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
-from router.engine.base import EngineDeadError, PromptTooLongError
+from router.engine.base import offset_seed
 from router.loop import LoopConfig, LoopFinished, LoopResult, Mode, SearchDecided, SelfSearchLoop, TextDelta
 from router.policies import make_policy
 from router.prompts import example_messages
+from router.scoring import majority_vote
 from router.search.service import SearchService
 from router.tags import sanitize_document_text
-from router.votes import majority_vote
-from server.errors import APIError
+from server.errors import APIError, error_event
 from server.protocol import (
     AssistantMessage,
     ChatChoice,
@@ -38,7 +38,12 @@ from server.protocol import (
     new_id,
     now,
 )
-from server.serving import ServingContext, check_model, completion_budget, new_request_id
+from server.serving import (
+    ServingContext,
+    check_model,
+    completion_budget,
+    new_request_id,
+)
 from server.serving_chat import ROUTE, chat_prompt
 from server.settings import ServeSettings
 from server.streaming import DONE, merge, sse
@@ -155,8 +160,8 @@ class ChoiceResult:
             vote = majority_vote([r.answer for r in self.samples])
             trace["vote"] = {
                 "votes": len(self.samples),
-                "winner": vote.winner,
-                "answer": vote.normalized,
+                "winner": vote.index,
+                "answer": vote.answer,
                 "counts": vote.counts,
                 "samples": [{"answer": r.answer, **r.trace()} for r in self.samples],
             }
@@ -169,6 +174,21 @@ class ChoiceResult:
     @property
     def completion_tokens(self) -> int:
         return sum(r.completion_tokens for r in self.samples)
+
+
+def check_request_total(ctx: ServingContext, n: int, votes: int, per_trajectory: int) -> None:
+    """One request generates at most what --max-n choices of --max-tokens-limit tokens may:
+    votes multiply the trajectories of every choice, so they count against the total."""
+    if ctx.max_tokens_limit is None or ctx.max_n is None:
+        return
+    total, cap = n * votes * per_trajectory, ctx.max_n * ctx.max_tokens_limit
+    if total > cap:
+        raise _invalid(
+            "votes",
+            f"n x self_search.votes x max_tokens = {n} x {votes} x {per_trajectory} = {total} "
+            f"tokens; this server generates at most {cap} per request (--max-n x "
+            "--max-tokens-limit). Lower self_search.votes, n or max_tokens.",
+        )
 
 
 class SelfSearchChat:
@@ -189,32 +209,46 @@ class SelfSearchChat:
         self.runtime = runtime
         self.request = request
         self.started = time.perf_counter()
-        max_tokens = request.token_limit or runtime.settings.max_loop_tokens
-        self.config, self.votes = loop_config(runtime, request, max_tokens)
+        self._prepared = False
+        # A trajectory generates what one plain choice may (`completion_budget`'s rule):
+        # max_tokens if given, else --max-loop-tokens, both within --max-tokens-limit.
+        requested, default = request.token_limit, runtime.settings.max_loop_tokens
+        self.config, self.votes = loop_config(runtime, request, requested or default)
+        per_trajectory = requested or min(default, ctx.max_tokens_limit or default)
+        check_request_total(ctx, request.n, self.votes, per_trajectory)
+        self.prompt: list[int] = []
+
+    async def prepare(self) -> None:
+        """Build the protocol's conversation, tokenise it off the event loop, size the loop."""
+        if self._prepared:
+            return
+        self._prepared = True
+        request, mode = self.request, self.config.mode
         # The protocol's system prompt comes first; the user's own system text follows it.
         own = [m for m in request.messages if m.role in ("system", "developer")]
-        mode = self.config.mode
         try:
             own_text = [m.text() for m in own]
         except ValueError as exc:  # a non-text content part: the same 400 as plain chat's
             raise APIError(400, str(exc), param="messages", code="invalid_value") from exc
-        system = "\n\n".join([runtime.system_prompts[mode], *own_text])
+        system = "\n\n".join([self.runtime.system_prompts[mode], *own_text])
         examples = [ChatMessage(**m) for m in example_messages(mode)]
         conversation = [ChatMessage(role="system", content=system), *examples] + [
             m for m in request.messages if m.role not in ("system", "developer")
         ]
-        self.prompt = chat_prompt(ctx, request.model_copy(update={"messages": conversation}))
-        # The loop's budget spans several calls; only the prompt itself must fit here.
-        completion_budget(ctx, len(self.prompt), None)
-        ctx.metrics.prompt_tokens.labels(ROUTE).inc(len(self.prompt))
+        self.prompt = await chat_prompt(self.ctx, request.model_copy(update={"messages": conversation}))
+        # Everything a trajectory generates stays in its context: the same rule as plain chat.
+        max_tokens = completion_budget(
+            self.ctx, len(self.prompt), request.token_limit, default=self.runtime.settings.max_loop_tokens
+        )
+        self.config = replace(self.config, max_tokens=max_tokens)
+        self.ctx.metrics.prompt_tokens.labels(ROUTE).inc(len(self.prompt))
 
     def _loop(self, choice: int, sample: int) -> SelfSearchLoop:
         config = self.config
         if config.seed is not None:
-            # Every trajectory differs, reproducibly: offset the seed per choice and sample.
-            from dataclasses import replace
-
-            config = replace(config, seed=config.seed + 1000 * choice + 100 * sample)
+            # Every trajectory differs, reproducibly: its own block of 1000 seeds (the loop
+            # offsets each engine call within it), wrapped into the int64 range.
+            config = replace(config, seed=offset_seed(config.seed, 1000 * (choice * self.votes + sample)))
         return SelfSearchLoop(
             self.ctx.engine,
             self.runtime.search,
@@ -239,18 +273,13 @@ class SelfSearchChat:
 
     async def _choice(self, index: int) -> ChoiceResult:
         samples = await asyncio.gather(*(self._run_loop(self._loop(index, s)) for s in range(self.votes)))
-        chosen = (
-            samples[majority_vote([r.answer for r in samples]).winner] if len(samples) > 1 else samples[0]
-        )
+        chosen = samples[majority_vote([r.answer for r in samples]).index] if len(samples) > 1 else samples[0]
         return ChoiceResult(chosen, list(samples))
 
     async def complete(self) -> ChatCompletionResponse:
-        try:
-            results = await asyncio.gather(*(self._choice(i) for i in range(self.request.n)))
-        except PromptTooLongError as exc:
-            raise APIError(400, str(exc), code="context_length_exceeded") from exc
-        except EngineDeadError as exc:
-            raise APIError(503, "The engine is not available.", code="engine_unavailable") from exc
+        await self.prepare()  # a no-op when the route prepared it already
+        # Engine errors propagate: `server.errors.api_error_of` maps them, as for streams.
+        results = await asyncio.gather(*(self._choice(i) for i in range(self.request.n)))
         choices = []
         for i, r in enumerate(results):
             message = AssistantMessage(
@@ -281,12 +310,17 @@ class SelfSearchChat:
         yield result
 
     async def stream(self) -> AsyncIterator[str]:
+        await self.prepare()
         chunk_id, created, model = new_id("chatcmpl"), now(), self.ctx.model_name
         first_token = True
 
+        include_usage = self.request.stream_options is not None and self.request.stream_options.include_usage
+
         def chunk(choices: list[ChatChunkChoice], usage: Usage | None = None) -> str:
             return sse(
-                ChatCompletionChunk(id=chunk_id, created=created, model=model, choices=choices, usage=usage)
+                ChatCompletionChunk(
+                    id=chunk_id, created=created, model=model, choices=choices, usage=usage
+                ).with_usage_field(include_usage)
             )
 
         prompt_tokens = completion_tokens = 0
@@ -336,11 +370,6 @@ class SelfSearchChat:
             options = self.request.stream_options
             if options is not None and options.include_usage:
                 yield chunk([], Usage.of(prompt_tokens, completion_tokens))
-        except EngineDeadError:
-            yield sse(APIError(503, "The engine is not available.", code="engine_unavailable").body())
-        except APIError as exc:
-            yield sse(exc.body())
-        except Exception:
-            logger.exception("error while streaming a self-search completion")
-            yield sse(APIError(500, "The server had an error while streaming.").body())
+        except Exception as exc:
+            yield sse(error_event(exc, "a self-search completion"))
         yield DONE

@@ -8,14 +8,21 @@ pydantic-settings ranks above the environment.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from router.engine.base import SEED_MAX, SEED_MIN
 from router.engine.default_model import DEFAULT_MODEL_NAME, default_cache_dir
-from router.loop import Mode
+from router.loop import LoopConfig, Mode
+from router.policies import POLICIES, known_policies, make_policy
+
+# The loop's defaults are declared once, on `router.loop.LoopConfig`; the settings that
+# configure them take their defaults from there.
+LOOP_DEFAULTS: dict[str, Any] = {f.name: f.default for f in dataclasses.fields(LoopConfig)}
 
 
 def _split_csv(value: Any) -> Any:
@@ -60,6 +67,22 @@ class ServeSettings(BaseSettings):
     shutdown_grace: float = Field(
         30.0, ge=0, description="Seconds requests in flight may take to finish after SIGTERM."
     )
+    head_timeout: float = Field(
+        30.0,
+        gt=0,
+        description="Seconds a connection may take to send a complete request head (from "
+        "connecting, or from the next request's first byte); past it the socket is closed "
+        "(408 if part of a request came). h11 only.",
+    )
+    body_timeout: float = Field(
+        60.0,
+        gt=0,
+        description="Seconds a request may take to send its whole body after its head; past "
+        "it 408 and the socket is closed. h11 only.",
+    )
+    keep_alive_timeout: int = Field(
+        30, ge=1, description="Seconds an idle kept-alive connection stays open between requests."
+    )
 
     # Model
     model: str | None = Field(
@@ -101,12 +124,28 @@ class ServeSettings(BaseSettings):
         description="GiB of KV cache on the CPU backend (VLLM_CPU_KVCACHE_SPACE, which wins "
         "when set); without it vLLM reserves a fraction of the node's memory and may refuse to start.",
     )
-    seed: int | None = Field(None, description="vLLM --seed.")
+    seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX, description="vLLM --seed.")
     engine_arg: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
         description="Any other vLLM engine argument as KEY=VALUE (repeatable).",
     )
     warmup: bool = Field(True, description="Run one tiny request before accepting traffic.")
+
+    # vLLM's own OpenAI serving layer (requests that do not self-search)
+    openai_serving: Literal["ssrl", "vllm"] = Field(
+        "ssrl",
+        description="Who answers chat without self-search and /v1/completions: ssrl's own "
+        "serving, or vLLM's OpenAI serving classes in process (every vLLM request field, "
+        "tools, structured outputs, vLLM's own 400s); /v1/responses, /tokenize, /detokenize "
+        "and /version always use vLLM's.",
+    )
+    enable_auto_tool_choice: bool = Field(
+        False, description='vLLM --enable-auto-tool-choice (tool_choice "auto"; needs --tool-call-parser).'
+    )
+    tool_call_parser: str | None = Field(None, description="vLLM --tool-call-parser (e.g. hermes).")
+    chat_template: str | None = Field(
+        None, description="vLLM --chat-template (a file or an inline template) for vLLM's serving layer."
+    )
 
     # Self-search (defaults for every request; a request may override within the caps)
     self_search: bool = Field(True, description="Run the self-search loop on chat requests by default.")
@@ -116,10 +155,14 @@ class ServeSettings(BaseSettings):
         "model), auto (guided for the embedded default model, native otherwise).",
     )
     search_policy: str = Field(
-        "threshold", description="Routing policy: threshold, ssrl, budget, always, never."
+        "threshold",
+        description=f"Routing policy: {', '.join(POLICIES)}, or one an ssrl.policies entry point adds.",
     )
     search_threshold: float = Field(
-        1.5,
+        # Re-derived for the gaussian_tail estimate (docs/evaluation.md "Entropy estimate and
+        # the default threshold"); 1.5 was the top-k lower bound's value.
+        3.0,
+        allow_inf_nan=False,
         description="tau: external search when the query's aggregate entropy (nats) is above it "
         "(for min_prob: when the lowest token probability is below it).",
     )
@@ -129,25 +172,43 @@ class ServeSettings(BaseSettings):
     search_budget: int | None = Field(
         None, ge=0, description="External calls per trajectory for the budget policy."
     )
-    max_turns: int = Field(3, ge=1, le=16, description="Most searches per trajectory (as in SSRL).")
-    docs_per_search: int = Field(3, ge=1, le=20, description="Documents inserted per external search.")
+    max_turns: int = Field(
+        LOOP_DEFAULTS["max_turns"], ge=1, le=16, description="Most searches per trajectory (as in SSRL)."
+    )
+    docs_per_search: int = Field(
+        LOOP_DEFAULTS["docs_per_search"], ge=1, le=20, description="Documents inserted per external search."
+    )
     max_external_calls: int | None = Field(
         None, ge=0, description="Cap on external calls per trajectory (none: unlimited)."
     )
     entropy_top_k: int = Field(
-        20, ge=1, description="Top-k logprobs per query token used to estimate entropy."
+        LOOP_DEFAULTS["logprobs_k"],
+        ge=1,
+        description="Top-k logprobs per query token used to estimate entropy.",
     )
-    max_doc_chars: int = Field(600, ge=20, description="Characters kept of each inserted document.")
-    max_query_tokens: int = Field(48, ge=1, description="Cap on a query's length in tokens.")
+    max_doc_chars: int = Field(
+        LOOP_DEFAULTS["max_doc_chars"], ge=20, description="Characters kept of each inserted document."
+    )
+    max_query_tokens: int = Field(
+        LOOP_DEFAULTS["max_query_tokens"], ge=1, description="Cap on a query's length in tokens."
+    )
     max_information_tokens: int = Field(
-        128, ge=1, description="Cap on a self-written <information> block in tokens."
+        LOOP_DEFAULTS["max_information_tokens"],
+        ge=1,
+        description="Cap on a self-written <information> block in tokens.",
     )
-    max_answer_tokens: int = Field(32, ge=1, description="Cap on the <answer> in tokens (guided mode).")
+    max_answer_tokens: int = Field(
+        LOOP_DEFAULTS["max_answer_tokens"], ge=1, description="Cap on the <answer> in tokens (guided mode)."
+    )
     guided_searches: int = Field(
-        1, ge=1, description="Searches the guided mode drives before the answer (capped by max_turns)."
+        LOOP_DEFAULTS["guided_searches"],
+        ge=1,
+        description="Searches the guided mode drives before the answer (capped by max_turns).",
     )
     max_loop_tokens: int = Field(
-        1024, ge=16, description="Default token budget of one trajectory when max_tokens is absent."
+        LOOP_DEFAULTS["max_tokens"],
+        ge=16,
+        description="Default token budget of one trajectory when max_tokens is absent.",
     )
     max_votes: int = Field(8, ge=1, description="Most samples a majority-vote request may ask for.")
     system_prompt_file: Path | None = Field(
@@ -211,6 +272,34 @@ class ServeSettings(BaseSettings):
             raise ValueError(
                 f"--entropy-top-k ({self.entropy_top_k}) exceeds --max-logprobs ({self.max_logprobs})"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _self_search_defaults_work(self) -> ServeSettings:
+        # Every request takes these defaults unless it overrides them: a default the loop
+        # refuses would answer 400 (param self_search.*) to every chat, so refuse to start.
+        if self.search_policy not in known_policies():
+            raise ValueError(
+                f"--search-policy {self.search_policy!r} is not a policy; expected one of "
+                f"{', '.join(known_policies())}"
+            )
+        if self.search_policy == "budget" and self.search_budget is None:
+            raise ValueError("--search-policy budget needs --search-budget (external calls per trajectory)")
+        # The threshold is the default tau of every policy that reads one (a request may
+        # switch to `threshold`), so it must suit the aggregate: a probability for min_prob.
+        try:
+            make_policy("threshold", tau=self.search_threshold, aggregate=self.search_aggregate, budget=None)
+            make_policy(
+                self.search_policy,
+                tau=self.search_threshold,
+                aggregate=self.search_aggregate,
+                budget=self.search_budget,
+            )
+        except ValueError as exc:
+            raise ValueError(
+                f"--search-threshold {self.search_threshold} / --search-aggregate "
+                f"{self.search_aggregate}: {exc}"
+            ) from exc
         return self
 
     @property

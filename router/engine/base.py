@@ -29,6 +29,9 @@ class SamplingOptions:
     skip_special_tokens: bool = True
     # Keep generating past EOS (benchmarks that need an exact token count).
     ignore_eos: bool = False
+    # Penalise tokens already in the prompt or the output (vLLM: 1.0 = off, > 1 discourages
+    # repeats); guided mode's short turns use it against degenerate repetition.
+    repetition_penalty: float = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,6 +44,9 @@ class TokenLogprobs:
     top: dict[int, float] = field(default_factory=dict)
     # token id -> decoded text, where the engine provides it (for OpenAI `top_logprobs`).
     decoded: dict[int, str] = field(default_factory=dict)
+    # 1-based rank of the sampled token in the full distribution, where the engine says (vLLM
+    # does): tells a sampled token added beyond the top-k from a top-k member.
+    sampled_rank: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,12 +64,49 @@ class GenerationDelta:
     prompt_token_count: int | None = None
 
 
+# Seeds are int64, as vLLM's OpenAI server bounds them (its msgpack encoder refuses more).
+SEED_MIN = -(2**63)
+SEED_MAX = 2**63 - 1
+
+
+def offset_seed(seed: int | None, offset: int) -> int | None:
+    """`seed + offset`, wrapped into the int64 range (None stays None).
+
+    Every per-choice, per-sample and per-call seed offset goes through here, so that a seed
+    near the bound (2**63 - 1 with n > 1) stays a valid, reproducible seed.
+    """
+    if seed is None:
+        return None
+    return (seed + offset - SEED_MIN) % 2**64 + SEED_MIN
+
+
 class EngineDeadError(RuntimeError):
     """The engine cannot serve any more requests (the HTTP layer answers 503)."""
 
 
 class PromptTooLongError(ValueError):
     """The prompt (plus requested tokens) does not fit the model's context."""
+
+
+class EngineRequestError(ValueError):
+    """The engine refused this request (not the engine's health): the HTTP layer answers
+    `status` with the engine's own message, type, param and code."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int = 400,
+        type: str | None = None,
+        param: str | None = None,
+        code: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.status = status
+        self.type = type
+        self.param = param
+        self.code = code
 
 
 @runtime_checkable

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from functools import cached_property
 from typing import Any
 
 from router.engine.base import PromptTooLongError, Tokenizer
@@ -24,6 +25,14 @@ class HFTokenizerEngine:
     @property
     def max_model_len(self) -> int:
         return self._max_model_len
+
+    @cached_property
+    def max_chars_per_token(self) -> int:
+        """The most characters one token stands for: the longest vocabulary entry (a
+        byte-level entry has one character per byte, so this bounds text characters too).
+        A prompt longer than `max_model_len` times this cannot fit, whatever it says."""
+        vocab = self._tokenizer.get_vocab()
+        return max((len(piece) for piece in vocab), default=1)
 
     @property
     def tokenizer(self) -> Tokenizer:

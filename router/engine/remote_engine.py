@@ -21,8 +21,8 @@ import httpx
 
 from router.engine.base import (
     EngineDeadError,
+    EngineRequestError,
     GenerationDelta,
-    PromptTooLongError,
     SamplingOptions,
     TokenLogprobs,
 )
@@ -71,6 +71,36 @@ def parse_logprobs(
             )
         )
     return tuple(converted)
+
+
+# Remote answers that say the request (not the engine) is wrong: the client gets a 400.
+_REQUEST_ERRORS = frozenset({400, 413, 422})
+
+
+def remote_request_error(raw: bytes) -> EngineRequestError:
+    """The remote's refusal with its own message, type, param and code, for the client.
+
+    vLLM answers `{"error": {"message", "type", "param", "code"}}` (older versions put the
+    fields at the top level); anything else is quoted, cut to 500 characters.
+    """
+    text = raw.decode(errors="replace")
+    try:
+        body = json.loads(text)
+    except ValueError:
+        body = None
+    error = body.get("error", body) if isinstance(body, dict) else None
+    if not isinstance(error, dict) or not isinstance(error.get("message"), str):
+        return EngineRequestError(f"The engine refused the request: {text[:500]}", status=400)
+
+    def field(name: str) -> str | None:
+        value = error.get(name)
+        return value if isinstance(value, str) and value else None
+
+    message = error["message"][:2000]
+    code = field("code")
+    if code is None and "context length" in message.lower():
+        code = "context_length_exceeded"
+    return EngineRequestError(message, status=400, type=field("type"), param=field("param"), code=code)
 
 
 class RemoteEngine(HFTokenizerEngine):
@@ -124,6 +154,8 @@ class RemoteEngine(HFTokenizerEngine):
             "return_tokens_as_token_ids": True,
             "stream_options": {"include_usage": False},
         }
+        if options.repetition_penalty != 1.0:
+            body["repetition_penalty"] = options.repetition_penalty
         if options.seed is not None:
             body["seed"] = options.seed
         if options.logprobs is not None:
@@ -143,9 +175,9 @@ class RemoteEngine(HFTokenizerEngine):
                 headers={"X-Request-Id": request_id},
             ) as response:
                 if response.status_code >= 400:
-                    body = (await response.aread()).decode(errors="replace")[:500]
-                    if response.status_code == 400:
-                        raise PromptTooLongError(f"the remote engine refused the request: {body}")
+                    raw = await response.aread()
+                    if response.status_code in _REQUEST_ERRORS:
+                        raise remote_request_error(raw)
                     raise EngineDeadError(f"the remote engine answered {response.status_code}")
                 async for line in response.aiter_lines():
                     if not line.startswith("data: ") or line == "data: [DONE]":

@@ -9,6 +9,7 @@ from typing import Any
 
 from router.engine.base import (
     EngineDeadError,
+    EngineRequestError,
     GenerationDelta,
     SamplingOptions,
     TokenLogprobs,
@@ -64,6 +65,11 @@ class VLLMEngine(HFTokenizerEngine):
         self._max_model_len: int = llm.model_config.max_model_len
         self.vocab_size: int = llm.model_config.get_vocab_size()
 
+    @property
+    def async_llm(self) -> Any:
+        """vLLM's `AsyncLLM` (an `EngineClient`), for vLLM's own OpenAI serving layer."""
+        return self._llm
+
     @classmethod
     def start(cls, config: EngineConfig) -> VLLMEngine:
         # vLLM is imported here so that everything else imports without it.
@@ -79,23 +85,19 @@ class VLLMEngine(HFTokenizerEngine):
         self, prompt: str | Sequence[int], options: SamplingOptions, request_id: str
     ) -> AsyncIterator[GenerationDelta]:
         from vllm import SamplingParams
+        from vllm.exceptions import VLLMClientError
         from vllm.inputs import TokensPrompt
         from vllm.sampling_params import RequestOutputKind
         from vllm.v1.engine.exceptions import EngineDeadError as VLLMEngineDeadError
 
+        # What vLLM refuses in a request (its own server answers these 400): a bad sampling
+        # value, or a number its msgpack encoder cannot carry (OverflowError).
+        refused = (VLLMClientError, ValueError, OverflowError)
         prompt_ids = self.prompt_ids(prompt, options.max_tokens)
-        params = SamplingParams(
-            max_tokens=options.max_tokens,
-            temperature=options.temperature,
-            top_p=options.top_p,
-            seed=options.seed,
-            stop=list(options.stop) or None,
-            logprobs=options.logprobs,
-            include_stop_str_in_output=options.include_stop_str_in_output,
-            skip_special_tokens=options.skip_special_tokens,
-            ignore_eos=options.ignore_eos,
-            output_kind=RequestOutputKind.DELTA,
-        )
+        try:
+            params = _sampling_params(SamplingParams, RequestOutputKind.DELTA, options)
+        except refused as exc:
+            raise _request_error(exc) from exc
         first = True
         try:
             async for out in self._llm.generate(
@@ -113,6 +115,8 @@ class VLLMEngine(HFTokenizerEngine):
                 first = False
         except VLLMEngineDeadError as exc:
             raise EngineDeadError(str(exc)) from exc
+        except refused as exc:
+            raise _request_error(exc) from exc
 
     async def abort(self, request_id: str) -> None:
         await self._llm.abort(request_id)
@@ -129,6 +133,30 @@ class VLLMEngine(HFTokenizerEngine):
         self._llm.shutdown()
 
 
+def _sampling_params(cls: Any, output_kind: Any, options: SamplingOptions) -> Any:
+    return cls(
+        max_tokens=options.max_tokens,
+        temperature=options.temperature,
+        top_p=options.top_p,
+        seed=options.seed,
+        stop=list(options.stop) or None,
+        logprobs=options.logprobs,
+        include_stop_str_in_output=options.include_stop_str_in_output,
+        skip_special_tokens=options.skip_special_tokens,
+        ignore_eos=options.ignore_eos,
+        repetition_penalty=options.repetition_penalty,
+        output_kind=output_kind,
+    )
+
+
+def _request_error(exc: Exception) -> EngineRequestError:
+    """vLLM's refusal of a request, with the parameter it names (VLLMValidationError)."""
+    parameter = getattr(exc, "parameter", None)
+    return EngineRequestError(
+        str(exc) or type(exc).__name__, param=parameter if isinstance(parameter, str) else None
+    )
+
+
 def _convert_logprobs(
     token_ids: Sequence[int], logprobs: Sequence[Mapping[int, Any]] | None
 ) -> tuple[TokenLogprobs, ...] | None:
@@ -138,12 +166,15 @@ def _convert_logprobs(
     for token_id, position in zip(token_ids, logprobs, strict=False):
         top = {tid: lp.logprob for tid, lp in position.items()}
         decoded = {tid: lp.decoded_token or "" for tid, lp in position.items()}
+        sampled = position.get(token_id)
+        rank = getattr(sampled, "rank", None)
         converted.append(
             TokenLogprobs(
                 token_id=token_id,
                 logprob=top.get(token_id, float("-inf")),
                 top=top,
                 decoded=decoded,
+                sampled_rank=rank if isinstance(rank, int) else None,
             )
         )
     return tuple(converted)

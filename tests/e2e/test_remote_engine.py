@@ -1,4 +1,10 @@
-"""Remote engine mode: ssrl routes in front of a real `vllm.entrypoints.openai.api_server`."""
+"""Remote engine mode: ssrl routes in front of a real `vllm.entrypoints.openai.api_server`.
+
+The in-process and the remote engine run the same checkpoint, but vLLM on CPU is not
+bit-stable across requests, so they are compared on what is deterministic by construction
+(the prompt the engine receives, decisions forced by the policy, the trace's structure),
+never on generated text or entropy values.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +17,7 @@ import httpx
 import openai
 import pytest
 
+from router.tags import INFORMATION, SEARCH, extract_last_answer, find_tag_blocks
 from tests.conftest import RunningServer, _stop, start_router
 
 QUESTION = "Who painted the Mona Lisa?"
@@ -26,32 +33,63 @@ def remote_pair(server: RunningServer, upstream: RunningServer, tmp_path_factory
         _stop(running.process)
 
 
-def _ask(base_url: str, api_key: str, model: str, policy: str):
+def _ask(base_url: str, api_key: str, model: str, policy: str | None, **kwargs):
     client = openai.OpenAI(base_url=base_url + "/v1", api_key=api_key, max_retries=0, timeout=120)
+    extension = {"policy": policy} if policy else {"enabled": False}
     return client.chat.completions.create(
         model=model,
         messages=[{"role": "user", "content": QUESTION}],
         temperature=0,
-        extra_body={"self_search": {"policy": policy}},
+        extra_body={"self_search": extension},
+        **kwargs,
     )
+
+
+def _loop_shape(response, policy: str) -> tuple:
+    """What one loop response must show whatever the model wrote; returns its structure."""
+    choice = response.choices[0]
+    trace = choice.model_extra["self_search"]
+    reasoning = choice.message.model_extra["reasoning"]
+    (search,) = trace["searches"]
+    assert search["decision"] == ("external" if policy == "always" else "internal")
+    # Entropies come from the engine's logprobs keyed by token id: one per query token.
+    entropy = search["entropy"]
+    assert entropy["tokens"] > 0 and len(entropy["per_token"]) == entropy["tokens"]
+    assert entropy["max"] >= entropy["mean"] >= 0 and 0 < entropy["min_prob"] <= 1
+    queries = [b.content(reasoning).strip() for b in find_tag_blocks(reasoning) if b.tag == SEARCH]
+    assert queries == [search["query"]]
+    blocks = [b.content(reasoning) for b in find_tag_blocks(reasoning) if b.tag == INFORMATION]
+    assert [b.strip() for b in blocks] == [search["information"]]
+    assert choice.message.content == extract_last_answer(reasoning)
+    tags = [b.tag for b in find_tag_blocks(reasoning)]
+    return (
+        tags,
+        search["decision"],
+        trace["turns"],
+        trace["external_calls"],
+        trace["internal_fills"],
+        trace["answered"],
+        [d["url"] for d in search["documents"]] if policy == "always" else [],
+    )
+
+
+def test_remote_engine_receives_the_same_prompt(remote_pair, server, model_name):
+    # The chat template is applied by ssrl in both modes: the engine sees the same tokens.
+    remote = _ask(remote_pair.base_url, remote_pair.api_key, model_name, None, max_tokens=1)
+    local = _ask(server.base_url, server.api_key, model_name, None, max_tokens=1)
+    assert remote.usage.prompt_tokens == local.usage.prompt_tokens > 0
 
 
 @pytest.mark.parametrize("policy", ["always", "never"])
 def test_remote_engine_runs_the_same_loop(remote_pair, server, model_name, policy):
-    remote = _ask(remote_pair.base_url, remote_pair.api_key, model_name, policy).choices[0]
-    local = _ask(server.base_url, server.api_key, model_name, policy).choices[0]
-    remote_trace = remote.model_extra["self_search"]
-    local_trace = local.model_extra["self_search"]
-    # Same checkpoint, greedy decoding: the remote engine must yield the same trajectory,
-    # and the entropies come from the remote engine's logprobs keyed by token id.
-    assert remote.message.model_extra["reasoning"] == local.message.model_extra["reasoning"]
-    assert remote.message.content == local.message.content
-    r, lo = remote_trace["searches"][0], local_trace["searches"][0]
-    assert r["query"] == lo["query"] and r["decision"] == lo["decision"] == (
-        "external" if policy == "always" else "internal"
-    )
-    assert r["entropy"]["tokens"] == lo["entropy"]["tokens"] > 0
-    assert r["entropy"]["mean"] == pytest.approx(lo["entropy"]["mean"], abs=0.05)
+    remote = _ask(remote_pair.base_url, remote_pair.api_key, model_name, policy)
+    local = _ask(server.base_url, server.api_key, model_name, policy)
+    remote_shape, local_shape = _loop_shape(remote, policy), _loop_shape(local, policy)
+    # Same structure and forced decisions; the documents (which depend on the query the
+    # model wrote) are only compared for shape.
+    assert remote_shape[:-1] == local_shape[:-1]
+    for urls in (remote_shape[-1], local_shape[-1]):
+        assert (len(urls) >= 1) if policy == "always" else (urls == [])
 
 
 def test_remote_engine_health_and_plain_chat(remote_pair, http, model_name):

@@ -15,6 +15,7 @@ import httpx
 import openai
 import pytest
 
+from router.tags import extract_last_answer
 from tests.conftest import RunningServer, _stop, start_router
 from tests.fake_providers import FAKE_KEYS, FAKE_SECRETS, FakeProviders, hang, running_fake, status
 
@@ -132,7 +133,9 @@ def test_failed_search_falls_back_to_self_fill_in_chat(router, fake, model_name)
     assert search_record["attempts"] == 3
     assert search_record["information"]  # the model wrote it
     assert choice.model_extra["self_search"]["fallbacks"] == 1
-    assert choice.message.content
+    # The answer is read from this response's own transcript (whatever the model wrote).
+    assert choice.message.content == extract_last_answer(choice.message.model_extra["reasoning"])
+    assert choice.model_extra["self_search"]["answered"]
     after = metrics(router)
     assert (
         value(after, "ssrl_searches_total", decision="external", outcome="fallback")

@@ -177,8 +177,8 @@ def test_rate_limit_per_key_with_retry_after_and_digest_buckets() -> None:
     assert other.status_code == 200, other.text  # another key has its own bucket
     assert [p.status_code for p in probes] == [200, 200]
     assert later.status_code == 200, later.text  # admitted again after Retry-After
-    # Buckets are keyed by SHA-256 digests of the Authorization header, never the key.
-    expected = {hashlib.sha256(f"Bearer {k}".encode()).digest() for k in (KEY, OTHER_KEY)}
+    # Buckets are keyed by SHA-256 digests of the authenticated key, never the key.
+    expected = {hashlib.sha256(k.encode()).digest() for k in (KEY, OTHER_KEY)}
     assert set(limiter.buckets) == expected
     for bucket in limiter.buckets:
         assert len(bucket) == 32
@@ -306,7 +306,10 @@ def test_serve_parses_with_h11_bounded_by_the_header_limit() -> None:
     from server.lifecycle import uvicorn_config
 
     config = uvicorn_config(create_app, ServeSettings(max_header_bytes=4096, warmup=False))
-    assert config.http == "h11" and config.h11_max_incomplete_event_size == 4096
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    assert isinstance(config.http, type) and issubclass(config.http, H11Protocol)
+    assert config.h11_max_incomplete_event_size == 4096
 
 
 @pytest.mark.parametrize("size", [HEADER_LIMIT + 100, 8 * HEADER_LIMIT])

@@ -828,3 +828,24 @@ def test_cli_renderer_choice() -> None:
     assert type(chat_cli.make_renderer("never", True, io.StringIO())) is chat_cli.PlainRenderer
     assert type(chat_cli.make_renderer("auto", True, io.StringIO())) is chat_cli.PlainRenderer
     assert isinstance(chat_cli.make_renderer("always", True, io.StringIO()), chat_cli.RichRenderer)
+
+
+def test_chat_options_are_one_typed_dict_shared_by_every_call() -> None:
+    from clients.client import ChatOptions
+
+    options: ChatOptions = {"policy": "always", "max_turns": 1, "temperature": 0.0}
+    body = build_chat_body("q", MODEL, stream=True, **options)
+    assert body["self_search"] == {"policy": "always", "max_turns": 1}
+    assert body["temperature"] == 0.0 and body["stream"] is True
+    with pytest.raises(TypeError, match="unknown chat option"):
+        build_chat_body("q", MODEL, polcy="always")  # type: ignore[typeddict-unknown-key]
+    from clients.client import SAMPLING_OPTIONS, SELF_SEARCH_OPTIONS
+
+    routed = {*SELF_SEARCH_OPTIONS, *SAMPLING_OPTIONS, "n", "extra_body"}
+    assert routed == set(ChatOptions.__annotations__)  # every option goes somewhere
+    # Every chat()/stream() takes exactly these options, declared once.
+    import inspect
+
+    for method in (SSRLClient.chat, SSRLClient.stream, AsyncSSRLClient.chat, AsyncSSRLClient.stream):
+        params = inspect.signature(method).parameters
+        assert list(params) == ["self", "messages", "model", "options"], method

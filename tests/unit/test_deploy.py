@@ -235,18 +235,32 @@ def _compose_plugin() -> str | None:
     return docker if probe.returncode == 0 else None
 
 
+def _compose_command() -> list[str] | None:
+    """`docker compose`, else podman-compose (pip package podman-compose; needs podman)."""
+    docker = _compose_plugin()
+    if docker is not None:
+        return [docker, "compose"]
+    podman_compose = shutil.which("podman-compose")
+    if podman_compose is not None and shutil.which("podman") is not None:
+        return [podman_compose]
+    return None
+
+
 @pytest.mark.parametrize("files", [["compose.yaml"], ["compose.yaml", "compose.gpu.yaml"]])
 def test_docker_compose_config(files: list[str]) -> None:
-    """The real parser and schema check, when the compose plugin is installed (no engine)."""
-    docker = _compose_plugin()
-    if docker is None:
-        pytest.skip("the docker compose plugin is not installed (the structural checks below run)")
-    args = [docker, "compose"]
+    """The real parser (and, with docker, its schema check), when a compose tool is installed."""
+    compose_cmd = _compose_command()
+    if compose_cmd is None:
+        pytest.skip(
+            "neither docker compose nor podman-compose is installed (the structural checks below run)"
+        )
+    args = list(compose_cmd)
     for name in files:
         args += ["-f", str(DEPLOY / name)]
     env = {**os.environ, "SEARXNG_SECRET": "test-secret"}
+    quiet = ["-q"] if compose_cmd[-1] == "compose" else []
     result = subprocess.run(
-        [*args, "config", "-q"], capture_output=True, text=True, env=env, timeout=60, check=False
+        [*args, "config", *quiet], capture_output=True, text=True, env=env, timeout=60, check=False
     )
     assert result.returncode == 0, result.stderr
 
@@ -920,6 +934,103 @@ def test_dockerfile_passes_hadolint() -> None:
     ]
     assert not unexpected, unexpected
     assert not {f["code"] for f in findings} & ignored
+
+
+def _dockerignore_excludes(path: str) -> bool:
+    """Whether .dockerignore keeps `path` out of the build context (last matching rule wins)."""
+    import fnmatch
+
+    excluded = False
+    for line in (REPO / ".dockerignore").read_text(encoding="utf-8").splitlines():
+        rule = line.strip()
+        if not rule or rule.startswith("#"):
+            continue
+        negate = rule.startswith("!")
+        pattern = rule.lstrip("!").rstrip("/")
+        parts = path.split("/")
+        prefixes = ["/".join(parts[: i + 1]) for i in range(len(parts))]
+        if any(
+            fnmatch.fnmatch(p, pattern) or fnmatch.fnmatch(p, pattern.removeprefix("**/")) for p in prefixes
+        ):
+            excluded = not negate
+    return excluded
+
+
+def test_dockerignore_keeps_what_the_dockerfile_copies_and_nothing_private() -> None:
+    """The context is an allow-list: every COPY source is in it; the venv, .git, secrets are not."""
+    sources = []
+    for match in re.finditer(r"^COPY\s+(?!--from)(.+)$", dockerfile_text(), re.MULTILINE):
+        sources += match.group(1).split()[:-1]
+    assert sources
+    # The set-up script runs only these two of scripts/; the package directories go in whole.
+    needed = {"scripts": ["scripts/setup.sh", "scripts/torch_source.py"]}
+    for source in sources:
+        if (REPO / source).is_file():
+            files = [source]
+        else:
+            files = needed.get(source) or [
+                str(p.relative_to(REPO))
+                for p in (REPO / source).rglob("*.py")
+                if "__pycache__" not in p.parts
+            ]
+        assert files, source
+        for name in files:
+            assert not _dockerignore_excludes(name), (
+                f".dockerignore drops {name}, which the Dockerfile copies"
+            )
+    for private in (
+        ".venv/bin/python",
+        ".git/config",
+        "deploy/ssrl.env",
+        "tests/unit/test_deploy.py",
+        "bench/results/x.json",
+        ".ssrl-cache/models/x",
+        "server/__pycache__/app.cpython-311.pyc",
+    ):
+        assert _dockerignore_excludes(private), f"{private} would be sent to the build"
+
+
+def test_dockerfile_builds_offline_friendly_and_read_only_root() -> None:
+    """What `make image-test` relies on, checked without podman: the build arguments for a local
+    torch wheel and a proxy CA (never files of the image), the HEALTHCHECK, the baked model and
+    index, the numeric non-root user."""
+    text = dockerfile_text()
+    for arg in ("BASE", "VARIANT", "TORCH_CPU_INDEX", "PIP_FIND_LINKS", "PIP_CERT"):
+        assert re.search(rf"^ARG {arg}\b", text, re.MULTILINE), f"the Dockerfile takes {arg}"
+    assert "ssrl model prepare" in text and "ssrl index build" in text, "model and index are baked in"
+    assert re.search(r"^USER \d+:\d+$", text, re.MULTILINE), "numeric user (runAsNonRoot)"
+    assert re.search(r"^HEALTHCHECK .*\n?.*/health", text, re.MULTILINE)
+    assert "/opt/wheels" not in text, "no path of the build machine in the Dockerfile"
+
+
+def test_image_test_script_is_wired_but_not_part_of_make_test() -> None:
+    script = DEPLOY / "image-test.sh"
+    assert subprocess.run(["bash", "-n", str(script)], capture_output=True, check=False).returncode == 0
+    makefile = (REPO / "Makefile").read_text(encoding="utf-8")
+    assert re.search(r"^image-test:.*\n\tbash deploy/image-test\.sh$", makefile, re.MULTILINE)
+    test_rule = re.search(r"^test:(.*)$", makefile, re.MULTILINE)
+    assert test_rule and "image-test" not in test_rule.group(1)
+    text = script.read_text(encoding="utf-8")
+    # podman's OCI image format drops HEALTHCHECK; the script must build the docker format.
+    assert "--format docker" in text
+    assert "healthcheck run" in text and "SKIP: podman is not installed" in text
+
+
+def test_image_test_skips_without_podman(tmp_path: Path) -> None:
+    """Where podman is missing the script says so and succeeds (it is not a failure)."""
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    for tool in ("bash", "dirname", "env"):
+        found = shutil.which(tool)
+        assert found
+        (bindir / tool).symlink_to(found)
+    result = subprocess.run(
+        [str(bindir / "bash"), str(DEPLOY / "image-test.sh")],
+        capture_output=True, text=True, timeout=30, check=False,
+        env={"PATH": str(bindir), "HOME": str(tmp_path)},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "SKIP: podman is not installed" in result.stderr
 
 
 # ---------------------------------------------------------------------------------------------

@@ -10,7 +10,9 @@ import pytest
 from router.engine.base import TokenLogprobs
 from router.entropy import (
     AGGREGATES,
+    DEFAULT_ESTIMATOR,
     EMPTY_QUERY_ENTROPY,
+    ESTIMATORS,
     QueryEntropy,
     query_entropy,
     ssrl_sampled_term,
@@ -54,7 +56,7 @@ def test_full_distribution_is_exact() -> None:
 def test_topk_bounds_contain_true_entropy(k: int) -> None:
     lps = log_softmax(LOGITS)
     true_h = shannon(lps)
-    e = token_entropy(position(lps, sampled=0, k=k), vocab_size=len(lps))
+    e = token_entropy(position(lps, sampled=0, k=k), vocab_size=len(lps), estimator="lower")
     assert e.kind == "topk_lower_bound"
     assert e.upper is not None
     assert e.lower <= true_h <= e.upper
@@ -66,6 +68,12 @@ def test_topk_bounds_contain_true_entropy(k: int) -> None:
     assert e.value == e.lower
     assert e.leftover_mass == pytest.approx(r)
     assert e.upper == pytest.approx(expected + r * math.log(len(lps) - k), abs=1e-12)
+    # Every estimator reports the same bounds and an estimate between them.
+    for name in ESTIMATORS:
+        other = token_entropy(position(lps, sampled=0, k=k), vocab_size=len(lps), estimator=name)
+        assert (other.lower, other.upper) == (e.lower, e.upper)
+        assert e.lower <= other.value <= e.upper
+        assert other.kind == f"topk_{'lower_bound' if name == 'lower' else name}"
 
 
 def test_upper_is_none_without_vocab() -> None:
@@ -119,7 +127,7 @@ def test_sampled_token_in_top_is_not_counted_twice() -> None:
 
 def test_empty_top_uses_sampled_token_only() -> None:
     lp = math.log(0.25)
-    e = token_entropy(TokenLogprobs(token_id=1, logprob=lp), vocab_size=10)
+    e = token_entropy(TokenLogprobs(token_id=1, logprob=lp), vocab_size=10, estimator="lower")
     assert e.leftover_mass == pytest.approx(0.75)
     assert e.lower == pytest.approx(-0.25 * math.log(0.25) - 0.75 * math.log(0.75))
     assert e.upper == pytest.approx(-0.25 * math.log(0.25) + 0.75 * math.log(9 / 0.75))
@@ -254,8 +262,8 @@ try:
 except ImportError:  # pragma: no cover - the seeded test above still covers the property
     pass
 else:
-
-    @settings(max_examples=200, deadline=None)
+    # Derandomized: CI runs the same 200 examples every time (a failure reproduces).
+    @settings(max_examples=200, deadline=None, derandomize=True)
     @given(
         logits=st.lists(st.floats(min_value=-20, max_value=20), min_size=2, max_size=40),
         k_frac=st.floats(min_value=0.0, max_value=1.0),
@@ -263,3 +271,106 @@ else:
     )
     def test_bounds_property(logits: list[float], k_frac: float, sampled_frac: float) -> None:
         check_bounds(logits, k_frac, sampled_frac)
+
+
+# ----- estimators over a realistic vocabulary -------------------------------------------------
+
+V_REAL = 49152  # SmolLM2's vocabulary
+
+
+def _full_position(logits: list[float], k: int, sampled: int = 0) -> tuple[TokenLogprobs, float]:
+    lps = log_softmax(logits)
+    order = sorted(range(len(lps)), key=lambda i: lps[i], reverse=True)
+    top = {i: lps[i] for i in order[:k]}
+    top.setdefault(sampled, lps[sampled])
+    rank = order.index(sampled) + 1
+    return TokenLogprobs(token_id=sampled, logprob=lps[sampled], top=top, sampled_rank=rank), shannon(lps)
+
+
+@pytest.mark.parametrize("sigma", [1.5, 2.0, 2.5, 3.5])
+def test_gaussian_tail_recovers_normal_logits(sigma: float) -> None:
+    # Logits drawn from N(0, sigma^2) over a real vocabulary size: the model the estimator
+    # assumes. Its estimate from the top-20 is close (the 20th order statistic it anchors on is
+    # itself random: errors up to ~0.16 nats were seen over seeds); the lower bound is far off.
+    rng = random.Random(int(sigma * 10))
+    logits = [rng.gauss(0.0, sigma) for _ in range(V_REAL)]
+    pos, true_h = _full_position(logits, 20)
+    e = token_entropy(pos, V_REAL, "gaussian_tail")
+    assert e.kind == "topk_gaussian_tail"
+    assert e.lower <= true_h and e.upper is not None and true_h <= e.upper
+    assert abs(e.value - true_h) < 0.2
+    assert abs(e.value - true_h) < abs(e.lower - true_h) / 4
+
+
+@pytest.mark.parametrize("s", [0.9, 1.1, 1.4])
+def test_power_tail_recovers_a_zipf_vocabulary(s: float) -> None:
+    logits = [-s * math.log(j) for j in range(1, V_REAL + 1)]
+    pos, true_h = _full_position(logits, 20)
+    e = token_entropy(pos, V_REAL, "power_tail")
+    assert e.value == pytest.approx(true_h, abs=0.02)
+
+
+def test_a_sampled_token_beyond_the_top_k_does_not_skew_the_tail() -> None:
+    rng = random.Random(3)
+    logits = [rng.gauss(0.0, 2.0) for _ in range(V_REAL)]
+    order = sorted(range(V_REAL), key=lambda i: logits[i], reverse=True)
+    inside, _ = _full_position(logits, 20, sampled=order[0])
+    outside, true_h = _full_position(logits, 20, sampled=order[5000])
+    assert outside.sampled_rank == 5001 and len(outside.top) == 21
+    a = token_entropy(inside, V_REAL).value
+    b = token_entropy(outside, V_REAL).value
+    assert abs(a - b) < 0.05 and abs(b - true_h) < 0.2
+    # Without the engine's rank the smallest candidate is taken as the extra one: same result.
+    no_rank = TokenLogprobs(token_id=outside.token_id, logprob=outside.logprob, top=outside.top)
+    assert token_entropy(no_rank, V_REAL).value == pytest.approx(b, abs=1e-9)
+
+
+def test_estimates_stay_within_the_bounds() -> None:
+    rng = random.Random(11)
+    for _ in range(200):
+        n = rng.choice([30, 300, 3000])
+        logits = [rng.gauss(0.0, rng.uniform(0.1, 6.0)) for _ in range(n)]
+        pos, true_h = _full_position(logits, rng.choice([1, 5, 20]), sampled=rng.randrange(n))
+        for name in ESTIMATORS:
+            e = token_entropy(pos, n, name)
+            assert e.upper is not None
+            assert e.lower - 1e-9 <= true_h <= e.upper + 1e-9
+            assert e.lower <= e.value <= e.upper
+            assert math.isfinite(e.value)
+
+
+def test_estimators_need_the_vocabulary_else_report_the_lower_bound() -> None:
+    lps = log_softmax(LOGITS)
+    e = token_entropy(position(lps, sampled=0, k=2))
+    assert DEFAULT_ESTIMATOR == "gaussian_tail"
+    assert e.kind == "topk_lower_bound" and e.value == e.lower and e.upper is None
+
+
+def test_unknown_estimator_is_refused() -> None:
+    with pytest.raises(ValueError, match="gaussian_tail"):
+        token_entropy(TokenLogprobs(0, -1.0), 10, "magic")
+
+
+def test_trace_reports_estimate_kind_and_both_bounds() -> None:
+    rng = random.Random(5)
+    positions = []
+    truths = []
+    for _ in range(4):
+        pos, true_h = _full_position([rng.gauss(0.0, 2.5) for _ in range(V_REAL)], 20)
+        positions.append(pos)
+        truths.append(true_h)
+    q = query_entropy(positions, V_REAL)
+    d = q.to_dict()
+    assert d["kind"] == "topk_gaussian_tail"
+    assert len(d["per_token"]) == len(d["per_token_lower"]) == len(d["per_token_upper"]) == 4
+    for lo, v, hi in zip(d["per_token_lower"], d["per_token"], d["per_token_upper"], strict=True):
+        assert lo <= v <= hi
+    true_mean = sum(truths) / 4
+    assert d["lower"]["mean"] <= d["mean"] <= d["upper"]["mean"]
+    assert d["lower"]["mean"] <= true_mean <= d["upper"]["mean"]
+    assert d["lower"]["max"] <= max(truths) <= d["upper"]["max"]
+    # Unknown vocabulary: no upper bounds, reported as null.
+    d2 = query_entropy(positions).to_dict()
+    assert d2["per_token_upper"] is None and d2["upper"]["mean"] is None
+    # An empty query reports degenerate bounds.
+    assert EMPTY_QUERY_ENTROPY.to_dict()["lower"] == {"mean": 0.0, "max": 0.0}

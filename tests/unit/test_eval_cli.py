@@ -242,7 +242,7 @@ def test_eval_writes_rows_summary_report(fake, data, tmp_path):
     assert "exact match | 0.500" in report and "engine exploded" in report
 
     sent = STATE.bodies[0]
-    assert sent["model"] == "fake-model" and sent["n"] == 1 and sent["temperature"] == 0.0
+    assert sent["model"] == "fake-model" and sent.get("n", 1) == 1 and sent["temperature"] == 0.0
     assert sent["seed"] == 7 and sent["self_search"] == {"policy": "never"}
 
 

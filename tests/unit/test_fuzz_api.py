@@ -34,6 +34,7 @@ from schemathesis import GenerationMode
 from schemathesis.checks import negative_data_rejection, positive_data_acceptance
 
 from router.engine.default_model import DEFAULT_MODEL_NAME
+from router.policies import POLICIES
 from router.search.local_index import build_index
 from server.app import create_app
 from server.settings import ServeSettings
@@ -192,7 +193,8 @@ _JUNK = st.one_of(
     st.none(),
     st.booleans(),
     st.integers(-3, 10**6),
-    st.floats(allow_nan=True),
+    # NaN and infinity have no JSON spelling: a client cannot send them.
+    st.floats(allow_nan=False, allow_infinity=False),
     st.text(max_size=6),
     st.lists(st.integers(), max_size=2),
     st.just({}),
@@ -200,7 +202,7 @@ _JUNK = st.one_of(
 _OPTIONS = {
     "enabled": st.booleans(),
     "mode": st.sampled_from(["native", "guided"]),
-    "policy": st.sampled_from(["threshold", "ssrl", "budget", "always", "never"]),
+    "policy": st.sampled_from(POLICIES),
     "threshold": st.floats(-5, 5),
     "aggregate": st.sampled_from(["mean", "max", "min_prob", "ssrl"]),
     "max_turns": st.integers(1, 4),

@@ -196,3 +196,50 @@ def test_make_policy_errors() -> None:
         make_policy("threshold", tau=None, aggregate="mean", budget=None)
     with pytest.raises(ValueError, match="probability"):
         make_policy("threshold", tau=2.0, aggregate="min_prob", budget=None)
+
+
+# ----- one list of names, and policies from entry points -------------------------------------
+
+
+def test_the_policy_names_are_declared_once() -> None:
+    from typing import get_args
+
+    from clients.models import Policy as WirePolicy
+    from router.policies import BUILTIN, PolicyName
+    from server.protocol import SelfSearchOptions
+
+    assert POLICIES == get_args(PolicyName) == tuple(BUILTIN)
+    # The client cannot import router/ (it installs alone): its wire type must agree.
+    assert get_args(WirePolicy) == POLICIES
+    schema = SelfSearchOptions.model_json_schema()["properties"]["policy"]["anyOf"][0]
+    assert tuple(schema["enum"]) == POLICIES
+
+
+class CoinPolicy(AlwaysPolicy):
+    name = "coin"
+
+
+def coin_factory(*, tau: float | None, aggregate: str, budget: int | None) -> Policy:
+    return CoinPolicy()
+
+
+def test_a_policy_from_an_entry_point(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.metadata
+
+    import router.policies
+    from server.protocol import SelfSearchOptions
+
+    point = importlib.metadata.EntryPoint(
+        name="coin", value="tests.unit.test_policies:coin_factory", group="ssrl.policies"
+    )
+    monkeypatch.setattr(router.policies, "entry_point_policies", lambda: {"coin": point})
+    assert router.policies.known_policies() == (*POLICIES, "coin")
+    policy = make_policy("coin", tau=None, aggregate="mean", budget=None)
+    assert policy.name == "coin"  # (loaded by the entry point, under its own module name)
+    # The cap still applies: it lives in BasePolicy.decide.
+    ctx = SearchContext(index=0, entropy=qe(), previous=(), external_calls=1, max_external_calls=1)
+    assert policy.decide(ctx) == Decision("internal", CAP_REACHED, "coin")
+    # A request may name it; an unknown name is still refused.
+    assert SelfSearchOptions(policy="coin").policy == "coin"
+    with pytest.raises(ValueError, match="unknown routing policy"):
+        SelfSearchOptions(policy="dice")

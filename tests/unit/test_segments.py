@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
 
 from router.engine.base import TokenLogprobs
 from router.segments import (
@@ -62,18 +66,19 @@ def test_offsets_are_empty() -> None:
     assert token_offsets([], decode) == []
 
 
-def test_a_partial_character_prefix_is_owned_by_the_completing_token() -> None:
+def test_a_partial_character_token_spans_the_character_it_starts() -> None:
     bd = ByteDecoder()
     ids = bd.encode("aé€b")  # a, é (2 bytes), € (3 bytes), b
     assert len(ids) == 7
     # The raw prefix decode ends in U+FFFD while a character is incomplete.
     assert bd.decode(ids[:2]) == "a\ufffd"
     spans = token_offsets(ids, bd.decode)
-    assert spans == [(0, 1), (1, 1), (1, 2), (2, 2), (2, 2), (2, 3), (3, 4)]
-    # Spans tile the text without gaps or overlaps and end at the full decode's length.
+    # Every byte of é spans é, every byte of € spans €: no token is left with an empty span.
+    assert spans == [(0, 1), (1, 2), (1, 2), (2, 3), (2, 3), (2, 3), (3, 4)]
     assert spans[-1][1] == len(bd.decode(ids))
-    for (_, end), (start, _) in itertools.pairwise(spans):
-        assert end == start
+    # Contiguous: each span starts where the previous one ends or inside it, never beyond.
+    for (start_a, end_a), (start_b, end_b) in itertools.pairwise(spans):
+        assert start_a <= start_b <= end_a <= end_b
 
 
 def test_offsets_never_step_back() -> None:
@@ -88,8 +93,49 @@ def test_offsets_never_step_back() -> None:
 
     spans = token_offsets([1, 2, 3], odd_decode)
     assert all(start <= end for start, end in spans)
-    assert all(a[1] <= b[0] for a, b in itertools.pairwise(spans))
+    assert all(a[0] <= b[0] and a[1] <= b[1] for a, b in itertools.pairwise(spans))
     assert spans[0] == (0, 1)
+    assert spans[-1][1] == len(odd_decode([1, 2, 3]))
+
+
+class CountingDecoder:
+    """Wraps a decoder and counts its calls and the ids it was handed."""
+
+    def __init__(self, inner: ByteDecoder) -> None:
+        self.inner = inner
+        self.calls = 0
+        self.ids = 0
+
+    def __call__(self, ids: Sequence[int]) -> str:
+        self.calls += 1
+        self.ids += len(ids)
+        return self.inner.decode(ids)
+
+
+def test_offsets_are_linear_in_the_number_of_tokens() -> None:
+    # Issue 13 item 14: decoding growing prefixes made this quadratic. Count the work.
+    bd = ByteDecoder()
+    unit = "ascii, é, 東京, 🐍, שלום. "
+    for repeat in (10, 40, 160):
+        ids = bd.encode(unit * repeat)
+        counting = CountingDecoder(bd)
+        spans = token_offsets(ids, counting)
+        assert spans[-1][1] == len(unit * repeat)
+        # At most two decodes per token, each of a bounded window (the longest character is
+        # 4 bytes, plus one token of context).
+        assert counting.calls <= 2 * len(ids)
+        assert counting.ids <= 8 * len(ids)
+
+
+def test_an_endless_incomplete_character_does_not_grow_the_window() -> None:
+    # Stray lead bytes that never complete: the window is cut after a few tokens.
+    bd = ByteDecoder()
+    ids = [0xE3 + ByteDecoder.BASE] * 200
+    counting = CountingDecoder(bd)
+    spans = token_offsets(ids, counting)
+    assert len(spans) == 200
+    assert counting.ids <= 20 * len(ids)
+    assert spans[-1][1] == len(bd.decode(ids))
 
 
 # ----- kept_token_count ---------------------------------------------------------------------
@@ -206,3 +252,98 @@ def test_query_positions_without_logprobs_are_empty() -> None:
 def test_query_positions_of_an_empty_range_are_empty() -> None:
     segment = _segment(["<search>", "  ", "</search>"], "<search>  ", "</search>")
     assert query_positions(segment, decode, 10, 10) == []
+
+
+# ----- multi-byte queries with the real byte-level tokenizer --------------------------------
+
+MODEL_DIR = Path.home() / ".cache" / "ssrl" / "models" / "smollm2-135m-instruct"
+
+
+def _byte_decoder() -> dict[str, int]:
+    """GPT-2's byte <-> printable-unicode table (SmolLM2's byte-level BPE uses it), inverted."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    bs += list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {chr(c): b for b, c in zip(bs, cs, strict=True)}
+
+
+@pytest.fixture(scope="module")
+def hf_tokenizer() -> Any:
+    if not (MODEL_DIR / "tokenizer.json").exists():
+        pytest.skip("the default model's tokenizer is not prepared")
+    # The `tokenizers` library alone (what transformers wraps): same ids, no heavy import.
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(str(MODEL_DIR / "tokenizer.json"))
+
+
+QUERIES = {
+    "japanese": "東京タワーの高さは何メートルですか",
+    "chinese": "长城有多长",
+    "emoji": "🐍 python 🧑‍💻 snake 🇯🇵",
+    "combining": "Ame\u0301lie cafe\u0301 Zoe\u0308",
+    "arabic": "ما هي عاصمة مصر",
+    "hebrew": "מי כתב את התנ״ך",
+    "mixed": "Tōkyō 東京 population 👍🏽",
+}
+
+
+@pytest.mark.parametrize("name", sorted(QUERIES))
+def test_every_query_token_counts_with_the_real_tokenizer(hf_tokenizer: Any, name: str) -> None:
+    query = QUERIES[name]
+    prefix = "<search> "
+
+    def enc(text: str) -> list[int]:
+        return list(hf_tokenizer.encode(text, add_special_tokens=False).ids)
+
+    def dec(token_ids: Sequence[int]) -> str:
+        return str(hf_tokenizer.decode(list(token_ids), skip_special_tokens=False))
+
+    ids = enc(prefix + query + " </search>")
+
+    # Ground truth by bytes: a token counts when one of its bytes lies in the query and the
+    # query's characters it touches are not all blank.
+    table = _byte_decoder()
+    token_bytes = [bytes(table[c] for c in t) for t in (hf_tokenizer.id_to_token(i) for i in ids)]
+    q_lo = len(prefix.encode())
+    q_hi = q_lo + len(query.encode())
+    full_bytes = b"".join(token_bytes)
+    expected = []
+    at = 0
+    for i, tb in enumerate(token_bytes):
+        lo, hi = max(at, q_lo), min(at + len(tb), q_hi)
+        if lo < hi:
+            # The characters touched: widen to UTF-8 character boundaries.
+            while lo > 0 and (full_bytes[lo] & 0xC0) == 0x80:
+                lo -= 1
+            while hi < len(full_bytes) and (full_bytes[hi] & 0xC0) == 0x80:
+                hi += 1
+            if full_bytes[lo:hi].decode("utf-8").strip():
+                expected.append(i)
+        at += len(tb)
+    partial = [i for i, tb in enumerate(token_bytes) if "\ufffd" in tb.decode("utf-8", errors="replace")]
+
+    text = dec(ids)
+    cut = text.index("</search>")
+    segment = Segment(
+        text=text[:cut],
+        token_ids=ids,
+        logprobs=[TokenLogprobs(token_id=t, logprob=-float(i)) for i, t in enumerate(ids)],
+        stop="</search>",
+        finish_reason="stop",
+    )
+    start = len(prefix)
+    got = query_positions(segment, dec, start, start + len(query))
+    assert [-p.logprob for p in got] == expected
+    assert len(got) == len(expected) >= len(query.split())
+    # The multi-byte cases really do split characters across tokens (else the test proves little).
+    if name in {"japanese", "emoji", "arabic", "hebrew", "mixed"}:
+        assert partial, f"no partial-byte token in {name}"
+    # Continuation ids still spell exactly the kept text.
+    assert dec(continuation_ids(segment, dec, enc)) == segment.text

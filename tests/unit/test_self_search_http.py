@@ -101,7 +101,7 @@ class Responder:
         if stop == FILL_STOPS:
             return script(FILL)
         if stop == GUIDED_QUERY_STOPS:
-            return script("capital of France</search>")
+            return script(" capital of France</search>")
         if stop == GUIDED_ANSWER_STOPS:
             return script(f" {answer} </answer>")
         return script("Hello there")  # plain generation
@@ -234,9 +234,13 @@ def test_response_shape_with_an_external_search(monkeypatch: pytest.MonkeyPatch)
     assert search["information"] == INFO
     entropy = search["entropy"]
     assert {"mean", "max", "min_prob", "ssrl", "tokens", "kind", "per_token"} <= set(entropy)
+    assert {"lower", "upper", "per_token_lower", "per_token_upper"} <= set(entropy)
     assert entropy["tokens"] == len("capitalofFrance")
     assert entropy["min_prob"] == pytest.approx(0.9)
-    assert entropy["kind"] == "topk_lower_bound"
+    # The default estimator, and both bounds around it (the engine states its vocabulary).
+    assert entropy["kind"] == "topk_gaussian_tail"
+    assert entropy["lower"]["mean"] <= entropy["mean"] <= entropy["upper"]["mean"]
+    assert len(entropy["per_token_upper"]) == entropy["tokens"]
     assert [(d["title"], d["url"], d["snippet"]) for d in search["documents"]] == [
         (d.title, d.url, d.text) for d in DOCS
     ]
@@ -277,13 +281,13 @@ def test_without_a_backend_an_external_decision_falls_back() -> None:
 
 
 def test_server_default_policy_reads_the_entropy() -> None:
-    # threshold tau 1.5 by default; the scripted tokens' entropy is far below it.
+    # threshold tau 3.0 by default; the scripted tokens' entropy is far below it.
     engine = ScriptedEngine(responder=Responder())
     trace = post(engine, chat()).json()["choices"][0]["self_search"]
     (search,) = trace["searches"]
     assert search["decision"] == "internal"
     assert search["policy"] == "threshold"
-    assert search["reason"].endswith("<= tau 1.500")
+    assert search["reason"].endswith("<= tau 3.000")
 
 
 def test_request_overrides_the_threshold(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -321,9 +325,9 @@ def test_guided_mode_over_http() -> None:
     )
     first = engine.calls[0]
     assert first.options.stop == GUIDED_QUERY_STOPS
-    assert first.prompt_text.endswith("<|assistant|><search> ")
+    assert first.prompt_text.endswith("<|assistant|><search>")
     # Guided mode shows a worked example before the question.
-    assert "<|user|>Who wrote the play Hamlet?" in first.prompt_text
+    assert "<|user|>Who wrote the novel Oliver Twist?" in first.prompt_text
 
 
 def test_max_tokens_bounds_the_trajectory() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
 from typing import Any
 
@@ -24,6 +25,7 @@ def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
 def serve_flags(*argv: str) -> dict[str, Any]:
     args = vars(build_parser().parse_args(["serve", *argv]))
     assert args.pop("command") == "serve"
+    args.pop("handler")  # the dispatcher's, not a setting
     return args
 
 
@@ -211,3 +213,124 @@ def test_entropy_top_k_cannot_exceed_max_logprobs():
     with pytest.raises(pydantic.ValidationError, match="entropy-top-k"):
         ServeSettings(entropy_top_k=30, max_logprobs=20)
     assert ServeSettings(entropy_top_k=5, max_logprobs=5).entropy_top_k == 5
+
+
+# ----- the `ssrl` dispatcher (clients/cli.py) ------------------------------------------------
+
+
+def test_the_overview_lists_every_command(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    for name in ("serve", "model", "index", "chat", "eval", "calibrate"):
+        assert name in out
+
+
+def test_an_unknown_command_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["bogus"])
+    assert exc.value.code == 2
+    assert "invalid choice" in capsys.readouterr().err
+
+
+def test_the_builtin_commands_live_with_their_side() -> None:
+    from clients.cli import BUILTIN
+
+    sides = {spec.name: spec.target.split(".")[0] for spec in BUILTIN}
+    assert sides == {
+        "serve": "server",
+        "model": "server",
+        "index": "server",
+        "chat": "clients",
+        "eval": "clients",
+        "calibrate": "clients",
+    }
+    assert all(spec.extra == "server" for spec in BUILTIN if spec.target.startswith("server."))
+
+
+def _entry_points(*points: importlib.metadata.EntryPoint) -> Any:
+    def fake(*, group: str) -> list[importlib.metadata.EntryPoint]:
+        return [p for p in points if p.group == group]
+
+    return fake
+
+
+def _register_hello(subparsers: Any) -> None:
+    parser = subparsers.add_parser("hello", help="Say hello.")
+    parser.add_argument("--name", default="world")
+    parser.set_defaults(handler=lambda args: print(f"hello {args['name']}") or 0)
+
+
+def test_a_command_from_an_entry_point(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import clients.cli
+
+    point = importlib.metadata.EntryPoint(
+        name="hello", value="tests.unit.test_settings_cli:_register_hello", group="ssrl.commands"
+    )
+    monkeypatch.setattr(clients.cli.importlib.metadata, "entry_points", _entry_points(point))
+    assert "hello" in clients.cli.commands()
+    assert main(["hello", "--name", "ssrl"]) == 0
+    assert capsys.readouterr().out == "hello ssrl\n"
+    # An entry point cannot take over a built-in name.
+    taken = importlib.metadata.EntryPoint(
+        name="serve", value="tests.unit.test_settings_cli:_register_hello", group="ssrl.commands"
+    )
+    monkeypatch.setattr(clients.cli.importlib.metadata, "entry_points", _entry_points(taken))
+    assert clients.cli.commands()["serve"].target == "server.commands:register_serve"
+
+
+def _register_without_fastapi(subparsers: Any) -> None:
+    raise ModuleNotFoundError("No module named 'fastapi'", name="fastapi")
+
+
+def test_a_missing_extra_is_named_not_a_traceback(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import clients.cli
+
+    spec = clients.cli.CommandSpec(
+        "serve", "tests.unit.test_settings_cli:_register_without_fastapi", "Start.", "server"
+    )
+    monkeypatch.setattr(clients.cli, "BUILTIN", (spec,))
+    assert main(["serve", "--port", "9"]) == 2
+    err = capsys.readouterr().err
+    assert "'fastapi' is not installed" in err and "pip install 'ssrl[server]'" in err
+    # The full parser (every command) stands a placeholder in for it, with the same message.
+    args = vars(clients.cli.build_parser().parse_args(["serve", "--port", "9"]))
+    assert args["handler"]({}) == 2
+    assert "ssrl[server]" in capsys.readouterr().err
+
+
+def test_a_missing_engine_names_the_engine_extras(capsys: pytest.CaptureFixture[str]) -> None:
+    from clients.cli import BUILTIN, _missing_extra
+
+    serve = next(spec for spec in BUILTIN if spec.name == "serve")
+    problem = _missing_extra(serve, ModuleNotFoundError("No module named 'vllm'", name="vllm"))
+    assert problem is not None and "ssrl[cpu]" in str(problem) and "ssrl[gpu]" in str(problem)
+    # A missing module of ssrl itself is a bug: it is not dressed up as a missing extra.
+    assert _missing_extra(serve, ModuleNotFoundError("x", name="server.nope")) is None
+
+
+def test_the_loop_defaults_are_declared_once() -> None:
+    import dataclasses
+
+    from router.loop import LoopConfig
+
+    loop = {f.name: f.default for f in dataclasses.fields(LoopConfig)}
+    settings = ServeSettings()
+    pairs = {
+        "max_turns": "max_turns",
+        "docs_per_search": "docs_per_search",
+        "max_external_calls": "max_external_calls",
+        "entropy_top_k": "logprobs_k",
+        "max_doc_chars": "max_doc_chars",
+        "max_query_tokens": "max_query_tokens",
+        "max_information_tokens": "max_information_tokens",
+        "max_answer_tokens": "max_answer_tokens",
+        "guided_searches": "guided_searches",
+        "max_loop_tokens": "max_tokens",
+    }
+    assert {s: getattr(settings, s) for s in pairs} == {s: loop[f] for s, f in pairs.items()}

@@ -1,0 +1,372 @@
+"""vLLM's own OpenAI serving layer, in process, for every request that does not self-search.
+
+vLLM's server is its FastAPI app (`build_app`) whose state `init_app_state` fills with its
+serving classes (`OpenAIServingChat`, `OpenAIServingCompletion`, `OpenAIServingResponses`,
+`ServingTokenization`, `OpenAIServingModels`). ssrl builds exactly that app over its own
+in-process `AsyncLLM`, with the arguments vLLM's own CLI parser makes from ssrl's settings,
+and hands it the requests it forwards, as an ASGI sub-application, behind ssrl's auth, limits
+and metrics. So validation, sampling parameters, tools, structured outputs, streaming and error
+answers are vLLM's own, byte for byte. In remote-engine mode the same requests are proxied
+unchanged (but for the model name) to the remote vLLM server.
+
+Coupling (vLLM 0.32): `vllm.entrypoints.launchers.cli_args.make_arg_parser`,
+`vllm.entrypoints.launchers.app.build_app(args, supported_tasks, model_config)`,
+`vllm.entrypoints.launchers.api_server.app_state.init_app_state(engine_client, state, args,
+supported_tasks)`, `AsyncLLM.get_supported_tasks()` and the `app.state` attribute names the
+routers read. `tests/unit/test_vllm_coupling.py` fails loudly when any of these changes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, Protocol
+
+import httpx
+from fastapi import Request
+from fastapi.responses import Response, StreamingResponse
+from fastapi.routing import APIRoute
+from starlette.background import BackgroundTask
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from router.engine.base import Engine
+from server.errors import APIError
+from server.settings import ServeSettings
+
+logger = logging.getLogger(__name__)
+
+# Request fields ssrl's self-search loop cannot honour (until the loop composes with them): a
+# self-search request carrying any of them answers 400 naming it rather than ignoring it.
+# Value: the value that means "not asked for" (sent by some clients), or _ANY when any value is
+# refused.
+_ANY = object()
+SELF_SEARCH_UNSUPPORTED: dict[str, Any] = {
+    "tools": _ANY,
+    "tool_choice": "none",
+    "parallel_tool_calls": True,
+    "functions": _ANY,
+    "function_call": "none",
+    "response_format": {"type": "text"},
+    "structured_outputs": _ANY,
+    "guided_json": _ANY,
+    "guided_regex": _ANY,
+    "guided_choice": _ANY,
+    "guided_grammar": _ANY,
+    "logit_bias": _ANY,
+    "presence_penalty": 0,
+    "frequency_penalty": 0,
+    "repetition_penalty": 1,
+    "top_k": _ANY,
+    "min_p": 0,
+    "min_tokens": 0,
+    "ignore_eos": False,
+    "bad_words": _ANY,
+    "allowed_token_ids": _ANY,
+    "prompt_logprobs": _ANY,
+    "echo": False,
+    "continue_final_message": False,
+    "add_generation_prompt": True,
+    "chat_template": _ANY,
+    "chat_template_kwargs": _ANY,
+    "length_penalty": 1,
+    "stop_token_ids": _ANY,
+    "include_stop_str_in_output": False,
+    "skip_special_tokens": True,
+    "spaces_between_special_tokens": True,
+    "truncate_prompt_tokens": _ANY,
+    "prediction": _ANY,
+    "reasoning_effort": _ANY,
+    "audio": _ANY,
+    "modalities": _ANY,
+}
+
+
+_WHY = {
+    "self_search": "is not supported with self-search; set self_search.enabled to false "
+    "(or serve with --no-self-search) to use it.",
+    "plain": "is not supported by ssrl's own plain serving; serve with --openai-serving vllm to use it.",
+}
+
+
+# What ssrl's own Completion honours of that list.
+_COMPLETION_HONOURED = frozenset({"echo"})
+
+
+def check_unsupported(body: dict[str, Any], why: str, exempt: frozenset[str] = frozenset()) -> None:
+    """400 naming the first field of SELF_SEARCH_UNSUPPORTED the request sets (to anything but
+    its neutral value): the loop (`why="self_search"`) or ssrl's plain serving (`"plain"`)
+    cannot honour it, and nothing is silently ignored."""
+    for name, neutral in SELF_SEARCH_UNSUPPORTED.items():
+        if name in exempt or name not in body or body[name] is None:
+            continue
+        if neutral is not _ANY and body[name] == neutral:
+            continue
+        raise APIError(400, f"'{name}' {_WHY[why]}", param=name, code="unsupported_parameter")
+
+
+def check_self_search_fields(body: dict[str, Any]) -> None:
+    check_unsupported(body, "self_search")
+
+
+def check_caps(settings: ServeSettings, body: dict[str, Any]) -> None:
+    """ssrl's server caps (--max-n, --max-tokens-limit) on a forwarded request."""
+    n = body.get("n")
+    if isinstance(n, int) and not isinstance(n, bool) and n > settings.max_n:
+        raise APIError(
+            400, f"n must be at most {settings.max_n} on this server.", param="n", code="invalid_value"
+        )
+    limit = settings.max_tokens_limit
+    if limit is None:
+        return
+    for name in ("max_tokens", "max_completion_tokens", "max_output_tokens"):
+        value = body.get(name)
+        if isinstance(value, int) and not isinstance(value, bool) and value > limit:
+            raise APIError(
+                400, f"{name} must be at most {limit} on this server.", param=name, code="invalid_value"
+            )
+
+
+class OpenAIServing(Protocol):
+    """Answers a request as vLLM's OpenAI server would (in process, or the remote one)."""
+
+    async def forward(self, request: Request, body: bytes) -> Response: ...
+
+    async def aclose(self) -> None: ...
+
+
+class _ASGIForward(Response):
+    """A response that hands the whole request (its body already read) to another ASGI app."""
+
+    def __init__(self, app: ASGIApp, body: bytes) -> None:
+        super().__init__()
+        self._app = app
+        self._body = body
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        replayed = False
+
+        async def replay() -> dict[str, Any]:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": self._body, "more_body": False}
+            return dict(await receive())  # then the client's disconnect, as it comes
+
+        inner = {k: v for k, v in scope.items() if k not in ("router", "route", "endpoint", "path_params")}
+        await self._app(inner, replay, send)
+
+
+def vllm_args(settings: ServeSettings, model: str) -> Any:
+    """The `Namespace` vLLM's own CLI parser makes for the same model and serving flags."""
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    argv = ["--model", model, "--served-model-name", settings.model_name]
+    if settings.max_model_len is not None:
+        argv += ["--max-model-len", str(settings.max_model_len)]
+    if settings.enable_auto_tool_choice:
+        argv.append("--enable-auto-tool-choice")
+    if settings.tool_call_parser:
+        argv += ["--tool-call-parser", settings.tool_call_parser]
+    if settings.chat_template:
+        argv += ["--chat-template", settings.chat_template]
+    parser = make_arg_parser(FlexibleArgumentParser())  # type: ignore[no-untyped-call]
+    args: Any = parser.parse_args(argv)
+    args.api_key = None  # ssrl's AuthMiddleware checks keys before anything is forwarded
+    return args
+
+
+class InProcessServing:
+    """vLLM's FastAPI app (its routers, serving classes and error handlers) over ssrl's AsyncLLM."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    @classmethod
+    async def build(cls, async_llm: Any, settings: ServeSettings, model: str) -> InProcessServing:
+        from vllm.entrypoints.launchers.api_server.app_state import init_app_state
+        from vllm.entrypoints.launchers.app import build_app
+
+        args = vllm_args(settings, model)
+        supported_tasks = await async_llm.get_supported_tasks()
+        app = build_app(args, supported_tasks, async_llm.model_config)
+        await init_app_state(async_llm, app.state, args, supported_tasks)
+        return cls(app)
+
+    async def forward(self, request: Request, body: bytes) -> Response:
+        return _ASGIForward(self.app, body)
+
+    async def aclose(self) -> None:
+        return None
+
+
+_HOP = frozenset({"content-length", "transfer-encoding", "connection", "keep-alive", "host"})
+
+
+class RemoteServing:
+    """The remote vLLM server: requests passed through (the model renamed), answers streamed back."""
+
+    def __init__(
+        self, root_url: str, model: str, served_name: str, api_key: str | None, timeout_s: float
+    ) -> None:
+        self.model = model
+        self.served_name = served_name
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._client = httpx.AsyncClient(
+            base_url=root_url, headers=headers, timeout=httpx.Timeout(timeout_s, connect=5.0)
+        )
+
+    def _body(self, body: bytes) -> bytes:
+        try:
+            parsed = json.loads(body)
+        except ValueError:
+            return body
+        if isinstance(parsed, dict) and parsed.get("model") == self.served_name:
+            parsed["model"] = self.model
+            return json.dumps(parsed).encode()
+        return body
+
+    async def forward(self, request: Request, body: bytes) -> Response:
+        headers = {
+            k: v for k, v in request.headers.items() if k.lower() not in _HOP and k.lower() != "authorization"
+        }
+        outgoing = self._client.build_request(
+            request.method,
+            request.url.path,
+            params=request.query_params,
+            content=self._body(body) if body else None,
+            headers=headers,
+        )
+        try:
+            upstream = await self._client.send(outgoing, stream=True)
+        except httpx.TransportError as exc:
+            raise APIError(503, "The engine is not available.", code="engine_unavailable") from exc
+        kept = {k: v for k, v in upstream.headers.items() if k.lower() not in _HOP}
+        return StreamingResponse(
+            upstream.aiter_raw(),
+            status_code=upstream.status_code,
+            headers=kept,
+            background=BackgroundTask(upstream.aclose),
+        )
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+
+async def build_openai_serving(engine: Engine, settings: ServeSettings) -> OpenAIServing | None:
+    """vLLM's serving layer for this engine: in process, remote, or none (a test engine)."""
+    from router.engine.remote_engine import RemoteEngine
+
+    if isinstance(engine, RemoteEngine):
+        root = engine.config.base_url.rstrip("/").removesuffix("/v1")
+        return RemoteServing(
+            root, engine.model, settings.model_name, engine.config.api_key, engine.config.read_timeout_s
+        )
+    async_llm = getattr(engine, "async_llm", None)
+    config = getattr(engine, "config", None)
+    if async_llm is None or config is None:
+        return None
+    return await InProcessServing.build(async_llm, settings, config.model)
+
+
+ForwardDecision = Callable[[Request, bytes], Awaitable[Response | None]]
+
+
+def dispatching_route(decide: ForwardDecision) -> type[APIRoute]:
+    """A route class whose requests `decide` may answer (forward) before the route's own
+    validation runs; when it returns None the route runs as declared."""
+
+    class DispatchingRoute(APIRoute):
+        def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+            handler = super().get_route_handler()
+
+            async def dispatch(request: Request) -> Response:
+                forwarded = await decide(request, await request.body())
+                return forwarded if forwarded is not None else await handler(request)
+
+            return dispatch
+
+    return DispatchingRoute
+
+
+def _self_search_wanted(settings: ServeSettings, body: dict[str, Any]) -> bool:
+    options = body.get("self_search")
+    if isinstance(options, dict) and isinstance(options.get("enabled"), bool):
+        return bool(options["enabled"])
+    return settings.self_search
+
+
+def chat_decision(settings: ServeSettings, serving: Callable[[], OpenAIServing | None]) -> ForwardDecision:
+    """Chat: a self-search request stays with ssrl (400 for a field the loop cannot honour);
+    with --openai-serving vllm, any other goes to vLLM's serving layer."""
+    from pydantic import ValidationError
+
+    from server.protocol import SelfSearchOptions
+
+    async def decide(request: Request, body: bytes) -> Response | None:
+        try:
+            parsed = json.loads(body)
+        except ValueError:
+            parsed = None
+        target = serving() if settings.openai_serving == "vllm" else None
+        if not isinstance(parsed, dict):
+            # Not a JSON object: whoever would have answered it reports the error.
+            return None if settings.self_search or target is None else await target.forward(request, body)
+        if _self_search_wanted(settings, parsed):
+            check_self_search_fields(parsed)
+            return None
+        if target is None:
+            check_unsupported(parsed, "plain")  # ssrl's PlainChat answers
+            return None
+        if "self_search" in parsed:
+            try:
+                SelfSearchOptions.model_validate(parsed["self_search"])
+            except ValidationError:
+                return None  # ssrl's validation names the bad self_search field
+            del parsed["self_search"]  # ssrl's extension; vLLM would only warn about it
+            body = json.dumps(parsed).encode()
+        check_caps(settings, parsed)
+        return await target.forward(request, body)
+
+    return decide
+
+
+def completion_decision(
+    settings: ServeSettings, serving: Callable[[], OpenAIServing | None]
+) -> ForwardDecision:
+    """Completions never self-search: with --openai-serving vllm, vLLM's serving layer answers."""
+
+    async def decide(request: Request, body: bytes) -> Response | None:
+        target = serving() if settings.openai_serving == "vllm" else None
+        try:
+            parsed = json.loads(body)
+        except ValueError:
+            parsed = None
+        if target is None:
+            if isinstance(parsed, dict):
+                check_unsupported(parsed, "plain", exempt=_COMPLETION_HONOURED)  # ssrl's Completion
+            return None
+        if isinstance(parsed, dict):
+            check_caps(settings, parsed)
+        return await target.forward(request, body)
+
+    return decide
+
+
+async def forward_always(
+    serving: OpenAIServing | None, settings: ServeSettings, request: Request
+) -> Response:
+    """Routes that never self-search (/v1/responses, /tokenize, /detokenize, /version)."""
+    if serving is None:
+        raise APIError(
+            404, "This route needs a vLLM engine (in process or --engine-url).", code="not_available"
+        )
+    body = await request.body()
+    try:
+        parsed = json.loads(body) if body else None
+    except ValueError:
+        parsed = None
+    if isinstance(parsed, dict):
+        check_caps(settings, parsed)
+    return await serving.forward(request, body)
