@@ -35,7 +35,9 @@ ENV PIP_NO_CACHE_DIR=1 \
 
 # Runtime system packages. g++ stays: torch.compile (on unless SSRL_ENFORCE_EAGER) builds its
 # CPU kernels with it at start-up, against Python's headers, which python:*-slim ships and a
-# plain Debian base gets from python3-dev. curl is the health check's.
+# plain Debian base gets from python3-dev. curl is the health check's. $HOME is world-writable
+# (sticky): with a read-only root a tmpfs goes over it, and some runtimes (podman on some hosts)
+# give that tmpfs the image directory's mode but root as owner, ignoring uid= and mode=.
 # hadolint ignore=DL3008
 RUN apt-get update \
     && apt-get install -y --no-install-recommends curl g++ libnuma1 \
@@ -43,7 +45,8 @@ RUN apt-get update \
         apt-get install -y --no-install-recommends python3-dev; fi \
     && apt-get clean \
     && rm -rf /var/lib/apt/lists/* /var/cache/apt/* /var/log/apt /var/log/dpkg.log \
-    && useradd --create-home --uid 10001 ssrl
+    && useradd --create-home --uid 10001 ssrl \
+    && chmod 1777 /home/ssrl
 
 WORKDIR /opt/ssrl/src
 
@@ -51,8 +54,9 @@ WORKDIR /opt/ssrl/src
 # reuses this layer (the slow one). The packages are empty stand-ins until step 2; the editable
 # install maps them to this directory, so the real source copied over them is what runs.
 # The same set-up script the README and CI use; the extras pick the engine build. For cpu it
-# also drops triton (1 GB, pulled in by xgrammar; the CPU engine never uses it); both drop
-# torch's C++ test binaries (80 MB).
+# also drops triton (1 GB, pulled in by xgrammar): it is PyPI's CUDA build, which vLLM's CPU
+# platform ignores (it wants triton-cpu; HAS_TRITON is False with or without it). Both variants
+# drop torch's C++ test binaries (80 MB).
 COPY pyproject.toml README.md ./
 COPY scripts ./scripts
 RUN mkdir -p server router clients \
@@ -79,8 +83,9 @@ RUN /opt/ssrl/venv/bin/python -m compileall -q server router clients \
 # Numeric, so that Kubernetes can verify runAsNonRoot.
 USER 10001:10001
 EXPOSE 8000
-# The engine takes a minute or more to start: the start period covers it.
-HEALTHCHECK --interval=15s --timeout=5s --start-period=300s --retries=3 \
+# The engine takes a minute or more to start (torch.compile; many minutes on busy cores): the
+# start period covers it, as long as deploy/compose.yaml's.
+HEALTHCHECK --interval=15s --timeout=5s --start-period=600s --retries=3 \
     CMD ["sh", "-c", "curl -fsS \"http://127.0.0.1:${SSRL_PORT}/health\" || exit 1"]
 STOPSIGNAL SIGTERM
 ENTRYPOINT ["/opt/ssrl/venv/bin/ssrl", "serve"]

@@ -78,7 +78,9 @@ def is_repetitive(response: str) -> bool:
 def score(rows: list[dict[str, Any]], responses: list[dict[str, Any]]) -> dict[str, Any]:
     n = len(rows)
     em = sum(best_exact_match(r["response"], q["answers"]) for q, r in zip(rows, responses, strict=True))
-    inside = sum(answer_in_response(r["response"], q["answers"]) for q, r in zip(rows, responses, strict=True))
+    inside = sum(
+        answer_in_response(r["response"], q["answers"]) for q, r in zip(rows, responses, strict=True)
+    )
     repeats = sum(is_repetitive(r["response"]) for r in responses)
     summary: dict[str, Any] = {
         "questions": n,
@@ -111,11 +113,11 @@ async def run_off(engine: Any, rows: list[dict[str, Any]], max_tokens: int) -> l
 
 
 async def run_loop(
-    engine: Any, search: Any, rows: list[dict[str, Any]], condition: str
+    engine: Any, search: Any, rows: list[dict[str, Any]], condition: str, **overrides: Any
 ) -> list[dict[str, Any]]:
     from router.loop import LoopConfig, LoopFinished, SelfSearchLoop
     from router.policies import make_policy
-    from router.prompts import example_messages, system_prompt
+    from router.prompts import GUIDED_DOCS_PER_SEARCH, GUIDED_MAX_DOC_CHARS, example_messages, system_prompt
     from server.settings import ServeSettings
 
     settings = ServeSettings()
@@ -128,8 +130,19 @@ async def run_loop(
             budget=settings.search_budget,
         )
     else:
-        policy = make_policy(name, tau=settings.search_threshold, aggregate=settings.search_aggregate, budget=None)
-    config = LoopConfig(mode="guided", policy=policy, temperature=0.0, seed=0)
+        policy = make_policy(
+            name, tau=settings.search_threshold, aggregate=settings.search_aggregate, budget=None
+        )
+    # What the server gives a guided request by default (server/serving_self_search.py).
+    config = LoopConfig(
+        mode="guided",
+        policy=policy,
+        temperature=0.0,
+        seed=0,
+        docs_per_search=GUIDED_DOCS_PER_SEARCH,
+        max_doc_chars=GUIDED_MAX_DOC_CHARS,
+    )
+    config = replace(config, **{k: v for k, v in overrides.items() if v is not None})
     if condition == "direct":
         config = replace(config, guided_searches=0)
 
@@ -151,6 +164,7 @@ async def run_loop(
                     "titles": [d.title for s in result.searches for d in s.documents],
                     "information": [s.information[:300] for s in result.searches],
                     "external_calls": result.external_calls,
+                    "transcript": result.transcript,
                 }
         raise RuntimeError("the loop ended without a result")
 
@@ -200,7 +214,14 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             if condition == "off":
                 responses = await run_off(engine, rows, args.off_max_tokens)
             else:
-                responses = await run_loop(engine, search, rows, condition)
+                responses = await run_loop(
+                    engine,
+                    search,
+                    rows,
+                    condition,
+                    docs_per_search=args.docs_per_search,
+                    max_doc_chars=args.max_doc_chars,
+                )
             summary = score(rows, responses)
             summary["wall_s"] = round(time.perf_counter() - started, 1)
             report["conditions"][condition] = summary
@@ -221,6 +242,8 @@ def main() -> None:
     parser.add_argument("--conditions", default=",".join(CONDITIONS))
     parser.add_argument("--off-max-tokens", type=int, default=64)
     parser.add_argument("--model", default=None)
+    parser.add_argument("--docs-per-search", type=int, default=None, help="default: the loop's")
+    parser.add_argument("--max-doc-chars", type=int, default=None, help="default: the loop's")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "first_impression.json"))
     args = parser.parse_args()
     report = asyncio.run(main_async(args))

@@ -15,9 +15,13 @@ chat completion to a running ssrl server, scores the answer (`message.content`, 
 `always` (OUT/always), and derives the accuracy against external-call rate of every
 threshold counterfactually (see `router.calibration` and docs/evaluation.md).
 
-`ssrl calibrate RUN [RUN]` picks the threshold for a target call rate or a maximum accuracy
-loss from such runs and writes `calibration.env` (`SSRL_SEARCH_THRESHOLD=...`, read by
-`ssrl serve` from the environment) and `calibration.json`.
+`ssrl calibrate SWEEP_DIR` (or `NEVER_RUN ALWAYS_RUN`) picks the threshold for a target call
+rate or a maximum accuracy loss from such runs and writes `calibration.json` and
+`calibration.env` (`SSRL_SEARCH_THRESHOLD=...`, read by `ssrl serve` from the environment),
+then prints; when the chosen point does not beat random routing at its call rate beyond the
+95 % bootstrap interval it writes a "no signal" `calibration.env` without a threshold and
+exits with EXIT_NO_SIGNAL. Every accuracy comes with its bootstrap interval and every AUROC
+with its class counts (docs/evaluation.md, "Statistics").
 
 Pure scoring lives in `router.scoring` and `router.calibration`; this module does the I/O.
 """
@@ -26,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import os
 import random
@@ -49,23 +54,34 @@ from clients.client import (
 )
 from clients.files import atomic_write_json, atomic_write_text
 from router.calibration import (
+    MIN_SIGNAL_QUESTIONS,
     Calibration,
     CurvePoint,
+    PointStats,
     Question,
     aggregate_auroc,
+    auroc_detail,
     calibrate,
     choose_for_call_rate,
-    random_routing_accuracy,
+    curve_stats,
     render_env,
+    render_no_signal_env,
     run_accuracies,
+    run_intervals,
     ssrl_rule_point,
     threshold_curve,
     uncertainty,
+    verdict_at_rate,
 )
 from router.entropy import AGGREGATES
 from router.scoring import (
+    BOOTSTRAP_RESAMPLES,
+    BOOTSTRAP_SEED,
+    Interval,
     best_exact_match,
     best_f1,
+    bootstrap_mean,
+    bootstrap_weights,
     majority_vote,
     mean,
     pass_at_k_curve,
@@ -383,10 +399,14 @@ def score_response(question: Mapping[str, Any], body: Mapping[str, Any], latency
         message = choice.get("message") or {}
         answer = message.get("content")
         answer = answer if isinstance(answer, str) else ""
+        reasoning = message.get("reasoning")
+        if reasoning is None:
+            reasoning = message.get("reasoning_content")
         trace = choice.get("self_search") or {}
         samples.append(
             {
                 "answer": answer,
+                "reasoning": reasoning if isinstance(reasoning, str) else None,
                 "correct": best_exact_match(answer, gold),
                 "f1": best_f1(answer, gold),
                 "finish_reason": choice.get("finish_reason"),
@@ -401,9 +421,12 @@ def score_response(question: Mapping[str, Any], body: Mapping[str, Any], latency
         "question": question["question"],
         "gold": gold,
         "answer": head["answer"],
+        # The transcript (`message.reasoning`) that led to the answer.
+        "reasoning": head["reasoning"],
         "correct": head["correct"],
         "f1": head["f1"],
         "answers": [s["answer"] for s in samples],
+        "reasonings": [s["reasoning"] for s in samples],
         "n": len(samples),
         "n_correct": sum(1 for s in samples if s["correct"]),
         "trace": head["trace"],
@@ -654,6 +677,8 @@ def summarize(
         "not_run": selected - len(rows),
         "em": mean(float(bool(r["correct"])) for r in ok),
         "f1": mean(float(r["f1"]) for r in ok),
+        "em_interval": _interval(bootstrap_mean([float(bool(r["correct"])) for r in ok])),
+        "f1_interval": _interval(bootstrap_mean([float(r["f1"]) for r in ok])),
         "answered_rate": mean(float(bool((r.get("trace") or {}).get("answered"))) for r in ok),
         "n": n,
         "searches": external + internal,
@@ -685,6 +710,7 @@ def summarize(
     qs = questions_of_run(rows)
     summary["entropy_recorded"] = sum(1 for q in qs if q.entropy is not None)
     summary["auroc_wrong_self_fill"] = {a: aggregate_auroc(qs, a) for a in AGGREGATES}
+    summary["auroc_counts"] = {a: auroc_detail(qs, a) for a in AGGREGATES}
     summary["self_filled_scored"] = sum(
         1 for q in qs if q.entropy is not None and q.correct_internal is not None
     )
@@ -692,6 +718,49 @@ def summarize(
 
 
 # ----------------------------------------------------------------------------- reports and plots
+
+
+def _interval(interval: Interval | None) -> dict[str, float] | None:
+    return interval.to_dict() if interval is not None else None
+
+
+def _fmt_ci(value: Any, interval: Mapping[str, float] | Interval | None, digits: int = 3) -> str:
+    """`0.420 [0.380, 0.460]`: a value and its 95 % bootstrap interval."""
+    if value is None:
+        return "–"
+    if interval is None:
+        return _fmt(value, digits)
+    low, high = (
+        (interval.low, interval.high)
+        if isinstance(interval, Interval)
+        else (interval["low"], interval["high"])
+    )
+    return f"{value:.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]"
+
+
+def _fmt_auroc(detail: Mapping[str, Any] | None) -> str:
+    """`0.983 (1 wrong / 59 right)`, or `– (undefined: reason)`."""
+    if not detail:
+        return "–"
+    counts = f"{detail['positives']} wrong / {detail['negatives']} right"
+    if detail.get("auroc") is None:
+        return f"– ({counts}; undefined: {detail.get('reason')})"
+    return f"{detail['auroc']:.3f} ({counts})"
+
+
+def auroc_table(counts: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """Markdown: AUROC per aggregate with its class counts."""
+    lines = [
+        "| aggregate | AUROC (wrong self-filled answer) | wrong (positives) | right (negatives) |",
+        "|---|---|---:|---:|",
+    ]
+    for agg in AGGREGATES:
+        d = counts.get(agg) or {}
+        score = _fmt(d.get("auroc")) if d.get("auroc") is not None else f"undefined: {d.get('reason')}"
+        lines.append(
+            f"| {AGGREGATE_LABELS[agg]} | {score} | {d.get('positives', 0)} | {d.get('negatives', 0)} |"
+        )
+    return lines
 
 
 def _fmt(value: Any, digits: int = 3) -> str:
@@ -717,8 +786,8 @@ def render_report(summary: Mapping[str, Any], plots: Sequence[str]) -> str:
         "",
         "| metric | value |",
         "|---|---|",
-        f"| exact match | {_fmt(summary['em'])} |",
-        f"| F1 | {_fmt(summary['f1'])} |",
+        f"| exact match [95 % bootstrap interval] | {_fmt_ci(summary['em'], summary.get('em_interval'))} |",
+        f"| F1 [95 % bootstrap interval] | {_fmt_ci(summary['f1'], summary.get('f1_interval'))} |",
         f"| scored / errors / not run | {summary['scored']} / {summary['errors']} / {summary['not_run']} |",
         f"| answered with an `<answer>` | {_fmt(summary['answered_rate'])} |",
         f"| searches | {summary['searches']} |",
@@ -742,13 +811,12 @@ def render_report(summary: Mapping[str, Any], plots: Sequence[str]) -> str:
         "### Entropy of the first query as a predictor of a wrong self-filled answer",
         "",
         f"{summary['self_filled_scored']} questions whose first search was self-filled. AUROC "
-        "(1.0: the aggregate ranks every wrong answer above every right one; 0.5: no signal).",
+        "(1.0: the aggregate ranks every wrong answer above every right one; 0.5: no signal). "
+        "Read it with its class counts: an AUROC resting on a handful of wrong (or right) "
+        "answers says little.",
         "",
-        "| aggregate | AUROC |",
-        "|---|---|",
+        *auroc_table(summary.get("auroc_counts") or {}),
     ]
-    for agg in AGGREGATES:
-        lines.append(f"| {AGGREGATE_LABELS[agg]} | {_fmt(summary['auroc_wrong_self_fill'].get(agg))} |")
     if summary["error_examples"]:
         lines += ["", "### Errors", ""]
         lines += [f"- `{e['id']}`: {e.get('status')} {e.get('message')}" for e in summary["error_examples"]]
@@ -786,12 +854,11 @@ def plot_entropy_histograms(questions: Sequence[Question], path: Path) -> bool:
         rng = (lo, hi) if hi > lo else (lo - 0.5, lo + 0.5)
         ax.hist(right, bins=bins, range=rng, alpha=0.6, label=f"right ({len(right)})", color="tab:green")
         ax.hist(wrong, bins=bins, range=rng, alpha=0.6, label=f"wrong ({len(wrong)})", color="tab:red")
-        score = aggregate_auroc(usable, agg)
-        ax.set_title(f"{AGGREGATE_LABELS[agg]} (AUROC {_fmt(score)})")
+        ax.set_title(f"{AGGREGATE_LABELS[agg]}\nAUROC {_fmt_auroc(auroc_detail(usable, agg))}", fontsize=9)
         ax.set_xlabel("uncertainty of the first query")
         ax.set_ylabel("questions")
         ax.legend()
-    fig.suptitle("First-query uncertainty: self-filled answer right vs wrong")
+    fig.suptitle(f"First-query uncertainty: self-filled answer right vs wrong (N={len(usable)})")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -805,28 +872,64 @@ def plot_curves(
     path: Path,
     chosen: CurvePoint | None = None,
     ylabel: str = "exact match",
+    stats: Mapping[str, Sequence[PointStats]] | None = None,
+    intervals: Mapping[str, Interval] | None = None,
+    questions: int | None = None,
 ) -> bool:
-    """Accuracy against external-call rate: one line per aggregate, random routing, SSRL."""
+    """Accuracy against external-call rate: one line per aggregate (with its 95 % bootstrap
+    band when `stats` is given), random routing, the never/always runs, SSRL's rule.
+
+    `acc_internal` / `acc_external` must be the real never / always runs' accuracies: they
+    draw the reference lines. The y axis is [0, 1] whatever the data, N is in the title.
+    """
     plt = _pyplot()
     if plt is None:
         return False
+    stats = stats or {}
+    intervals = intervals or {}
     fig, ax = plt.subplots(figsize=(7.5, 6.2))
     markers = {"mean": "o", "max": "s", "min_prob": "^", "ssrl": "D"}
     for agg, points in curves.items():
-        pts = sorted((p for p in points if p.accuracy is not None), key=lambda p: p.call_rate)
-        if not pts:
+        pairs = [(p, st) for p, st in itertools.zip_longest(points, stats.get(agg) or []) if p is not None]
+        pairs = sorted((x for x in pairs if x[0].accuracy is not None), key=lambda x: x[0].call_rate)
+        if not pairs:
             continue
-        ax.plot(
-            [p.call_rate for p in pts],
-            [p.accuracy for p in pts],
+        (line,) = ax.plot(
+            [p.call_rate for p, _ in pairs],
+            [p.accuracy for p, _ in pairs],
             marker=markers.get(agg, "."),
             markersize=3,
             linewidth=1.4,
             label=f"threshold on {AGGREGATE_LABELS[agg]}",
         )
+        if all(st is not None for _, st in pairs):
+            ax.fill_between(
+                [p.call_rate for p, _ in pairs],
+                [st.accuracy_interval.low for _, st in pairs],
+                [st.accuracy_interval.high for _, st in pairs],
+                color=line.get_color(),
+                alpha=0.12,
+                linewidth=0,
+            )
     ax.plot(
-        [0, 1], [acc_internal, acc_external], linestyle="--", color="gray", label="random routing (expected)"
+        [0, 1],
+        [acc_internal, acc_external],
+        linestyle="--",
+        color="gray",
+        label="random routing (expected, from the never/always runs)",
     )
+    for rate, acc, name in ((0.0, acc_internal, "never"), (1.0, acc_external, "always")):
+        iv = intervals.get(name)
+        if iv is not None:
+            ax.errorbar(
+                [rate],
+                [acc],
+                yerr=[[acc - iv.low], [iv.high - acc]],
+                color="gray",
+                capsize=4,
+                fmt="o",
+                markersize=4,
+            )
     ssrl = ssrl_rule_point(acc_external)
     ax.scatter(
         [ssrl["call_rate"]],
@@ -850,7 +953,12 @@ def plot_curves(
     ax.set_xlabel("external-call rate (external searches / searches)")
     ax.set_ylabel(f"{ylabel} (counterfactual)")
     ax.set_xlim(-0.02, 1.02)
-    ax.set_title(f"{ylabel[0].upper() + ylabel[1:]} against external-call rate, thresholds swept")
+    ax.set_ylim(0.0, 1.0)
+    n_text = f", N={questions} questions" if questions is not None else ""
+    ax.set_title(
+        f"{ylabel[0].upper() + ylabel[1:]} against external-call rate{n_text}\n"
+        "bands and bars: 95 % bootstrap intervals"
+    )
     ax.grid(alpha=0.3)
     # Below the axes: a legend inside would hide part of the curves.
     ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=2, frameon=False)
@@ -897,44 +1005,112 @@ def paired_questions(
     return out
 
 
+# The call rate (a share of always-search's calls) of the report's verdict line.
+VERDICT_RATE = 0.5
+
+
 def curve_table(
-    curves: Mapping[str, Sequence[CurvePoint]],
-    acc_internal: float | None,
-    acc_external: float | None,
+    points: Sequence[CurvePoint],
+    stats: Sequence[PointStats],
     rates: Sequence[float] = TABLE_RATES,
 ) -> list[str]:
-    """Markdown: per target call rate, the accuracy (and threshold) each aggregate reaches."""
-    aggs = [a for a in AGGREGATES if curves.get(a)]
-    head = "| call rate ≤ | " + " | ".join(AGGREGATE_LABELS[a] for a in aggs) + " | random routing |"
-    lines = [head, "|---:|" + "---|" * (len(aggs) + 1)]
+    """Markdown for one aggregate: per target call rate, the point reached, its accuracy,
+    random routing at the same rate, the gain, each with its 95 % bootstrap interval."""
+    lines = [
+        "| call rate ≤ | rate reached | tau | accuracy [95 %] | random routing at that rate [95 %] "
+        "| gain over random [95 %] | beyond random |",
+        "|---:|---:|---:|---|---|---|---|",
+    ]
+    seen: set[int] = set()
     for rate in rates:
-        cells = []
-        for agg in aggs:
-            p = choose_for_call_rate(curves[agg], rate)
-            cells.append(f"{_fmt(p.accuracy)} @ {p.call_rate:.2f} (tau {p.threshold:.4g})")
-        rnd = (
-            random_routing_accuracy(rate, acc_external, acc_internal)
-            if acc_internal is not None and acc_external is not None
-            else None
+        p = choose_for_call_rate(points, rate)
+        k = list(points).index(p)
+        st = stats[k]
+        again = " (same point)" if k in seen else ""
+        seen.add(k)
+        lines.append(
+            f"| {rate:.1f} | {p.call_rate:.2f} | {p.threshold:.4g} | "
+            f"{_fmt_ci(st.accuracy, st.accuracy_interval)} | {_fmt_ci(st.random, st.random_interval)} | "
+            f"{_fmt_ci(st.gain, st.gain_interval)} | {'yes' if st.beats_random else 'no'}{again} |"
         )
-        lines.append(f"| {rate:.1f} | " + " | ".join(cells) + f" | {_fmt(rnd)} |")
     return lines
 
 
+def verdict_line(agg: str, verdict: Mapping[str, Any], acc_always: float | None) -> str:
+    """One plain sentence: at VERDICT_RATE of always-search's calls, what share of its
+    accuracy the signal keeps, and whether that is beyond random routing."""
+    share = verdict.get("share_of_always")
+    rnd = verdict.get("random_share_of_always")
+    iv = verdict["accuracy_interval"]
+    if share is None:
+        kept = f"always-search scores {_fmt(acc_always)}, so no share of it can be given"
+    else:
+        kept = (
+            f"keeps {share:.0%} of always-search's accuracy "
+            f"({verdict['accuracy']:.3f} [{iv['low']:.3f}, {iv['high']:.3f}] of {acc_always:.3f}; "
+            f"random routing keeps {rnd:.0%})"
+        )
+    gain = verdict["gain_interval"]
+    if verdict["beats_random"]:
+        beyond = "beyond random routing (the gain's 95 % interval is above 0)"
+    elif verdict.get("questions", MIN_SIGNAL_QUESTIONS) < MIN_SIGNAL_QUESTIONS:
+        beyond = f"NOT beyond random routing (fewer than {MIN_SIGNAL_QUESTIONS} questions: no claim)"
+    else:
+        beyond = (
+            f"NOT beyond random routing (the gain's 95 % interval [{gain['low']:.3f}, {gain['high']:.3f}] "
+            "is not above 0)"
+        )
+    return (
+        f"- **{AGGREGATE_LABELS[agg]}**: at {verdict['target_call_rate']:.0%} of always-search's calls "
+        f"(rate reached {verdict['call_rate']:.2f}) it {kept}: {beyond}."
+    )
+
+
+@dataclass
+class SweepStats:
+    """Curves, their bootstrap statistics and the runs' intervals of a set of paired questions."""
+
+    curves: dict[str, list[CurvePoint]]
+    stats: dict[str, list[PointStats]]
+    intervals: dict[str, Interval]
+
+
+def sweep_stats(questions: Sequence[Question]) -> SweepStats:
+    curves = {a: threshold_curve(questions, a) for a in AGGREGATES}
+    if not questions:
+        return SweepStats(curves, {}, {})
+    weights = bootstrap_weights(len(questions))
+    stats = {a: curve_stats(questions, pts, weights=weights) for a, pts in curves.items() if pts}
+    return SweepStats(curves, stats, run_intervals(questions, weights=weights))
+
+
 def sweep_summary(
-    questions: Sequence[Question], never: Mapping[str, Any], always: Mapping[str, Any]
+    questions: Sequence[Question],
+    never: Mapping[str, Any],
+    always: Mapping[str, Any],
+    computed: SweepStats | None = None,
 ) -> dict[str, Any]:
     acc_int, acc_ext = run_accuracies(questions)
-    curves = {a: threshold_curve(questions, a) for a in AGGREGATES}
+    sw = computed if computed is not None else sweep_stats(questions)
+
+    def curve(agg: str) -> list[dict[str, Any]]:
+        out = [p.to_dict() for p in sw.curves[agg]]
+        for d, st in zip(out, sw.stats.get(agg) or [], strict=False):
+            d.update(st.to_dict())
+        return out
+
     return {
         "kind": "sweep",
         "paired_questions": len(questions),
         "with_entropy": sum(1 for q in questions if q.entropy is not None),
         "accuracy_never": acc_int,
         "accuracy_always": acc_ext,
+        "accuracy_intervals": {k: v.to_dict() for k, v in sw.intervals.items()},
         "ssrl_rule": ssrl_rule_point(acc_ext),
         "auroc_wrong_self_fill": {a: aggregate_auroc(questions, a) for a in AGGREGATES},
-        "curves": {a: [p.to_dict() for p in pts] for a, pts in curves.items()},
+        "auroc_counts": {a: auroc_detail(questions, a) for a in AGGREGATES},
+        "verdict": {a: verdict_at_rate(sw.curves[a], sw.stats[a], acc_ext, VERDICT_RATE) for a in sw.stats},
+        "curves": {a: curve(a) for a in sw.curves},
         "never": {
             k: never.get(k) for k in ("em", "f1", "external_call_rate", "errors", "scored", "latency_s")
         },
@@ -945,36 +1121,57 @@ def sweep_summary(
     }
 
 
-def render_sweep_report(
-    summary: Mapping[str, Any], curves: Mapping[str, Sequence[CurvePoint]], plots: Sequence[str]
-) -> str:
-    acc_int, acc_ext = summary["accuracy_never"], summary["accuracy_always"]
+def render_sweep_report(summary: Mapping[str, Any], computed: SweepStats, plots: Sequence[str]) -> str:
+    acc_ext = summary["accuracy_always"]
+    iv = summary.get("accuracy_intervals") or {}
+    n = summary["paired_questions"]
     lines = [
         "# ssrl eval sweep: accuracy against external-call rate",
         "",
-        f"{summary['paired_questions']} questions answered by both runs (policy `never` in `never/`, "
-        f"`always` in `always/`); {summary['with_entropy']} with a recorded first-query entropy.",
+        f"N = {n} questions answered by both runs (policy `never` in `never/`, "
+        f"`always` in `always/`); {summary['with_entropy']} with a recorded first-query entropy. "
+        "Intervals are 95 % percentile-bootstrap intervals over these questions (1000 resamples, "
+        "fixed seed; docs/evaluation.md).",
         "",
-        "| run | exact match | external-call rate | mean latency (s) |",
-        "|---|---|---|---|",
-        f"| never (self-filled) | {_fmt(summary['never']['em'])} | {_fmt(summary['never']['external_call_rate'])} | "
+        "| run | exact match | exact match on the paired questions [95 %] | external-call rate | mean latency (s) |",
+        "|---|---|---|---|---|",
+        f"| never (self-filled) | {_fmt(summary['never']['em'])} | "
+        f"{_fmt_ci(summary['accuracy_never'], iv.get('never'))} | {_fmt(summary['never']['external_call_rate'])} | "
         f"{_fmt((summary['never']['latency_s'] or {}).get('mean'), 2)} |",
-        f"| always (external) | {_fmt(summary['always']['em'])} | {_fmt(summary['always']['external_call_rate'])} | "
+        f"| always (external) | {_fmt(summary['always']['em'])} | "
+        f"{_fmt_ci(summary['accuracy_always'], iv.get('always'))} | {_fmt(summary['always']['external_call_rate'])} | "
         f"{_fmt((summary['always']['latency_s'] or {}).get('mean'), 2)} |",
+        "",
+        "### Verdict",
+        "",
+    ]
+    if summary.get("verdict"):
+        lines += [verdict_line(a, v, acc_ext) for a, v in summary["verdict"].items()]
+    else:
+        lines.append("- No curve: no question was answered by both runs with a recorded entropy.")
+    lines += [
+        "",
+        "### Entropy of the first query as a predictor of a wrong self-filled answer",
+        "",
+        *auroc_table(summary.get("auroc_counts") or {}),
+        "",
+        "### Threshold curves",
         "",
         "Counterfactual accuracy of a threshold policy: a question is routed external when its "
         "first query's uncertainty is above tau and takes the `always` run's outcome, else the "
-        "`never` run's (docs/evaluation.md). Each cell: accuracy @ the call rate actually reached "
-        "(tau in the server's units). SSRL's rule (first search always external) is the point "
-        f"call rate 1.0, accuracy {_fmt(acc_ext)}.",
-        "",
-        *curve_table(curves, acc_int, acc_ext),
-        "",
-        "| aggregate | AUROC (wrong self-filled answer) |",
-        "|---|---|",
+        "`never` run's. Random routing at the same call rate r is computed per question from the "
+        "two runs ((1 - r) * never + r * always for a question with a search) and resampled "
+        "together with the point, so the gain's interval is paired. SSRL's rule (first search "
+        f"always external) is the point call rate 1.0, accuracy {_fmt(acc_ext)}.",
     ]
     for agg in AGGREGATES:
-        lines.append(f"| {AGGREGATE_LABELS[agg]} | {_fmt(summary['auroc_wrong_self_fill'].get(agg))} |")
+        if computed.stats.get(agg):
+            lines += [
+                "",
+                f"#### {AGGREGATE_LABELS[agg]}",
+                "",
+                *curve_table(computed.curves[agg], computed.stats[agg]),
+            ]
     if plots:
         lines += ["", "### Plots", ""] + [f"![{p}]({p})" for p in plots]
     return "\n".join(lines) + "\n"
@@ -989,8 +1186,8 @@ def write_sweep(
     plots_enabled: bool,
 ) -> dict[str, Any]:
     questions = paired_questions(never_rows, always_rows)
-    summary = sweep_summary(questions, never, always)
-    curves = {a: threshold_curve(questions, a) for a in AGGREGATES}
+    computed = sweep_stats(questions)
+    summary = sweep_summary(questions, never, always, computed)
     plots: list[str] = []
     acc_int, acc_ext = summary["accuracy_never"], summary["accuracy_always"]
     if (
@@ -998,14 +1195,22 @@ def write_sweep(
         and acc_int is not None
         and acc_ext is not None
         and summary["with_entropy"]
-        and plot_curves(curves, acc_int, acc_ext, out / CURVE_PLOT)
+        and plot_curves(
+            computed.curves,
+            acc_int,
+            acc_ext,
+            out / CURVE_PLOT,
+            stats=computed.stats,
+            intervals=computed.intervals,
+            questions=len(questions),
+        )
     ):
         plots.append(CURVE_PLOT)
     if plots_enabled and plot_entropy_histograms(questions, out / ENTROPY_PLOT):
         plots.append(ENTROPY_PLOT)
     summary["plots"] = plots
     atomic_write_json(out / SUMMARY, summary)
-    atomic_write_text(out / REPORT, render_sweep_report(summary, curves, plots))
+    atomic_write_text(out / REPORT, render_sweep_report(summary, computed, plots))
     return summary
 
 
@@ -1049,18 +1254,29 @@ def load_run(path: Path) -> LoadedRun:
     return LoadedRun(path, config, rows)
 
 
+# `ssrl calibrate`'s exit status when the chosen point does not beat random routing.
+EXIT_NO_SIGNAL = 3
+
+
 def calibration_inputs(paths: Sequence[Path], metric: str = "em") -> tuple[list[Question], str]:
-    """Questions for calibration from one run, a pair of runs, or a sweep directory."""
+    """Paired questions for calibration from a sweep directory or a `never` and an `always` run.
+
+    A single run is refused: its self-filled and searched halves are different questions, so
+    they cannot stand in for the never and always outcomes of the same questions.
+    """
     if len(paths) == 1 and all((Path(paths[0]) / p / RESULTS).is_file() for p in SWEEP_POLICIES):
         paths = [Path(paths[0]) / p for p in SWEEP_POLICIES]
     runs = [load_run(p) for p in paths]
     if len(runs) == 1:
         run = runs[0]
-        return questions_of_run(
-            run.rows, metric
-        ), f"one run ({run.path}, policy {run.policy or 'server default'})"
+        raise EvalError(
+            f"{run.path} is a single run (policy {run.policy or 'server default'}); calibration "
+            "needs the real never and always outcomes of the same questions: run "
+            "`ssrl eval --sweep` (or one run with --policy never and one with --policy always) "
+            "and pass the sweep directory or both run directories"
+        )
     if len(runs) != 2:
-        raise EvalError("give one run directory, a sweep directory, or a `never` and an `always` run")
+        raise EvalError("give a sweep directory, or a `never` and an `always` run")
     by_policy = {r.policy: r for r in runs}
     if set(by_policy) != set(SWEEP_POLICIES):
         found = ", ".join(str(r.policy) for r in runs)
@@ -1072,30 +1288,60 @@ def calibration_inputs(paths: Sequence[Path], metric: str = "em") -> tuple[list[
     return questions, f"counterfactual pair (never: {never.path}, always: {always.path})"
 
 
-def render_calibration(cal: Calibration, source: str, metric: str = "em") -> str:
+def render_calibration(
+    cal: Calibration, source: str, metric: str = "em", questions: int | None = None
+) -> str:
     p = cal.point
+    label = METRIC_LABELS[metric]
     target = (
         f"external-call rate ≤ {cal.target_value:g}"
         if cal.target == "call_rate"
         else f"accuracy loss ≤ {cal.target_value:g} against always-search"
     )
+    signal = cal.signal
     lines = [
-        f"Calibrated from {source}.",
+        f"Calibrated from {source}" + (f", N = {questions} paired questions." if questions else "."),
         f"Target: {target}.",
         f"Chosen: aggregate {cal.aggregate}, tau {p.threshold:.6g} -> call rate {p.call_rate:.3f} "
         f"({p.calls}/{p.searches} first searches)"
-        + (f", counterfactual {METRIC_LABELS[metric]} {p.accuracy:.3f}" if p.accuracy is not None else ""),
+        + (
+            f", counterfactual {label} {_fmt_ci(signal.accuracy, signal.accuracy_interval)}"
+            if signal is not None
+            else ""
+        ),
     ]
-    if cal.accuracy_internal is not None and cal.accuracy_external is not None:
-        rnd = random_routing_accuracy(p.call_rate, cal.accuracy_external, cal.accuracy_internal)
+    iv = cal.run_intervals
+    lines.append(
+        f"Reference: never {_fmt_ci(cal.accuracy_internal, iv.get('never'))}, "
+        f"always {_fmt_ci(cal.accuracy_external, iv.get('always'))}, "
+        f"SSRL rule (rate 1.0) {_fmt(cal.accuracy_external)}."
+    )
+    if signal is not None:
         lines.append(
-            f"Reference: never {cal.accuracy_internal:.3f}, always {cal.accuracy_external:.3f}, "
-            f"random routing at this rate {rnd:.3f}, SSRL rule (rate 1.0) {cal.accuracy_external:.3f}."
+            f"Random routing at this rate: {_fmt_ci(signal.random, signal.random_interval)}; "
+            f"gain over it {_fmt_ci(signal.gain, signal.gain_interval)} "
+            f"(95 % bootstrap intervals, paired) -> "
+            + (
+                "beats random routing."
+                if signal.beats_random
+                else "does NOT beat random routing: no signal"
+                + (
+                    f" (fewer than {MIN_SIGNAL_QUESTIONS} questions)."
+                    if signal.questions < MIN_SIGNAL_QUESTIONS
+                    else "."
+                )
+            )
         )
-    lines += ["", "AUROC of each aggregate for a wrong self-filled answer:"]
+    lines += ["", "AUROC of each aggregate for a wrong self-filled answer (with class counts):"]
     for agg in AGGREGATES:
-        lines.append(f"  {AGGREGATE_LABELS[agg]:<26} {_fmt(cal.auroc.get(agg))}")
+        lines.append(f"  {AGGREGATE_LABELS[agg]:<26} {_fmt_auroc(cal.auroc_counts.get(agg))}")
+    if cal.stats:
+        lines += ["", f"At {VERDICT_RATE:.0%} of always-search's calls:"]
+        for agg, stats in cal.stats.items():
+            verdict = verdict_at_rate(cal.curves[agg], stats, cal.accuracy_external, VERDICT_RATE)
+            lines.append("  " + verdict_line(agg, verdict, cal.accuracy_external)[2:].replace("**", ""))
     curve = cal.curves[cal.aggregate]
+    stats_of = dict(zip((id(q) for q in curve), cal.stats.get(cal.aggregate) or [], strict=False))
     shown = list(curve)
     if len(curve) > 25:  # the whole curve is in calibration.json; print it at round rates
         picked = {id(choose_for_call_rate(curve, r)): choose_for_call_rate(curve, r) for r in TABLE_RATES}
@@ -1105,19 +1351,46 @@ def render_calibration(cal: Calibration, source: str, metric: str = "em") -> str
         "",
         f"Curve of {cal.aggregate} (tau in the server's units"
         + (f"; {len(shown)} of {len(curve)} points" if len(shown) < len(curve) else "")
-        + "):",
-        f"  {'tau':>12}  {'call rate':>9}  {'calls':>7}  {'accuracy':>8}",
+        + "; [95 % bootstrap intervals]):",
+        f"  {'tau':>12}  {'call rate':>9}  {'calls':>7}  {'accuracy':<22}  {'random routing':<22}  beyond",
     ]
     for point in shown:
         mark = "  <- chosen" if point == p else ""
+        st = stats_of.get(id(point))
+        acc = _fmt_ci(st.accuracy, st.accuracy_interval) if st else _fmt(point.accuracy)
+        rnd = _fmt_ci(st.random, st.random_interval) if st else "–"
+        beyond = ("yes" if st.beats_random else "no") if st else "–"
         lines.append(
             f"  {point.threshold:>12.6g}  {point.call_rate:>9.3f}  {point.calls:>7}  "
-            f"{_fmt(point.accuracy):>8}{mark}"
+            f"{acc:<22}  {rnd:<22}  {beyond:<6}{mark}"
         )
     return "\n".join(lines)
 
 
+def emit(text: str, file: Any = None) -> bool:
+    """Print `text`; False when the reader went away (`| head -1`): stdout is then pointed at
+    /dev/null so that the interpreter's final flush does not raise again."""
+    stream = file if file is not None else sys.stdout
+    try:
+        print(text, file=stream)
+        stream.flush()
+    except BrokenPipeError:
+        with contextlib.suppress(OSError, ValueError):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, stream.fileno())
+            os.close(devnull)
+        return False
+    return True
+
+
 def cmd_calibrate(args: Mapping[str, Any]) -> int:
+    """Choose the threshold; write calibration.json (always) and calibration.env, then print.
+
+    Files come first, so a closed stdout (`| head -1`) cannot lose them. When the chosen
+    point does not beat random routing at its call rate beyond the 95 % interval of the
+    gain, calibration.env is written without a threshold (`SSRL_CALIBRATION_SIGNAL=none`)
+    and the exit status is EXIT_NO_SIGNAL.
+    """
     paths = [Path(p) for p in args["runs"]]
     target_rate = args.get("target_call_rate")
     max_loss = args.get("max_accuracy_loss")
@@ -1137,33 +1410,39 @@ def cmd_calibrate(args: Mapping[str, Any]) -> int:
         return 2
     out = Path(args.get("out") or paths[0])
     out.mkdir(parents=True, exist_ok=True)
-    text = render_calibration(cal, source, metric)
-    print(text)
+    signal = cal.signal
     comments = [
-        f"written by `ssrl calibrate` on {_now()} from {source}",
-        f"target {cal.target} {cal.target_value:g}; call rate {cal.point.call_rate:.3f}"
+        f"written by `ssrl calibrate` on {_now()} from {source}, N = {len(questions)} questions",
+        f"target {cal.target} {cal.target_value:g}; aggregate {cal.aggregate}, call rate "
+        f"{cal.point.call_rate:.3f}"
         + (
-            f", counterfactual {METRIC_LABELS[metric]} {cal.point.accuracy:.3f}"
-            if cal.point.accuracy is not None
+            f", counterfactual {METRIC_LABELS[metric]} {_fmt_ci(signal.accuracy, signal.accuracy_interval)}"
+            f" vs random routing {_fmt_ci(signal.random, signal.random_interval)}"
+            if signal is not None
             else ""
         ),
-        "use: set -a; . ./calibration.env; set +a; ssrl serve   (or docker run --env-file calibration.env)",
     ]
-    atomic_write_text(out / CALIBRATION_ENV, render_env(cal.aggregate, cal.threshold, comments))
+    if cal.beats_random:
+        comments.append(
+            "use: set -a; . ./calibration.env; set +a; ssrl serve   (or docker run --env-file calibration.env)"
+        )
+        env_text = render_env(cal.aggregate, cal.threshold, comments)
+    else:
+        env_text = render_no_signal_env(comments)
     data = {
         **cal.to_dict(),
         "metric": metric,
         "source": source,
         "questions": len(questions),
+        "bootstrap": {"resamples": BOOTSTRAP_RESAMPLES, "seed": BOOTSTRAP_SEED, "level": 0.95},
         "written_at": _now(),
     }
+    if not cal.beats_random:
+        data["threshold"] = None
+        data["refused"] = "the chosen point does not beat random routing at the same call rate"
     atomic_write_json(out / CALIBRATION_JSON, data)
-    if (
-        not args.get("no_plots")
-        and cal.accuracy_internal is not None
-        and cal.accuracy_external is not None
-        and cal.point.accuracy is not None
-    ):
+    atomic_write_text(out / CALIBRATION_ENV, env_text)
+    if not args.get("no_plots") and cal.accuracy_internal is not None and cal.accuracy_external is not None:
         plot_curves(
             cal.curves,
             cal.accuracy_internal,
@@ -1171,8 +1450,22 @@ def cmd_calibrate(args: Mapping[str, Any]) -> int:
             out / CALIBRATION_PLOT,
             cal.point,
             ylabel=METRIC_LABELS[metric],
+            stats=cal.stats,
+            intervals=cal.run_intervals,
+            questions=len(questions),
         )
-    print(f"\nwrote {out / CALIBRATION_ENV} and {out / CALIBRATION_JSON}")
+    text = render_calibration(cal, source, metric, len(questions))
+    # A closed stdout (`| head -1`) is no failure: the files are written, the status stands.
+    emit(text + f"\n\nwrote {out / CALIBRATION_ENV} and {out / CALIBRATION_JSON}")
+    if not cal.beats_random:
+        print(
+            f"ssrl calibrate: no signal: {cal.aggregate} at call rate {cal.point.call_rate:.3f} does not beat "
+            "random routing at the same rate beyond the 95 % interval; calibration.env holds no "
+            "threshold (SSRL_CALIBRATION_SIGNAL=none). More questions, or another --metric or "
+            "target, may show a signal.",
+            file=sys.stderr,
+        )
+        return EXIT_NO_SIGNAL
     return 0
 
 
@@ -1214,27 +1507,35 @@ def config_from_args(args: Mapping[str, Any]) -> EvalConfig:
 
 
 def print_summary(summary: Mapping[str, Any], out: Path) -> None:
+    lines = []
     if summary.get("kind") == "sweep":
-        print(
-            f"sweep: never EM {_fmt(summary['accuracy_never'])}, always EM "
-            f"{_fmt(summary['accuracy_always'])} over {summary['paired_questions']} questions"
+        iv = summary.get("accuracy_intervals") or {}
+        lines.append(
+            f"sweep: never EM {_fmt_ci(summary['accuracy_never'], iv.get('never'))}, always EM "
+            f"{_fmt_ci(summary['accuracy_always'], iv.get('always'))} over {summary['paired_questions']} "
+            "questions [95 % bootstrap intervals]"
         )
-        for agg, score in summary["auroc_wrong_self_fill"].items():
-            print(f"  AUROC {AGGREGATE_LABELS[agg]:<26} {_fmt(score)}")
+        counts = summary.get("auroc_counts") or {}
+        for agg in summary["auroc_wrong_self_fill"]:
+            lines.append(f"  AUROC {AGGREGATE_LABELS[agg]:<26} {_fmt_auroc(counts.get(agg))}")
+        for agg, verdict in (summary.get("verdict") or {}).items():
+            lines.append("  " + verdict_line(agg, verdict, summary["accuracy_always"])[2:].replace("**", ""))
     else:
         lat = summary["latency_s"]
-        print(
-            f"EM {_fmt(summary['em'])}  F1 {_fmt(summary['f1'])}  scored {summary['scored']}  "
+        lines.append(
+            f"EM {_fmt_ci(summary['em'], summary.get('em_interval'))}  "
+            f"F1 {_fmt_ci(summary['f1'], summary.get('f1_interval'))}  scored {summary['scored']}  "
             f"errors {summary['errors']}  external-call rate {_fmt(summary['external_call_rate'])}  "
             f"latency p50 {_fmt(lat['p50'], 2)} s p99 {_fmt(lat['p99'], 2)} s"
         )
         if "pass_at_k" in summary:
-            print(
+            lines.append(
                 "pass@k "
                 + "  ".join(f"{k}:{v:.3f}" for k, v in summary["pass_at_k"].items())
                 + f"  majority {_fmt(summary['majority_accuracy'])}"
             )
-    print(f"wrote {out / SUMMARY} and {out / REPORT}")
+    lines.append(f"wrote {out / SUMMARY} and {out / REPORT}")
+    emit("\n".join(lines))  # the files are written: a closed stdout loses nothing
 
 
 def cmd_eval(args: Mapping[str, Any]) -> int:
@@ -1329,11 +1630,13 @@ def register_calibrate(subparsers: Any) -> None:
     cal = subparsers.add_parser(
         "calibrate",
         help="Choose the routing threshold from eval runs; write calibration.env.",
-        description="From one eval run (call-rate target only), a sweep directory, or a `never` "
-        "and an `always` run of the same questions, choose the threshold and aggregate, print "
-        "the curve, and write calibration.env (SSRL_SEARCH_* lines for `ssrl serve`).",
+        description="From a sweep directory, or a `never` and an `always` run of the same "
+        "questions, choose the threshold and aggregate, print the curve with 95 %% bootstrap "
+        "intervals, and write calibration.env (SSRL_SEARCH_* lines for `ssrl serve`). When the "
+        "chosen point does not beat random routing at the same call rate, calibration.env gets "
+        f"SSRL_CALIBRATION_SIGNAL=none and no threshold, and the exit status is {EXIT_NO_SIGNAL}.",
     )
-    cal.add_argument("runs", nargs="+", help="Run directories (one, a sweep dir, or never + always).")
+    cal.add_argument("runs", nargs="+", help="Run directories (a sweep dir, or never + always).")
     target = cal.add_mutually_exclusive_group()
     target.add_argument(
         "--target-call-rate",

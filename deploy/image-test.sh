@@ -15,12 +15,15 @@
 #   SSRL_IMAGE_BASE    base image (default: a local Debian bookworm + Python 3.11 image, made
 #                      with debootstrap when missing, since no image registry may be reachable)
 #   SSRL_IMAGE_KEEP=1  keep the built image and the base image (a rerun then builds from cache)
+#   SSRL_IMAGE_NO_CACHE=1  build every layer again (to time a cold build)
 #   SSRL_IMAGE_WHEELS  a folder of wheels mounted into the build as PIP_FIND_LINKS (default:
 #                      pip's own find-links setting, e.g. where the +cpu torch wheel lies)
 #   SSRL_IMAGE_CA      CA bundle pip trusts in the build (default: pip's `cert` setting)
 #   SSRL_IMAGE_TIMEOUT seconds to wait for healthy (default 900)
 #   PYTHON             a python with the `openai` package (default .venv/bin/python)
 #   PODMAN_RUNTIME     OCI runtime (default runc: crun fails on hybrid-cgroup hosts)
+#   SSRL_IMAGE_RUN_ENV more -e settings for the container, space-separated, e.g.
+#                      "SSRL_ENFORCE_EAGER=1" (start without torch.compile: seconds, not minutes)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -89,6 +92,7 @@ fi
 # of the image.
 pip_setting() { pip config list 2>/dev/null | sed -n "s/^[a-z:]*\.$1='\(.*\)'$/\1/p" | head -1; }
 build_args=(--build-arg "BASE=$BASE" --build-arg VARIANT=cpu)
+if [ "${SSRL_IMAGE_NO_CACHE:-0}" = 1 ]; then build_args+=(--no-cache); fi
 wheels=${SSRL_IMAGE_WHEELS:-${PIP_FIND_LINKS:-$(pip_setting find-links)}}
 if [ -n "$wheels" ] && [ -d "$wheels" ]; then
     build_args+=(-v "$(realpath "$wheels"):/run/ssrl-wheels:ro" --build-arg PIP_FIND_LINKS=/run/ssrl-wheels)
@@ -108,7 +112,7 @@ size=$(podman image inspect --format '{{.Size}}' "$image")
 log "built in ${build_s} s; image size $((size / 1000000)) MB"
 podman history --format '{{.Size}}\t{{.CreatedBy}}' "$image" | cut -c1-150 >&2
 
-health_cmd=$(podman image inspect --format '{{json .Healthcheck}}' "$image" 2>/dev/null || echo null)
+health_cmd=$(podman image inspect --format '{{json .HealthCheck}}' "$image" 2>/dev/null || echo null)
 [ "$health_cmd" != null ] && [ -n "$health_cmd" ] || fail "the image has no HEALTHCHECK"
 user=$(podman image inspect --format '{{.Config.User}}' "$image")
 [ "$user" = "10001:10001" ] || fail "image user is '$user', expected 10001:10001"
@@ -117,6 +121,8 @@ user=$(podman image inspect --format '{{.Config.User}}' "$image")
 key="sk-test-$(od -An -N16 -tx1 /dev/urandom | tr -d ' \n')"
 port=$("$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 log "running $name on 127.0.0.1:$port"
+run_env=()
+for setting in ${SSRL_IMAGE_RUN_ENV:-}; do run_env+=(-e "$setting"); done
 started=$(date +%s)
 # The same hardening and settings as deploy/compose.yaml's ssrl service.
 podman_ run -d --name "$name" "${ULIMITS[@]}" \
@@ -125,7 +131,8 @@ podman_ run -d --name "$name" "${ULIMITS[@]}" \
     --cap-drop ALL --security-opt no-new-privileges \
     -e SSRL_API_KEY="$key" -e SSRL_MAX_MODEL_LEN=2048 -e SSRL_CPU_KVCACHE_SPACE=1 \
     -e SSRL_SHUTDOWN_GRACE=30 -e SSRL_LOG_LEVEL=info \
-    "$image" >/dev/null
+    ${run_env[@]+"${run_env[@]}"} "$image" >/dev/null 2>"$tmp/run.err" \
+    || { cat "$tmp/run.err" >&2; fail "podman run"; }
 
 timeout_s=${SSRL_IMAGE_TIMEOUT:-900}
 status=
@@ -200,14 +207,52 @@ stats=$(podman stats --no-stream --format '{{.MemUsage}}' "$name" 2>/dev/null ||
 [ -z "$stats" ] || log "podman stats: $stats"
 
 # --- SIGTERM: drain and exit -----------------------------------------------------------------
+# A chat is in flight when SIGTERM comes: it must finish (the drain), and the server exit 0.
+SSRL_BASE_URL="http://127.0.0.1:$port/v1" SSRL_API_KEY="$key" "$PY" - >"$tmp/inflight.log" 2>&1 <<'EOF' &
+import os
+
+import openai
+
+client = openai.OpenAI(base_url=os.environ["SSRL_BASE_URL"], api_key=os.environ["SSRL_API_KEY"], max_retries=0)
+stream = client.chat.completions.create(
+    model=client.models.list().data[0].id,
+    messages=[{"role": "user", "content": "Tell me about the history of Paris."}],
+    max_tokens=48,
+    temperature=0,
+    stream=True,
+    extra_body={"self_search": {"enabled": False}},
+)
+chunks = 0
+for chunk in stream:
+    if chunk.choices and chunk.choices[0].delta.content:
+        chunks += 1
+        if chunks == 1:
+            print("streaming", flush=True)  # the shell sends SIGTERM now
+print(f"the chat in flight at SIGTERM finished: {chunks} chunk(s)")
+EOF
+inflight=$!
+for _ in $(seq 300); do
+    grep -q streaming "$tmp/inflight.log" 2>/dev/null && break
+    kill -0 "$inflight" 2>/dev/null || break
+    sleep 0.2
+done
+grep -q streaming "$tmp/inflight.log" || { cat "$tmp/inflight.log" >&2; fail "the chat to drain did not start"; }
 started=$(date +%s)
 podman kill --signal TERM "$name" >/dev/null
 code=$(timeout 120 podman wait "$name") || fail "did not exit within 120 s of SIGTERM"
 stop_s=$(($(date +%s) - started))
 podman logs "$name" >"$tmp/run.log" 2>&1
-grep -q 'draining' "$tmp/run.log" || { tail -20 "$tmp/run.log" >&2; fail "no drain log line after SIGTERM"; }
+if wait "$inflight"; then
+    log "$(tail -1 "$tmp/inflight.log")"
+else
+    tail -5 "$tmp/inflight.log" >&2
+    fail "the request in flight at SIGTERM did not finish"
+fi
 [ "$code" = 0 ] || { tail -20 "$tmp/run.log" >&2; fail "exit code $code after SIGTERM"; }
-log "SIGTERM: drained and exited 0 in $stop_s s"
+# ssrl's own "signal 15: draining N request(s)" line, else uvicorn's end of shutdown.
+line=$(grep -oE 'draining [0-9]+ request.*|Finished server process.*' "$tmp/run.log" | head -1) \
+    || { tail -20 "$tmp/run.log" >&2; fail "no shutdown log line after SIGTERM"; }
+log "SIGTERM: '$line'; exited 0 in $stop_s s"
 
 log "PASS: build ${build_s} s, image $((size / 1000000)) MB, healthy after ${healthy_s} s," \
     "idle RSS $((rss_kb / 1024)) MiB, stop ${stop_s} s"

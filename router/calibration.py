@@ -29,6 +29,16 @@ lowest token probability must fall below), and each point's routing is re-checke
 server's exact comparison (`router.policies.exceeds`), so a written threshold reproduces
 the point's call rate.
 
+**Honest statistics.** Every curve point carries a bootstrap 95 % interval of its accuracy
+and the accuracy of random routing at the same call rate, computed from the real never and
+always outcomes of each question (a question with a search counts
+(1 - r) * c_int + r * c_ext, one without keeps c_int, as the threshold point does), with the
+interval of the paired difference point - random over the same resamples (`PointStats`). A
+point *beats random* when that difference's interval lies above 0 and it rests on at least
+MIN_SIGNAL_QUESTIONS questions. `calibrate` needs both
+runs: a single run's internally and externally routed halves are different questions, not
+counterfactual outcomes of the same ones.
+
 Pure functions, no I/O.
 """
 
@@ -41,7 +51,20 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 from router.entropy import AGGREGATES, check_aggregate
-from router.scoring import auroc, mean
+from router.scoring import (
+    BOOTSTRAP_RESAMPLES,
+    BOOTSTRAP_SEED,
+    Interval,
+    auroc,
+    bootstrap_weights,
+    mean,
+    percentile_interval,
+)
+
+# Fewest paired questions on which a point may be said to beat random routing: below it the
+# percentile bootstrap is too optimistic (5 questions whose differences are all >= 0 give an
+# interval above 0 in 99 % of resamples, while a sign test on them gives p = 1/8).
+MIN_SIGNAL_QUESTIONS: Final = 20
 
 # Tolerance when comparing rates and accuracies against targets (float sums of 0/1 values).
 _EPS: Final = 1e-9
@@ -230,13 +253,7 @@ def choose_for_accuracy_loss(points: Sequence[CurvePoint], reference: float, max
     return min(eligible, key=lambda p: (p.call_rate, -(p.accuracy or 0.0)))
 
 
-def aggregate_auroc(questions: Sequence[Question], aggregate: str) -> float | None:
-    """AUROC of the aggregate's uncertainty for predicting that the self-filled answer is
-    wrong (positive = wrong), over questions with a search and a self-filled outcome.
-
-    With several samples per question, a question counts as wrong when less than half of
-    its samples were right. None when undefined (no self-filled run, or one class only).
-    """
+def _auroc_inputs(questions: Sequence[Question], aggregate: str) -> tuple[list[float], list[bool]]:
     check_aggregate(aggregate)
     scores: list[float] = []
     wrong: list[bool] = []
@@ -245,14 +262,206 @@ def aggregate_auroc(questions: Sequence[Question], aggregate: str) -> float | No
             continue
         scores.append(uncertainty(q.entropy, aggregate))
         wrong.append(q.correct_internal < 0.5)
+    return scores, wrong
+
+
+def auroc_detail(questions: Sequence[Question], aggregate: str) -> dict[str, Any]:
+    """The AUROC of `aggregate_auroc` with its class counts, and why it is None when it is.
+
+    {"auroc", "positives" (wrong self-filled answers), "negatives" (right ones), "reason"}:
+    an AUROC from one positive among 60 is a statement about one question, and the counts
+    beside it say so.
+    """
+    scores, wrong = _auroc_inputs(questions, aggregate)
+    positives = sum(wrong)
+    negatives = len(wrong) - positives
+    reason = None
+    if not scores:
+        reason = "no question with a search and a self-filled outcome"
+    elif positives == 0:
+        reason = "no wrong self-filled answer (every one is right)"
+    elif negatives == 0:
+        reason = "no right self-filled answer (every one is wrong)"
+    return {
+        "auroc": auroc(scores, wrong) if reason is None else None,
+        "positives": positives,
+        "negatives": negatives,
+        "reason": reason,
+    }
+
+
+def aggregate_auroc(questions: Sequence[Question], aggregate: str) -> float | None:
+    """AUROC of the aggregate's uncertainty for predicting that the self-filled answer is
+    wrong (positive = wrong), over questions with a search and a self-filled outcome.
+
+    With several samples per question, a question counts as wrong when less than half of
+    its samples were right. None when undefined (no self-filled run, or one class only).
+    """
+    scores, wrong = _auroc_inputs(questions, aggregate)
     if not scores:
         return None
     return auroc(scores, wrong)
 
 
+@dataclass(frozen=True, slots=True)
+class PointStats:
+    """A curve point against random routing at the same call rate, with bootstrap intervals.
+
+    `gain` is accuracy - random; its interval comes from the same resamples (paired), so
+    `beats_random` (the interval's low end above 0, on at least MIN_SIGNAL_QUESTIONS
+    questions) accounts for both being estimated on the same questions.
+    """
+
+    questions: int
+    accuracy: float
+    accuracy_interval: Interval
+    random: float
+    random_interval: Interval
+    gain: float
+    gain_interval: Interval
+
+    @property
+    def beats_random(self) -> bool:
+        return self.questions >= MIN_SIGNAL_QUESTIONS and self.gain_interval.low > _EPS
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "questions": self.questions,
+            "accuracy": self.accuracy,
+            "accuracy_interval": self.accuracy_interval.to_dict(),
+            "random_routing_accuracy": self.random,
+            "random_routing_interval": self.random_interval.to_dict(),
+            "gain_over_random": self.gain,
+            "gain_interval": self.gain_interval.to_dict(),
+            "beats_random": self.beats_random,
+        }
+
+
+def _require_pair(questions: Sequence[Question]) -> None:
+    if not _has_pair(questions):
+        raise ValueError(
+            "needs both runs: one with policy `never` and one with `always` on the same "
+            "questions (a single run's self-filled and searched halves are different "
+            "questions, not counterfactual outcomes)"
+        )
+
+
+def run_intervals(
+    questions: Sequence[Question],
+    resamples: int = BOOTSTRAP_RESAMPLES,
+    seed: int = BOOTSTRAP_SEED,
+    level: float = 0.95,
+    weights: Sequence[Sequence[int]] | None = None,
+) -> dict[str, Interval]:
+    """Bootstrap intervals of the never and always runs' accuracies ({"never", "always"})."""
+    _require_pair(questions)
+    if weights is None:
+        weights = bootstrap_weights(len(questions), resamples, seed)
+    n = len(questions)
+    out = {}
+    for name, values in (
+        ("never", [float(q.correct_internal or 0.0) for q in questions]),
+        ("always", [float(q.correct_external or 0.0) for q in questions]),
+    ):
+        means = [math.fsum(w * v for w, v in zip(ws, values, strict=True)) / n for ws in weights]
+        out[name] = percentile_interval(means, level)
+    return out
+
+
+def curve_stats(
+    questions: Sequence[Question],
+    points: Sequence[CurvePoint],
+    resamples: int = BOOTSTRAP_RESAMPLES,
+    seed: int = BOOTSTRAP_SEED,
+    level: float = 0.95,
+    weights: Sequence[Sequence[int]] | None = None,
+) -> list[PointStats]:
+    """`PointStats` for each point of one aggregate's curve (needs both runs).
+
+    One set of resamples of the questions (random.Random(seed)) serves every point, so the
+    intervals are reproducible and consecutive points comparable. Cost O(resamples *
+    questions) per curve: consecutive points differ in a few questions' routes, and each
+    resample's total is updated for those only. `weights` (`bootstrap_weights(len(questions),
+    resamples, seed)`) may be passed to share the resamples between curves.
+    """
+    _require_pair(questions)
+    n = len(questions)
+    if weights is None:
+        weights = bootstrap_weights(n, resamples, seed)
+    c_int = [float(q.correct_internal) for q in questions]  # type: ignore[arg-type]
+    c_ext = [float(q.correct_external) for q in questions]  # type: ignore[arg-type]
+    searched = [q.entropy is not None for q in questions]
+    base = [math.fsum(w * v for w, v in zip(ws, c_int, strict=True)) for ws in weights]
+    delta = [
+        math.fsum(w * (e - i) for w, e, i, s in zip(ws, c_ext, c_int, searched, strict=True) if s)
+        for ws in weights
+    ]
+    base0 = math.fsum(c_int)
+    delta0 = math.fsum(e - i for e, i, s in zip(c_ext, c_int, searched, strict=True) if s)
+    totals = list(base)  # every question self-filled to start with
+    current = list(c_int)
+    out: list[PointStats] = []
+    for point in points:
+        for k, q in enumerate(questions):
+            external = q.entropy is not None and routes_external(q.entropy, point.aggregate, point.threshold)
+            value = c_ext[k] if external else c_int[k]
+            if value != current[k]:
+                change = value - current[k]
+                for b, ws in enumerate(weights):
+                    if ws[k]:
+                        totals[b] += ws[k] * change
+                current[k] = value
+        rate = point.call_rate
+        accs = [t / n for t in totals]
+        randoms = [(b0 + rate * d) / n for b0, d in zip(base, delta, strict=True)]
+        gains = [a - r for a, r in zip(accs, randoms, strict=True)]
+        accuracy = math.fsum(current) / n
+        random_acc = (base0 + rate * delta0) / n
+        out.append(
+            PointStats(
+                questions=n,
+                accuracy=accuracy,
+                accuracy_interval=percentile_interval(accs, level),
+                random=random_acc,
+                random_interval=percentile_interval(randoms, level),
+                gain=accuracy - random_acc,
+                gain_interval=percentile_interval(gains, level),
+            )
+        )
+    return out
+
+
+def verdict_at_rate(
+    points: Sequence[CurvePoint],
+    stats: Sequence[PointStats],
+    acc_always: float | None,
+    rate: float = 0.5,
+) -> dict[str, Any]:
+    """At `rate` of always-search's calls: the point used, the share of always-search's
+    accuracy it keeps (and random routing's), and whether it beats random."""
+    point = choose_for_call_rate(points, rate)
+    st = stats[list(points).index(point)]
+    share = random_share = None
+    if acc_always:
+        share = st.accuracy / acc_always
+        random_share = st.random / acc_always
+    return {
+        "target_call_rate": rate,
+        "call_rate": point.call_rate,
+        "threshold": point.threshold,
+        "accuracy": st.accuracy,
+        "accuracy_interval": st.accuracy_interval.to_dict(),
+        "share_of_always": share,
+        "random_share_of_always": random_share,
+        "beats_random": st.beats_random,
+        "gain_interval": st.gain_interval.to_dict(),
+        "questions": st.questions,
+    }
+
+
 @dataclass(frozen=True)
 class Calibration:
-    """A chosen threshold and how it was chosen."""
+    """A chosen threshold, how it was chosen, and whether it beats random routing."""
 
     aggregate: str
     point: CurvePoint
@@ -264,16 +473,45 @@ class Calibration:
     accuracy_external: float | None
     auroc: dict[str, float | None] = field(default_factory=dict)
     curves: dict[str, list[CurvePoint]] = field(default_factory=dict)
+    # AUROC with class counts per aggregate (`auroc_detail`).
+    auroc_counts: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # PointStats per point of each curve, and intervals of the never/always accuracies.
+    stats: dict[str, list[PointStats]] = field(default_factory=dict)
+    run_intervals: dict[str, Interval] = field(default_factory=dict)
 
     @property
     def threshold(self) -> float:
         return self.point.threshold
+
+    @property
+    def signal(self) -> PointStats | None:
+        """The chosen point's statistics (None when not computed)."""
+        stats = self.stats.get(self.aggregate)
+        if not stats:
+            return None
+        return stats[self.curves[self.aggregate].index(self.point)]
+
+    @property
+    def beats_random(self) -> bool:
+        """Whether the chosen point beats random routing at its call rate beyond the interval."""
+        signal = self.signal
+        return signal is not None and signal.beats_random
 
     def to_dict(self) -> dict[str, Any]:
         acc_int, acc_ext = self.accuracy_internal, self.accuracy_external
         random = None
         if acc_int is not None and acc_ext is not None:
             random = random_routing_accuracy(self.point.call_rate, acc_ext, acc_int)
+        signal = self.signal
+        if signal is not None:
+            random = signal.random
+
+        def curve(name: str) -> list[dict[str, Any]]:
+            pts = [p.to_dict() for p in self.curves[name]]
+            for d, st in zip(pts, self.stats.get(name) or [], strict=False):
+                d.update(st.to_dict())
+            return pts
+
         return {
             "policy": "threshold",
             "aggregate": self.aggregate,
@@ -281,12 +519,16 @@ class Calibration:
             "target": self.target,
             "target_value": self.target_value,
             "chosen": self.point.to_dict(),
+            "signal": "beats_random" if self.beats_random else "none",
+            "chosen_stats": signal.to_dict() if signal is not None else None,
             "accuracy_never": acc_int,
             "accuracy_always": acc_ext,
+            "accuracy_intervals": {k: v.to_dict() for k, v in self.run_intervals.items()},
             "random_routing_accuracy_at_chosen_rate": random,
             "ssrl_rule": ssrl_rule_point(acc_ext),
             "auroc_wrong_self_fill": dict(self.auroc),
-            "curves": {a: [p.to_dict() for p in pts] for a, pts in self.curves.items()},
+            "auroc_counts": dict(self.auroc_counts),
+            "curves": {a: curve(a) for a in self.curves},
         }
 
 
@@ -302,13 +544,23 @@ def calibrate(
     max_accuracy_loss: float | None = None,
     aggregate: str | None = None,
     aggregates: Sequence[str] = AGGREGATES,
+    resamples: int = BOOTSTRAP_RESAMPLES,
+    seed: int = BOOTSTRAP_SEED,
 ) -> Calibration:
     """Choose an aggregate and a threshold for one target (exactly one must be given).
 
     With `aggregate` None the best aggregate is picked: at a call-rate target the one with
-    the highest counterfactual accuracy at its chosen point (without both runs: the highest
-    AUROC, else `mean`); at an accuracy-loss target the one with the lowest call rate
-    (ties: higher accuracy). Remaining ties go to the order of `aggregates`.
+    the highest counterfactual accuracy at its chosen point; at an accuracy-loss target the
+    one with the lowest call rate (ties: higher accuracy). Remaining ties go to the order of
+    `aggregates`. With both runs (never and always) on every question the result carries
+    bootstrap statistics (`resamples`, `seed`); whether to use the threshold is the caller's
+    call: see `Calibration.beats_random`.
+
+    Without both runs only a call-rate target is possible (a cut of the entropies, as the
+    routing benchmark needs; the aggregate with the highest AUROC, else the first): no
+    accuracy, no run accuracies (a single run's routed halves are not the never and always
+    outcomes of the same questions), no statistics, and `beats_random` is False. `ssrl
+    calibrate` refuses single runs altogether.
     """
     if (target_call_rate is None) == (max_accuracy_loss is None):
         raise ValueError("give exactly one of target_call_rate and max_accuracy_loss")
@@ -319,7 +571,7 @@ def calibrate(
     if not any(q.entropy is not None for q in questions):
         raise ValueError("no question has a recorded search entropy to calibrate on")
     paired = _has_pair(questions)
-    acc_int, acc_ext = run_accuracies(questions)
+    acc_int, acc_ext = run_accuracies(questions) if paired else (None, None)
     names = [aggregate] if aggregate is not None else list(aggregates)
     curves = {name: threshold_curve(questions, name) for name in aggregates}
     if aggregate is not None and aggregate not in curves:
@@ -341,10 +593,8 @@ def calibrate(
     else:
         assert max_accuracy_loss is not None
         if not paired or acc_ext is None:
-            raise ValueError(
-                "a maximum accuracy loss needs both runs: one with policy `never` and one "
-                "with `always` on the same questions"
-            )
+            _require_pair(questions)
+        assert acc_ext is not None
         target, value = "accuracy_loss", max_accuracy_loss
         for name in names:
             chosen[name] = choose_for_accuracy_loss(curves[name], acc_ext, max_accuracy_loss)
@@ -366,7 +616,37 @@ def calibrate(
         accuracy_external=acc_ext,
         auroc=aurocs,
         curves=curves,
+        auroc_counts={name: auroc_detail(questions, name) for name in curves},
+        **_statistics(questions, curves, resamples, seed),
     )
+
+
+def _statistics(
+    questions: Sequence[Question], curves: Mapping[str, Sequence[CurvePoint]], resamples: int, seed: int
+) -> dict[str, Any]:
+    """Calibration's `stats` and `run_intervals` (empty without both runs)."""
+    if not _has_pair(questions):
+        return {"stats": {}, "run_intervals": {}}
+    weights = bootstrap_weights(len(questions), resamples, seed)
+    return {
+        "stats": {name: curve_stats(questions, pts, weights=weights) for name, pts in curves.items()},
+        "run_intervals": run_intervals(questions, weights=weights),
+    }
+
+
+def render_no_signal_env(comments: Sequence[str] = ()) -> str:
+    """The env file written when the chosen point does not beat random routing.
+
+    No policy and no threshold (the server keeps its defaults), a comment saying why, and
+    `SSRL_CALIBRATION_SIGNAL=none` (the server ignores it; scripts can test it).
+    """
+    lines = [f"# {c}" for c in comments]
+    lines += [
+        "# no signal: the chosen threshold does not beat random routing at the same call rate",
+        "# beyond its 95 % bootstrap interval, so no threshold is written",
+        "SSRL_CALIBRATION_SIGNAL=none",
+    ]
+    return "\n".join(lines) + "\n"
 
 
 def render_env(aggregate: str, threshold: float, comments: Sequence[str] = ()) -> str:

@@ -47,6 +47,13 @@ from router.tags import (
 
 Mode = Literal["native", "guided"]
 
+# vLLM's repetition penalty on a guided information fill (1.0: off). Only there: the query and
+# the answer should repeat the question's and the documents' words.
+GUIDED_FILL_REPETITION_PENALTY = 1.1
+# vLLM's frequency penalty on a guided answer (output tokens only, so the documents' words stay
+# free to copy): a one-line answer must not loop ("2017 2017 2017 ...").
+GUIDED_ANSWER_FREQUENCY_PENALTY = 2.0
+
 # How inserted blocks are laid out; SSRL's own loop inserts `\n\n<information>...`.
 INFO_PREFIX = "\n\n" + INFORMATION_OPEN
 INFO_SUFFIX = INFORMATION_CLOSE + "\n\n"
@@ -231,8 +238,20 @@ class SelfSearchLoop:
     def _insert(self, text: str) -> TextDelta:
         """Server-written text: the transcript and the prompt ids grow by it."""
         self.transcript += text
-        self.ids.extend(self._encode(text))
+        self.ids.extend(self._encode_inserted(text))
         return TextDelta(text)
+
+    def _encode_inserted(self, text: str) -> list[int]:
+        """The ids of a server-written piece. In guided mode a piece ending in newlines is
+        always followed by a tag the loop writes; encode the newlines as they tokenise before
+        that tag (`\n`, `\n`, `<`: what the worked examples show), not as the lone `\n\n`
+        token a piece encoded alone gets, which the model never saw before an `<answer>`."""
+        ids = self._encode(text)
+        if self.config.mode == "guided" and text.endswith("\n"):
+            joined = self._encode(text + "<")
+            if joined and self._decode(joined[-1:]) == "<" and self._decode(joined[:-1]) == text:
+                return joined[:-1]
+        return ids
 
     def _keep(self, segment: Segment) -> None:
         """Model-written text up to its stop string: keep the engine's own token ids."""
@@ -253,7 +272,7 @@ class SelfSearchLoop:
     def _tokens(self, *pieces: str) -> int:
         """Tokens the loop's own insertions of `pieces` take (each is encoded alone, as
         `_insert` does)."""
-        return sum(len(self._encode(p)) for p in pieces)
+        return sum(len(self._encode_inserted(p)) for p in pieces)
 
     def _model_view(self) -> str:
         """The transcript without the documents the server inserted (tags kept)."""
@@ -272,6 +291,8 @@ class SelfSearchLoop:
         logprobs: bool,
         answer: bool = False,
         reserve: int = 0,
+        repetition_penalty: float = 1.0,
+        frequency_penalty: float = 0.0,
     ) -> AsyncIterator[TextDelta | Segment]:
         """One engine call; yields text as it may be shown, then the finished Segment.
 
@@ -286,6 +307,8 @@ class SelfSearchLoop:
             stop=stop,
             logprobs=self.config.logprobs_k if logprobs else None,
             include_stop_str_in_output=False,
+            repetition_penalty=repetition_penalty,
+            frequency_penalty=frequency_penalty,
         )
         self._calls += 1
         holdback = max((len(s) for s in stop), default=1) - 1
@@ -374,7 +397,12 @@ class SelfSearchLoop:
             self._inserted.append((start, len(self.transcript)))
         else:
             async for item in self._generate(
-                (INFORMATION_CLOSE,), self.config.max_information_tokens, False, reserve=self._fill_reserve
+                (INFORMATION_CLOSE,),
+                self.config.max_information_tokens,
+                False,
+                reserve=self._fill_reserve,
+                # Guided mode: a small model filling a block alone drifts into loops.
+                repetition_penalty=GUIDED_FILL_REPETITION_PENALTY if self.config.mode == "guided" else 1.0,
             ):
                 if isinstance(item, Segment):
                     self._keep(item)
@@ -395,7 +423,12 @@ class SelfSearchLoop:
         # The closing tag is the loop's to write: keep context for it.
         closing = self._tokens(ANSWER_CLOSE)
         async for item in self._generate(
-            stop, self.config.max_answer_tokens, False, answer=True, reserve=closing
+            stop,
+            self.config.max_answer_tokens,
+            False,
+            answer=True,
+            reserve=closing,
+            frequency_penalty=GUIDED_ANSWER_FREQUENCY_PENALTY if self.config.mode == "guided" else 0.0,
         ):
             if isinstance(item, Segment):
                 self._keep(item)
@@ -441,7 +474,11 @@ class SelfSearchLoop:
                 yield event
             if self.records[-1].route == "skipped":
                 break
-        async for event in self._answer("" if self.transcript.endswith("\n") else "\n", (ANSWER_CLOSE, "\n")):
+        # The answer is one line; any closing tag ends it too (a small model may write
+        # `Pacific Ocean </information>`).
+        async for event in self._answer(
+            "" if self.transcript.endswith("\n") else "\n", (ANSWER_CLOSE, "\n", "</")
+        ):
             yield event
 
     async def _native(self) -> AsyncIterator[LoopEvent]:

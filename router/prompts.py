@@ -28,6 +28,14 @@ GUIDED = (
 )
 
 
+# What guided mode inserts per search unless the operator (`--docs-per-search`,
+# `--max-doc-chars`) or the request (`docs_per_search`) says otherwise: a 135M model read the
+# answer out of one 300-character document about twice as often as out of three of 600
+# (docs/evaluation.md, "First impression").
+GUIDED_DOCS_PER_SEARCH = 1
+GUIDED_MAX_DOC_CHARS = 300
+
+
 def _example(query: str, documents: tuple[tuple[str, str], ...], answer: str) -> str:
     """One worked transcript, laid out as the loop writes it (documents as the server inserts
     them: Search-R1's `Doc i(Title: ...) text`)."""
@@ -79,7 +87,10 @@ GUIDED_EXAMPLES: tuple[tuple[str, str], ...] = (
         _example(
             "Wright brothers first flight",
             (
-                ("Charles Lindbergh", "Charles Lindbergh made the first nonstop flight from New York to Paris."),
+                (
+                    "Charles Lindbergh",
+                    "Charles Lindbergh made the first nonstop flight from New York to Paris.",
+                ),
                 (
                     "Wright brothers",
                     "The Wright brothers, Orville and Wilbur, made the first powered airplane flight "

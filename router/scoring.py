@@ -11,6 +11,9 @@ The conventions are those of SQuAD, Search-R1 and SSRL, so numbers compare with 
 - pass@k is the unbiased estimator of Chen et al. 2021 (HumanEval): with n samples of which
   c are correct, pass@k = 1 - C(n-c, k) / C(n, k), the probability that k samples drawn
   without replacement from the n contain at least one correct one.
+- Intervals are percentile-bootstrap 95 % intervals over questions: BOOTSTRAP_RESAMPLES
+  resamples of the questions with replacement, drawn by random.Random(BOOTSTRAP_SEED), so
+  the same rows always give the same interval.
 - AUROC is the Mann-Whitney U statistic divided by n_pos * n_neg, ties counted one half
   (mid-ranks), so a constant score has AUROC 0.5 whatever the labels.
 
@@ -20,6 +23,7 @@ Pure functions, no I/O.
 from __future__ import annotations
 
 import math
+import random
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -28,10 +32,15 @@ from fractions import Fraction
 from router.tags import normalize_answer
 
 __all__ = [
+    "BOOTSTRAP_RESAMPLES",
+    "BOOTSTRAP_SEED",
+    "Interval",
     "MajorityVote",
     "auroc",
     "best_exact_match",
     "best_f1",
+    "bootstrap_mean",
+    "bootstrap_weights",
     "exact_match",
     "f1_score",
     "majority_vote",
@@ -39,6 +48,7 @@ __all__ = [
     "normalize_answer",
     "pass_at_k",
     "pass_at_k_curve",
+    "percentile_interval",
 ]
 
 
@@ -193,3 +203,83 @@ def percentile(values: Sequence[float | None], q: float) -> float | None:
     low = math.floor(pos)
     high = min(low + 1, len(data) - 1)
     return data[low] + (data[high] - data[low]) * (pos - low)
+
+
+# ----------------------------------------------------------------------------- bootstrap
+
+BOOTSTRAP_RESAMPLES = 1000
+BOOTSTRAP_SEED = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Interval:
+    """A two-sided interval (bootstrap percentile interval at `level`)."""
+
+    low: float
+    high: float
+
+    def to_dict(self) -> dict[str, float]:
+        return {"low": self.low, "high": self.high}
+
+    def __contains__(self, value: float) -> bool:
+        return self.low <= value <= self.high
+
+
+def bootstrap_weights(
+    n: int, resamples: int = BOOTSTRAP_RESAMPLES, seed: int = BOOTSTRAP_SEED
+) -> list[list[int]]:
+    """How often each of n items is drawn in each resample (n draws with replacement).
+
+    Deterministic for a given (n, resamples, seed): random.Random(seed) draws them all.
+    A statistic that is a sum over items is then sum(w[i] * x[i]) for each resample.
+    """
+    if n < 0 or resamples < 1:
+        raise ValueError(f"bootstrap needs n >= 0 and resamples >= 1, got n={n}, resamples={resamples}")
+    rng = random.Random(seed)
+    population = range(n)
+    out: list[list[int]] = []
+    for _ in range(resamples):
+        weights = [0] * n
+        for i in rng.choices(population, k=n) if n else ():
+            weights[i] += 1
+        out.append(weights)
+    return out
+
+
+def percentile_interval(samples: Sequence[float], level: float = 0.95) -> Interval:
+    """The central `level` share of `samples` (percentile method, linear interpolation)."""
+    if not samples:
+        raise ValueError("an interval needs at least one sample")
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"level must be in (0, 1), got {level}")
+    data = sorted(samples)  # one sort for both ends (this runs for every curve point)
+
+    def at(q: float) -> float:
+        pos = (len(data) - 1) * q
+        low = math.floor(pos)
+        high = min(low + 1, len(data) - 1)
+        return data[low] + (data[high] - data[low]) * (pos - low)
+
+    tail = (1.0 - level) / 2
+    return Interval(at(tail), at(1.0 - tail))
+
+
+def bootstrap_mean(
+    values: Sequence[float],
+    resamples: int = BOOTSTRAP_RESAMPLES,
+    seed: int = BOOTSTRAP_SEED,
+    level: float = 0.95,
+    weights: Sequence[Sequence[int]] | None = None,
+) -> Interval | None:
+    """Bootstrap interval of the mean of `values` (None for no values).
+
+    `weights` (from `bootstrap_weights(len(values), ...)`) lets several statistics of the
+    same questions share one set of resamples.
+    """
+    n = len(values)
+    if n == 0:
+        return None
+    if weights is None:
+        weights = bootstrap_weights(n, resamples, seed)
+    means = [math.fsum(w * v for w, v in zip(ws, values, strict=True)) / n for ws in weights]
+    return percentile_interval(means, level)

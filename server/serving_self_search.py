@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 from router.engine.base import offset_seed
 from router.loop import LoopConfig, LoopFinished, LoopResult, Mode, SearchDecided, SelfSearchLoop, TextDelta
 from router.policies import make_policy
-from router.prompts import example_messages
+from router.prompts import GUIDED_DOCS_PER_SEARCH, GUIDED_MAX_DOC_CHARS, example_messages
 from router.scoring import majority_vote
 from router.search.service import SearchService
 from router.tags import sanitize_document_text
@@ -105,14 +105,23 @@ def loop_config(
         )
     except ValueError as exc:
         raise _invalid("policy", str(exc)) from exc
+    mode = pick(o.mode, runtime.mode)
+    # Guided mode (small instruct models) reads one short document far better than three long
+    # ones (bench/first_impression.py); a value the operator or the request set still wins.
+    docs_default, chars = s.docs_per_search, s.max_doc_chars
+    if mode == "guided":
+        if "docs_per_search" not in s.model_fields_set:
+            docs_default = GUIDED_DOCS_PER_SEARCH
+        if "max_doc_chars" not in s.model_fields_set:
+            chars = GUIDED_MAX_DOC_CHARS
     config = LoopConfig(
-        mode=pick(o.mode, runtime.mode),
+        mode=mode,
         policy=policy,
         max_turns=max_turns,
-        docs_per_search=pick(o.docs_per_search, s.docs_per_search),
+        docs_per_search=pick(o.docs_per_search, docs_default),
         max_external_calls=pick(o.max_external_calls, s.max_external_calls),
         logprobs_k=s.entropy_top_k,
-        max_doc_chars=s.max_doc_chars,
+        max_doc_chars=chars,
         max_query_tokens=s.max_query_tokens,
         max_information_tokens=s.max_information_tokens,
         max_answer_tokens=s.max_answer_tokens,

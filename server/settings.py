@@ -132,12 +132,14 @@ class ServeSettings(BaseSettings):
     warmup: bool = Field(True, description="Run one tiny request before accepting traffic.")
 
     # vLLM's own OpenAI serving layer (requests that do not self-search)
-    openai_serving: Literal["ssrl", "vllm"] = Field(
-        "ssrl",
+    openai_serving: Literal["auto", "ssrl", "vllm"] = Field(
+        "auto",
         description="Who answers chat without self-search and /v1/completions: ssrl's own "
-        "serving, or vLLM's OpenAI serving classes in process (every vLLM request field, "
-        "tools, structured outputs, vLLM's own 400s); /v1/responses, /tokenize, /detokenize "
-        "and /version always use vLLM's.",
+        "serving (`ssrl`: a field it cannot honour is a 400), vLLM's OpenAI serving classes in "
+        "process (`vllm`: every vLLM request field, tools, structured outputs, vLLM's own "
+        "400s), or `auto`: ssrl's own unless the request sets a field only vLLM's honours "
+        "(tools, response_format, logit_bias, ...). /v1/responses, /tokenize, /detokenize and "
+        "/version always use vLLM's.",
     )
     enable_auto_tool_choice: bool = Field(
         False, description='vLLM --enable-auto-tool-choice (tool_choice "auto"; needs --tool-call-parser).'

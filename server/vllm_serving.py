@@ -85,7 +85,8 @@ SELF_SEARCH_UNSUPPORTED: dict[str, Any] = {
 _WHY = {
     "self_search": "is not supported with self-search; set self_search.enabled to false "
     "(or serve with --no-self-search) to use it.",
-    "plain": "is not supported by ssrl's own plain serving; serve with --openai-serving vllm to use it.",
+    "plain": "is not supported by ssrl's own plain serving; serve with --openai-serving auto "
+    "(the default) or vllm to use it.",
 }
 
 
@@ -93,15 +94,24 @@ _WHY = {
 _COMPLETION_HONOURED = frozenset({"echo"})
 
 
-def check_unsupported(body: dict[str, Any], why: str, exempt: frozenset[str] = frozenset()) -> None:
-    """400 naming the first field of SELF_SEARCH_UNSUPPORTED the request sets (to anything but
-    its neutral value): the loop (`why="self_search"`) or ssrl's plain serving (`"plain"`)
-    cannot honour it, and nothing is silently ignored."""
+def first_unsupported(body: dict[str, Any], exempt: frozenset[str] = frozenset()) -> str | None:
+    """The first field of SELF_SEARCH_UNSUPPORTED the request sets to anything but its neutral
+    value, else None."""
     for name, neutral in SELF_SEARCH_UNSUPPORTED.items():
         if name in exempt or name not in body or body[name] is None:
             continue
         if neutral is not _ANY and body[name] == neutral:
             continue
+        return name
+    return None
+
+
+def check_unsupported(body: dict[str, Any], why: str, exempt: frozenset[str] = frozenset()) -> None:
+    """400 naming the first field of SELF_SEARCH_UNSUPPORTED the request sets: the loop
+    (`why="self_search"`) or ssrl's plain serving (`"plain"`) cannot honour it, and nothing is
+    silently ignored."""
+    name = first_unsupported(body, exempt)
+    if name is not None:
         raise APIError(400, f"'{name}' {_WHY[why]}", param=name, code="unsupported_parameter")
 
 
@@ -298,8 +308,9 @@ def _self_search_wanted(settings: ServeSettings, body: dict[str, Any]) -> bool:
 
 
 def chat_decision(settings: ServeSettings, serving: Callable[[], OpenAIServing | None]) -> ForwardDecision:
-    """Chat: a self-search request stays with ssrl (400 for a field the loop cannot honour);
-    with --openai-serving vllm, any other goes to vLLM's serving layer."""
+    """Chat: a self-search request stays with ssrl (400 for a field the loop cannot honour).
+    Any other goes to vLLM's serving layer with --openai-serving vllm, and with `auto` when it
+    sets a field ssrl's own plain serving cannot honour (tools, response_format, ...)."""
     from pydantic import ValidationError
 
     from server.protocol import SelfSearchOptions
@@ -309,13 +320,17 @@ def chat_decision(settings: ServeSettings, serving: Callable[[], OpenAIServing |
             parsed = json.loads(body)
         except ValueError:
             parsed = None
-        target = serving() if settings.openai_serving == "vllm" else None
+        mode = settings.openai_serving
+        target = serving() if mode != "ssrl" else None
         if not isinstance(parsed, dict):
             # Not a JSON object: whoever would have answered it reports the error.
-            return None if settings.self_search or target is None else await target.forward(request, body)
+            forwards = mode == "vllm" and not settings.self_search and target is not None
+            return await target.forward(request, body) if forwards and target is not None else None
         if _self_search_wanted(settings, parsed):
             check_self_search_fields(parsed)
             return None
+        if mode == "auto" and first_unsupported(parsed) is None:
+            return None  # ssrl's own plain serving honours every field this request sets
         if target is None:
             check_unsupported(parsed, "plain")  # ssrl's PlainChat answers
             return None
@@ -335,14 +350,20 @@ def chat_decision(settings: ServeSettings, serving: Callable[[], OpenAIServing |
 def completion_decision(
     settings: ServeSettings, serving: Callable[[], OpenAIServing | None]
 ) -> ForwardDecision:
-    """Completions never self-search: with --openai-serving vllm, vLLM's serving layer answers."""
+    """Completions never self-search: vLLM's serving layer answers with --openai-serving vllm,
+    and with `auto` when the request sets a field ssrl's own completion serving cannot honour."""
 
     async def decide(request: Request, body: bytes) -> Response | None:
-        target = serving() if settings.openai_serving == "vllm" else None
+        mode = settings.openai_serving
+        target = serving() if mode != "ssrl" else None
         try:
             parsed = json.loads(body)
         except ValueError:
             parsed = None
+        if mode == "auto" and (
+            not isinstance(parsed, dict) or first_unsupported(parsed, exempt=_COMPLETION_HONOURED) is None
+        ):
+            return None  # ssrl's own completion serving honours every field this request sets
         if target is None:
             if isinstance(parsed, dict):
                 check_unsupported(parsed, "plain", exempt=_COMPLETION_HONOURED)  # ssrl's Completion

@@ -32,6 +32,9 @@ class SamplingOptions:
     # Penalise tokens already in the prompt or the output (vLLM: 1.0 = off, > 1 discourages
     # repeats); guided mode's short turns use it against degenerate repetition.
     repetition_penalty: float = 1.0
+    # Penalise output tokens by how often they were already generated (vLLM: 0.0 = off); unlike
+    # repetition_penalty it leaves the prompt's (the documents') tokens alone.
+    frequency_penalty: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)

@@ -156,6 +156,8 @@ class RemoteEngine(HFTokenizerEngine):
         }
         if options.repetition_penalty != 1.0:
             body["repetition_penalty"] = options.repetition_penalty
+        if options.frequency_penalty != 0.0:
+            body["frequency_penalty"] = options.frequency_penalty
         if options.seed is not None:
             body["seed"] = options.seed
         if options.logprobs is not None:

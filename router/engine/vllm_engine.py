@@ -145,6 +145,7 @@ def _sampling_params(cls: Any, output_kind: Any, options: SamplingOptions) -> An
         skip_special_tokens=options.skip_special_tokens,
         ignore_eos=options.ignore_eos,
         repetition_penalty=options.repetition_penalty,
+        frequency_penalty=options.frequency_penalty,
         output_kind=output_kind,
     )
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from clients.cli import main
+from clients.eval_cli import EXIT_NO_SIGNAL
 from tests.conftest import REPO_ROOT
 
 
@@ -74,18 +75,24 @@ def test_sweep_never_and_always_then_calibrate(server, tmp_path):
     assert mean_curve[0]["accuracy"] == pytest.approx(sweep["accuracy_always"])
     assert mean_curve[-1]["accuracy"] == pytest.approx(sweep["accuracy_never"])
 
-    assert (
-        main(["calibrate", str(out), "--target-call-rate", "0.5", "--aggregate", "mean", "--no-plots"]) == 0
-    )
+    for row in rows_of(out / "never"):
+        assert row["reasoning"] is None or isinstance(row["reasoning"], str)
+    for point in mean_curve:
+        assert point["accuracy_interval"]["low"] <= point["accuracy"] <= point["accuracy_interval"]["high"]
+    assert set(sweep["auroc_counts"]["mean"]) == {"auroc", "positives", "negatives", "reason"}
+
+    # four questions are too few to show a signal: calibrate refuses and writes no threshold
+    code = main(["calibrate", str(out), "--target-call-rate", "0.5", "--aggregate", "mean", "--no-plots"])
+    assert code == EXIT_NO_SIGNAL
     env = dict(
         line.split("=", 1)
         for line in (out / "calibration.env").read_text().splitlines()
         if line and not line.startswith("#")
     )
-    assert env["SSRL_SEARCH_AGGREGATE"] == "mean" and env["SSRL_SEARCH_POLICY"] == "threshold"
-    tau = float(env["SSRL_SEARCH_THRESHOLD"])
-    chosen = json.loads((out / "calibration.json").read_text())["chosen"]
-    assert chosen["threshold"] == tau and chosen["call_rate"] <= 0.5
+    assert env == {"SSRL_CALIBRATION_SIGNAL": "none"}
+    cal = json.loads((out / "calibration.json").read_text())
+    assert cal["signal"] == "none" and cal["threshold"] is None
+    assert cal["chosen"]["aggregate"] == "mean" and cal["chosen"]["call_rate"] <= 0.5
 
 
 def test_samples_report_pass_at_k(server, tmp_path):

@@ -316,8 +316,9 @@ def dedicated_server(tmp_path) -> Iterator[RunningServer]:
             "--port",
             str(port),
             "--enforce-eager",
+            # The guided protocol's prompt (system text and worked examples) is ~600 tokens.
             "--max-model-len",
-            "512",
+            "1024",
             "--cpu-kvcache-space",
             "1",
             "--api-key",

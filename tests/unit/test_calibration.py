@@ -7,18 +7,24 @@ import subprocess
 import pytest
 
 from router.calibration import (
+    MIN_SIGNAL_QUESTIONS,
     Question,
     aggregate_auroc,
+    auroc_detail,
     calibrate,
     choose_for_accuracy_loss,
     choose_for_call_rate,
+    curve_stats,
     cutoffs,
     random_routing_accuracy,
     render_env,
+    render_no_signal_env,
     run_accuracies,
+    run_intervals,
     server_threshold,
     threshold_curve,
     uncertainty,
+    verdict_at_rate,
 )
 from router.entropy import QueryEntropy
 from router.policies import SearchContext, ThresholdPolicy
@@ -198,15 +204,160 @@ def test_calibrate_picks_the_best_aggregate_and_rejects_bad_targets():
         calibrate([Question("x", None, 1.0, 1.0)], target_call_rate=0.3)
 
 
-def test_calibrate_single_run_uses_call_rate_and_auroc():
+def test_calibrate_single_run_cuts_entropies_but_claims_nothing():
+    # a call-rate target on one run's entropies (what the routing benchmark needs) works ...
     cal = calibrate(separated(), target_call_rate=0.3)
-    assert cal.point.accuracy is None
-    assert cal.auroc["mean"] == 1.0
-    assert cal.auroc["ssrl"] == 0.5  # constant in this set
-    # mean, max and min_prob all separate perfectly: the tie goes to the first, mean
-    assert cal.aggregate == "mean"
-    assert cal.point.call_rate == pytest.approx(0.3)
+    assert cal.aggregate == "mean" and cal.point.call_rate == pytest.approx(0.3)
     assert max(RIGHT_MEANS) < cal.threshold < min(WRONG_MEANS)
+    # ... but a single run's self-filled half is not the never outcome of the searched half:
+    # no accuracy, no reference runs, no statistics, no signal
+    assert cal.point.accuracy is None
+    assert cal.accuracy_internal is None and cal.accuracy_external is None
+    assert cal.stats == {} and cal.signal is None and not cal.beats_random
+    data = cal.to_dict()
+    assert data["signal"] == "none" and data["random_routing_accuracy_at_chosen_rate"] is None
+    half = [
+        Question(q.id, q.entropy, correct_external=1.0) if i % 2 else q for i, q in enumerate(separated())
+    ]
+    assert calibrate(half, target_call_rate=0.3).accuracy_external is None
+    with pytest.raises(ValueError, match="both runs"):
+        calibrate(separated(), max_accuracy_loss=0.02)
+    with pytest.raises(ValueError, match="both runs"):
+        curve_stats(separated(), threshold_curve(separated(), "mean"))
+
+
+def test_auroc_detail_gives_class_counts_and_why_it_is_undefined():
+    assert auroc_detail(separated(), "mean") == {"auroc": 1.0, "positives": 3, "negatives": 7, "reason": None}
+    # one wrong answer among 60: defined, but the counts say what it rests on
+    one = [Question(str(i), entropy(float(i)), correct_internal=float(i < 59)) for i in range(60)]
+    assert auroc_detail(one, "mean") == {"auroc": 1.0, "positives": 1, "negatives": 59, "reason": None}
+    every_right = [Question(str(i), entropy(float(i)), correct_internal=1.0) for i in range(5)]
+    detail = auroc_detail(every_right, "mean")
+    assert detail["auroc"] is None and detail["positives"] == 0 and detail["negatives"] == 5
+    assert "no wrong" in detail["reason"]
+    every_wrong = [Question(str(i), entropy(float(i)), correct_internal=0.0) for i in range(5)]
+    assert "no right" in auroc_detail(every_wrong, "mean")["reason"]
+    assert auroc_detail([Question("a", None, 1.0, 1.0)], "mean")["reason"].startswith("no question")
+
+
+def signal(n_uncertain: int = 20, n_sure: int = 60) -> list[Question]:
+    """The n_uncertain most uncertain are wrong self-filled and right searched; the rest are
+    right either way except every 6th, right only self-filled."""
+    qs = []
+    for i in range(n_sure + n_uncertain):
+        uncertain = i >= n_sure
+        qs.append(
+            Question(
+                f"q{i}",
+                entropy(i / 10),
+                correct_internal=float(not uncertain),
+                correct_external=float(uncertain or i % 6 != 0),
+            )
+        )
+    return qs
+
+
+def all_zero(n: int = 60) -> list[Question]:
+    return [Question(f"q{i}", entropy(i / 10), correct_internal=0.0, correct_external=0.0) for i in range(n)]
+
+
+def test_curve_stats_random_routing_intervals_and_reproducibility():
+    qs = signal()
+    acc_int, acc_ext = run_accuracies(qs)
+    curve = threshold_curve(qs, "mean")
+    stats = curve_stats(qs, curve)
+    assert len(stats) == len(curve)
+    for point, st in zip(curve, stats, strict=True):
+        assert st.questions == 80
+        assert st.accuracy == pytest.approx(point.accuracy)
+        assert st.accuracy_interval.low <= st.accuracy <= st.accuracy_interval.high
+        # every question searches: random routing is (1 - r) * never + r * always
+        assert st.random == pytest.approx(random_routing_accuracy(point.call_rate, acc_ext, acc_int))
+        assert st.random_interval.low <= st.random <= st.random_interval.high
+        assert st.gain == pytest.approx(st.accuracy - st.random)
+    # the ends are random routing itself: no gain, a zero-width gain interval
+    assert stats[0].gain == pytest.approx(0.0) and stats[-1].gain == pytest.approx(0.0)
+    assert not stats[0].beats_random and not stats[-1].beats_random
+    # routing the 20 uncertain ones (rate 0.25) is perfect, far beyond random
+    quarter = stats[[p.call_rate for p in curve].index(0.25)]
+    assert quarter.accuracy == 1.0 and quarter.beats_random and quarter.gain_interval.low > 0.1
+    # fixed seed: the same intervals every time; another seed: other (close) ones
+    assert curve_stats(qs, curve) == stats
+    assert curve_stats(qs, curve, seed=1) != stats
+    # the never/always intervals
+    runs = run_intervals(qs)
+    assert runs["never"].low <= acc_int <= runs["never"].high
+    assert runs["always"].low <= acc_ext <= runs["always"].high
+
+
+def test_curve_stats_incremental_totals_match_a_direct_bootstrap():
+    from router.scoring import bootstrap_mean
+
+    qs = pair() * 3
+    curve = threshold_curve(qs, "mean")
+    stats = curve_stats(qs, curve, resamples=200, seed=5)
+    for point, st in zip(curve, stats, strict=True):
+        values = [
+            (q.correct_external if q.entropy["mean"] > point.threshold else q.correct_internal) for q in qs
+        ]
+        assert bootstrap_mean(values, resamples=200, seed=5) == pytest.approx(st.accuracy_interval)
+
+
+def test_questions_without_a_search_count_self_filled_in_random_routing():
+    qs = [*pair(), Question("none", None, correct_internal=1.0, correct_external=0.0)]
+    curve = threshold_curve(qs, "mean")
+    stats = curve_stats(qs, curve)
+    # at rate 1 the four searching questions take `always` (3 right), the fifth keeps 1
+    assert stats[0].random == pytest.approx(4 / 5) and stats[0].accuracy == pytest.approx(4 / 5)
+
+
+def test_calibrate_accepts_a_point_beyond_random():
+    cal = calibrate(signal(), target_call_rate=0.25, aggregate="mean")
+    assert cal.point.call_rate == 0.25 and cal.point.accuracy == 1.0
+    assert cal.beats_random and cal.signal is not None and cal.signal.gain_interval.low > 0
+    assert 5.9 < cal.threshold < 6.0
+    data = cal.to_dict()
+    assert data["signal"] == "beats_random" and data["chosen_stats"]["beats_random"] is True
+    assert data["auroc_counts"]["mean"]["positives"] == 20
+    assert data["curves"]["mean"][0]["accuracy_interval"]["low"] <= data["curves"]["mean"][0]["accuracy"]
+    assert set(data["accuracy_intervals"]) == {"never", "always"}
+
+
+def test_calibrate_marks_no_signal_when_every_point_scores_zero():
+    # every answer wrong: the AUROC is undefined and no point can beat random routing
+    cal = calibrate(all_zero(), target_call_rate=0.3, aggregate="mean")
+    assert not cal.beats_random and cal.to_dict()["signal"] == "none"
+    assert cal.auroc_counts["mean"]["auroc"] is None and "no right" in cal.auroc_counts["mean"]["reason"]
+    # a real but weak signal on few questions is not claimed either
+    small = calibrate(signal(n_uncertain=3, n_sure=4), target_call_rate=0.5, aggregate="mean")
+    assert small.point.accuracy == 1.0 and small.signal is not None and small.signal.gain > 0
+    assert small.signal.questions < MIN_SIGNAL_QUESTIONS and not small.beats_random
+
+
+def test_verdict_at_half_of_always_search():
+    qs = signal()
+    curve = threshold_curve(qs, "mean")
+    verdict = verdict_at_rate(curve, curve_stats(qs, curve), run_accuracies(qs)[1], 0.5)
+    assert verdict["call_rate"] == 0.5 and verdict["beats_random"] is True
+    assert verdict["share_of_always"] == pytest.approx(verdict["accuracy"] / (70 / 80))
+    assert verdict["random_share_of_always"] < verdict["share_of_always"]
+    zero = all_zero()
+    curve = threshold_curve(zero, "mean")
+    verdict = verdict_at_rate(curve, curve_stats(zero, curve), 0.0, 0.5)
+    assert verdict["share_of_always"] is None and verdict["beats_random"] is False
+
+
+def test_no_signal_env_writes_no_threshold(tmp_path):
+    from server.settings import ServeSettings
+
+    path = tmp_path / "calibration.env"
+    text = render_no_signal_env(["a comment"])
+    path.write_text(text)
+    lines = text.splitlines()
+    assert "SSRL_CALIBRATION_SIGNAL=none" in lines and "# a comment" in lines
+    assert not any(line.startswith("SSRL_SEARCH_") for line in lines)
+    # the server ignores the marker and keeps its defaults
+    assert ServeSettings(_env_file=str(path)).search_policy == ServeSettings().search_policy
 
 
 def test_env_file_is_read_by_the_server_settings_and_by_a_shell(tmp_path):

@@ -3,7 +3,7 @@
 Fast and offline. Nothing here needs a Docker engine or a cluster:
 
 - compose: `docker compose config -q` when the compose plugin is installed (it needs no
-  engine), and always a structural check of the YAML (the Compose specification's JSON
+  engine), else `podman-compose config`, and always a structural check of the YAML (the Compose specification's JSON
   schema is not available offline): services, images and builds, ports, healthchecks,
   volumes and mounted files on disk, the SSRL_* environment against `ServeSettings`.
 - Kubernetes: every overlay rendered with `kubectl kustomize` and every document validated
@@ -12,7 +12,9 @@ Fast and offline. Nothing here needs a Docker engine or a cluster:
   context, GPU requests, HPA target, secrets, scrape annotations).
 - monitoring: prometheus.yml scrapes ssrl, the Grafana provisioning matches compose's mounts,
   and every dashboard query names metrics that exist (`ssrl_*` from the source, `vllm:*`).
-- the Dockerfile passes hadolint with `.hadolint.yaml`.
+- the Dockerfile passes hadolint with `.hadolint.yaml`; .dockerignore admits what it copies
+  and nothing private; deploy/image-test.sh (`make image-test`, which builds and runs the
+  image for real with podman) is wired up and skips cleanly without podman.
 """
 
 from __future__ import annotations

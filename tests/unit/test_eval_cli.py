@@ -24,7 +24,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from clients.cli import main
-from clients.eval_cli import RESULTS, ResultsFile, final_rows, run_lock
+from clients.eval_cli import EXIT_NO_SIGNAL, RESULTS, ResultsFile, final_rows, run_lock
 
 # question -> (gold answers, mean entropy of its query, answer self-filled, answer searched)
 QUESTIONS: dict[str, tuple[list[str], float, str, str]] = {
@@ -131,7 +131,11 @@ async def chat(request: Request) -> JSONResponse:
                 "index": i,
                 "finish_reason": "stop",
                 "self_search": trace,
-                "message": {"role": "assistant", "content": content, "reasoning": "..."},
+                "message": {
+                    "role": "assistant",
+                    "content": content,
+                    "reasoning": f"thinking {i}: {question}",
+                },
             }
         )
     return JSONResponse(
@@ -223,6 +227,9 @@ def test_eval_writes_rows_summary_report(fake, data, tmp_path):
     assert paris["trace"]["searches"][0]["decision"] == "internal"
     assert paris["entropy"]["mean"] == 0.2 and paris["first_route"] == "internal"
     assert paris["usage"]["completion_tokens"] == 5 and paris["latency_s"] >= 0
+    # the transcript of the answer is kept
+    assert paris["reasoning"] == "thinking 0: capital of France"
+    assert paris["reasonings"] == ["thinking 0: capital of France"]
     assert by_id["q1"]["correct"] is False and by_id["q1"]["f1"] == 0.0
     assert by_id["q4"]["error"] == {"status": 500, "message": "engine exploded"}
 
@@ -238,8 +245,14 @@ def test_eval_writes_rows_summary_report(fake, data, tmp_path):
     )
     # wrong self-fills (q1: 1.8, q3: 2.5) are the most uncertain: a perfect separator
     assert summary["auroc_wrong_self_fill"]["mean"] == 1.0
+    # ... but it rests on 2 wrong and 2 right answers, and says so
+    assert summary["auroc_counts"]["mean"] == {"auroc": 1.0, "positives": 2, "negatives": 2, "reason": None}
+    low, high = summary["em_interval"]["low"], summary["em_interval"]["high"]
+    assert 0.0 <= low < 0.5 < high <= 1.0
+    assert summary["f1_interval"]["low"] <= summary["f1"] <= summary["f1_interval"]["high"]
     report = (out / "report.md").read_text()
-    assert "exact match | 0.500" in report and "engine exploded" in report
+    assert f"exact match [95 % bootstrap interval] | 0.500 [{low:.3f}, {high:.3f}]" in report
+    assert "| mean entropy | 1.000 | 2 | 2 |" in report and "engine exploded" in report
 
     sent = STATE.bodies[0]
     assert sent["model"] == "fake-model" and sent.get("n", 1) == 1 and sent["temperature"] == 0.0
@@ -338,7 +351,7 @@ def test_a_different_run_in_the_same_directory_is_refused(fake, data, tmp_path, 
     assert sum(STATE.requests.values()) == before
 
 
-def test_sweep_then_calibrate(fake, data, tmp_path, capsys):
+def test_sweep_then_calibrate_refuses_without_signal(fake, data, tmp_path, capsys):
     out = tmp_path / "sweep"
     assert run_eval(fake, data, out, "--sweep", "--no-plots") == 0
     never = json.loads((out / "never" / "summary.json").read_text())
@@ -352,67 +365,156 @@ def test_sweep_then_calibrate(fake, data, tmp_path, capsys):
     assert (0.4, pytest.approx(0.8)) in mean_curve
     assert mean_curve[0] == (1.0, pytest.approx(0.6)) and mean_curve[-1] == (0.0, pytest.approx(0.4))
     assert sweep["ssrl_rule"] == {"call_rate": 1.0, "accuracy": pytest.approx(0.6)}
-    assert "random routing" in (out / "report.md").read_text()
+    # every point: an interval, random routing at its rate from the real runs, the gain
+    for point in sweep["curves"]["mean"]:
+        iv = point["accuracy_interval"]
+        assert iv["low"] <= point["accuracy"] <= iv["high"]
+        assert point["random_routing_accuracy"] == pytest.approx(0.4 + 0.2 * point["call_rate"])
+        assert point["gain_over_random"] == pytest.approx(
+            point["accuracy"] - point["random_routing_accuracy"]
+        )
+    # with 5 questions nothing is beyond random, and the report says so plainly
+    assert not any(p["beats_random"] for p in sweep["curves"]["mean"])
+    assert sweep["verdict"]["mean"]["beats_random"] is False
+    assert sweep["auroc_counts"]["mean"]["positives"] == 3 and sweep["auroc_counts"]["mean"]["negatives"] == 2
+    report = (out / "report.md").read_text()
+    assert "random routing" in report and "N = 5 questions" in report
+    assert "at 50% of always-search's calls" in report and "NOT beyond random routing" in report
 
+    # the chosen point (rate 0.2, accuracy 0.6) does not beat random routing (0.44) beyond
+    # the interval: refused, and calibration.env holds no threshold
     capsys.readouterr()
-    assert main(["calibrate", str(out), "--max-accuracy-loss", "0", "--aggregate", "mean", "--no-plots"]) == 0
-    printed = capsys.readouterr().out
-    assert "<- chosen" in printed and "AUROC" in printed
+    code = main(["calibrate", str(out), "--max-accuracy-loss", "0", "--aggregate", "mean", "--no-plots"])
+    assert code == EXIT_NO_SIGNAL
+    captured = capsys.readouterr()
+    assert "<- chosen" in captured.out and "AUROC" in captured.out and "3 wrong / 2 right" in captured.out
+    assert "no signal" in captured.err
     env = (out / "calibration.env").read_text().splitlines()
-    # cheapest rate keeping always-search accuracy 0.6: only q3 (2.5) searched, tau between 1.8 and 2.5
-    assert "SSRL_SEARCH_AGGREGATE=mean" in env and "SSRL_SEARCH_POLICY=threshold" in env
-    tau = float(next(line for line in env if line.startswith("SSRL_SEARCH_THRESHOLD=")).split("=")[1])
-    assert 1.8 < tau < 2.5
+    assert "SSRL_CALIBRATION_SIGNAL=none" in env
+    assert not any(line.startswith(("SSRL_SEARCH_THRESHOLD", "SSRL_SEARCH_POLICY")) for line in env)
     cal = json.loads((out / "calibration.json").read_text())
+    assert cal["signal"] == "none" and cal["threshold"] is None and cal["refused"]
     assert cal["chosen"]["call_rate"] == pytest.approx(0.2) and cal["chosen"]["accuracy"] == pytest.approx(
         0.6
     )
-
-    target = tmp_path / "cal"
-    assert (
-        main(
-            [
-                "calibrate",
-                str(out / "always"),
-                str(out / "never"),
-                "--target-call-rate",
-                "0.4",
-                "--aggregate",
-                "mean",
-                "--out",
-                str(target),
-                "--no-plots",
-            ]
-        )
-        == 0
-    )
-    cal = json.loads((target / "calibration.json").read_text())
-    assert cal["chosen"]["call_rate"] == pytest.approx(0.4) and cal["chosen"]["accuracy"] == pytest.approx(
-        0.8
-    )
-    assert 1.0 < cal["threshold"] < 1.8
+    stats = cal["chosen_stats"]
+    assert stats["random_routing_accuracy"] == pytest.approx(0.44) and stats["gain_interval"]["low"] <= 0
 
     # two runs of the same policy cannot be paired
     assert main(["calibrate", str(out / "never"), str(out / "never")]) == 2
-    # one run: a call-rate target works, an accuracy target needs both runs
+
+
+def test_calibrate_refuses_a_single_run(fake, data, tmp_path, capsys):
+    out = tmp_path / "one"
+    assert run_eval(fake, data, out, "--policy", "threshold", "--threshold", "1.5", "--no-plots") == 0
+    capsys.readouterr()
+    assert main(["calibrate", str(out), "--target-call-rate", "0.2", "--no-plots"]) == 2
+    assert "single run" in capsys.readouterr().err
+    assert not (out / "calibration.env").exists() and not (out / "calibration.json").exists()
+
+
+def write_run(directory: Path, policy: str, outcomes: list[tuple[float, bool]]) -> None:
+    """A run directory as `ssrl eval` writes it: (mean entropy, correct) per question."""
+    directory.mkdir(parents=True)
+    (directory / "config.json").write_text(json.dumps({"self_search": {"policy": policy}}))
+    with open(directory / RESULTS, "w", encoding="utf-8") as f:
+        for i, (mean, correct) in enumerate(outcomes):
+            row = {
+                "id": f"q{i}",
+                "correct": correct,
+                "f1": float(correct),
+                "error": None,
+                "entropy": {"mean": mean, "max": mean, "min_prob": 0.5, "ssrl": 0.3},
+                "first_route": "external" if policy == "always" else "internal",
+            }
+            f.write(json.dumps(row) + "\n")
+
+
+def signal_pair(root: Path) -> Path:
+    """80 questions: the 20 most uncertain are wrong self-filled and right searched; of the
+    rest, 50 are right either way and 10 right only self-filled."""
+    never, always = [], []
+    for i in range(80):
+        mean = i / 10
+        uncertain = i >= 60
+        never.append((mean, not uncertain))
+        always.append((mean, uncertain or i % 6 != 0))
+    write_run(root / "never", "never", never)
+    write_run(root / "always", "always", always)
+    return root
+
+
+def test_calibrate_accepts_a_point_beyond_random(tmp_path, capsys):
+    root = signal_pair(tmp_path / "sweep")
     assert (
-        main(
-            [
-                "calibrate",
-                str(out / "never"),
-                "--target-call-rate",
-                "0.2",
-                "--out",
-                str(tmp_path / "one"),
-                "--no-plots",
-            ]
-        )
-        == 0
+        main(["calibrate", str(root), "--target-call-rate", "0.25", "--aggregate", "mean", "--no-plots"]) == 0
     )
+    captured = capsys.readouterr()
+    assert "beats random routing" in captured.out and captured.err == ""
+    env = (root / "calibration.env").read_text().splitlines()
+    assert "SSRL_SEARCH_POLICY=threshold" in env and "SSRL_CALIBRATION_SIGNAL=none" not in env
+    tau = float(next(line for line in env if line.startswith("SSRL_SEARCH_THRESHOLD=")).split("=")[1])
+    assert 5.9 < tau < 6.0
+    cal = json.loads((root / "calibration.json").read_text())
+    assert cal["signal"] == "beats_random" and cal["threshold"] == tau
+    assert cal["chosen"]["call_rate"] == pytest.approx(0.25) and cal["chosen"]["accuracy"] == pytest.approx(
+        1.0
+    )
+    assert cal["auroc_counts"]["mean"] == {"auroc": 1.0, "positives": 20, "negatives": 60, "reason": None}
+    assert cal["chosen_stats"]["gain_interval"]["low"] > 0
+    assert cal["bootstrap"] == {"resamples": 1000, "seed": 0, "level": 0.95}
+
+    # the same input gives the same intervals (fixed seed)
+    first = cal["chosen_stats"]
     assert (
-        main(["calibrate", str(out / "never"), "--max-accuracy-loss", "0.1", "--out", str(tmp_path / "two")])
-        == 2
+        main(["calibrate", str(root), "--target-call-rate", "0.25", "--aggregate", "mean", "--no-plots"]) == 0
     )
+    assert json.loads((root / "calibration.json").read_text())["chosen_stats"] == first
+
+
+def test_calibrate_into_a_closed_pipe_writes_its_files_first(tmp_path):
+    import subprocess
+    import sys
+
+    root = signal_pair(tmp_path / "sweep")
+    code = "import sys; from clients.cli import main; sys.exit(main(sys.argv[1:]))"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, "calibrate", str(root), "--target-call-rate", "0.25", "--no-plots"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=Path(__file__).resolve().parents[2],
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()  # the reader is gone before anything is printed (`| head -0`)
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 0, err
+    assert "BrokenPipeError" not in err and "Traceback" not in err
+    assert "SSRL_SEARCH_THRESHOLD=" in (root / "calibration.env").read_text()
+    assert json.loads((root / "calibration.json").read_text())["signal"] == "beats_random"
+
+
+def test_calibrate_piped_into_head(tmp_path):
+    import shlex
+    import subprocess
+    import sys
+
+    root = signal_pair(tmp_path / "sweep")
+    code = "import sys; from clients.cli import main; sys.exit(main(sys.argv[1:]))"
+    command = (
+        f"{shlex.quote(sys.executable)} -c {shlex.quote(code)} calibrate {shlex.quote(str(root))} "
+        '--target-call-rate 0.25 --no-plots | head -1; echo "status=${PIPESTATUS[0]}"'
+    )
+    done = subprocess.run(
+        ["bash", "-c", command],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=Path(__file__).resolve().parents[2],
+    )
+    first, status = done.stdout.splitlines()
+    assert first.startswith("Calibrated from counterfactual pair") and status == "status=0"
+    assert "Traceback" not in done.stderr
+    assert (root / "calibration.env").is_file() and (root / "calibration.json").is_file()
 
 
 def test_sweep_plots(fake, data, tmp_path):
@@ -421,8 +523,19 @@ def test_sweep_plots(fake, data, tmp_path):
     assert run_eval(fake, data, out, "--sweep") == 0
     for name in ("call_rate_accuracy.png", "entropy_hist.png", "never/entropy_hist.png"):
         assert (out / name).read_bytes()[:4] == b"\x89PNG", name
-    assert main(["calibrate", str(out), "--target-call-rate", "0.3"]) == 0
+    # five questions: no signal, but the plot (with its intervals) is still drawn
+    assert main(["calibrate", str(out), "--target-call-rate", "0.3"]) == EXIT_NO_SIGNAL
     assert (out / "calibration_curve.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_plots_without_matplotlib(fake, data, tmp_path, monkeypatch):
+    import clients.eval_cli as eval_cli
+
+    monkeypatch.setattr(eval_cli, "_pyplot", lambda: None)
+    out = tmp_path / "sweep"
+    assert run_eval(fake, data, out, "--sweep") == 0
+    assert json.loads((out / "summary.json").read_text())["plots"] == []
+    assert not (out / "call_rate_accuracy.png").exists()
 
 
 def test_sweep_refuses_a_policy(fake, data, tmp_path):

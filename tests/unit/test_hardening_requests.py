@@ -607,7 +607,7 @@ def guided_or_native(call: Call) -> Script:
         return script("<answer> Paris </answer>")
     if stop == ("</search>", "\n"):
         return script("capital</search>")
-    if stop == ("</answer>", "\n"):
+    if stop == ("</answer>", "\n", "</"):
         return script(" Paris </answer>")
     if stop == ("</information>",):
         return script("Paris.</information>")

@@ -447,7 +447,7 @@ def test_guided_external_exact_transcript_and_prompts() -> None:
     assert answer_call.prompt_text == (
         PROMPT + "<search> capital of France </search>" + info_block(INFO) + "<answer>"
     )
-    assert answer_call.options.stop == ("</answer>", "\n")
+    assert answer_call.options.stop == ("</answer>", "\n", "</")
     assert answer_call.options.max_tokens == 64
     assert answer_call.options.logprobs is None
     # The answer streams as answer text while it is written (stripped).

@@ -53,7 +53,7 @@ def test_fields_the_path_cannot_honour_are_400(field: str, value: Any) -> None:
     assert "self-search" in on["message"]
     plain = error_of(post(engine(), CHAT, chat(**{field: value})), 400)
     assert (plain["param"], plain["code"]) == (field, "unsupported_parameter")
-    assert "--openai-serving vllm" in plain["message"]
+    assert "--openai-serving" in plain["message"]
 
 
 def test_neutral_values_pass() -> None:
@@ -94,7 +94,9 @@ class _Echo:
         return None
 
 
-def _drive_with(serving: _Echo, make_body: Any, **settings: Any) -> httpx.Response:
+def _drive_with(
+    serving: _Echo, make_body: Any, openai_serving: str = "vllm", **settings: Any
+) -> httpx.Response:
     from server import app as app_module
 
     real = app_module.build_openai_serving
@@ -104,7 +106,7 @@ def _drive_with(serving: _Echo, make_body: Any, **settings: Any) -> httpx.Respon
 
     app_module.build_openai_serving = fake  # type: ignore[assignment]
     try:
-        result: httpx.Response = drive(engine(), make_body, openai_serving="vllm", **settings)
+        result: httpx.Response = drive(engine(), make_body, openai_serving=openai_serving, **settings)
         return result
     finally:
         app_module.build_openai_serving = real
@@ -184,3 +186,27 @@ def test_stream_without_include_usage_has_no_usage_field() -> None:
     response = post(engine(), CHAT, chat(stream=True, max_tokens=8))
     chunks = [e for e in sse_events(response) if isinstance(e, dict)]
     assert chunks and all("usage" not in c for c in chunks)
+
+
+def test_auto_mode_forwards_only_what_ssrl_cannot_honour() -> None:
+    serving = _Echo()
+
+    async def body(client: httpx.AsyncClient) -> list[httpx.Response]:
+        return [
+            await client.post(CHAT, json=chat(self_search={"enabled": False})),
+            await client.post(CHAT, json=chat(top_k=3, self_search={"enabled": False})),
+            await client.post(COMPLETIONS, json={"model": MODEL, "prompt": "x", "max_tokens": 2}),
+            await client.post(COMPLETIONS, json={"model": MODEL, "prompt": "x", "logit_bias": {"1": 5}}),
+        ]
+
+    plain_chat, tools_chat, plain_completion, biased_completion = _drive_with(
+        serving, body, openai_serving="auto"
+    )  # type: ignore[misc]
+    # ssrl's own serving answers what it honours (its choices, not a forward marker) ...
+    assert plain_chat.status_code == 200 and "choices" in plain_chat.json()
+    assert plain_completion.status_code == 200 and "choices" in plain_completion.json()
+    # ... and vLLM's serving layer what only it honours, without ssrl's extension.
+    assert tools_chat.json() == {"forwarded": CHAT}
+    assert biased_completion.json() == {"forwarded": COMPLETIONS}
+    assert [b.get("top_k") for b in serving.bodies][:1] == [3]
+    assert all("self_search" not in b for b in serving.bodies)

@@ -9,9 +9,14 @@ import random
 import pytest
 
 from router.scoring import (
+    BOOTSTRAP_RESAMPLES,
+    BOOTSTRAP_SEED,
+    Interval,
     auroc,
     best_exact_match,
     best_f1,
+    bootstrap_mean,
+    bootstrap_weights,
     exact_match,
     f1_score,
     majority_vote,
@@ -19,6 +24,7 @@ from router.scoring import (
     normalize_answer,
     pass_at_k,
     pass_at_k_curve,
+    percentile_interval,
 )
 
 
@@ -187,3 +193,38 @@ def test_auroc_matches_pairwise_count_with_many_ties():
 def test_mean():
     assert mean([1.0, 2.0, 4.0]) == pytest.approx(7 / 3)
     assert mean([]) is None
+
+
+def test_bootstrap_weights_are_reproducible_draws_with_replacement():
+    weights = bootstrap_weights(7, resamples=50, seed=3)
+    assert len(weights) == 50 and all(len(w) == 7 and sum(w) == 7 for w in weights)
+    assert bootstrap_weights(7, resamples=50, seed=3) == weights
+    assert bootstrap_weights(7, resamples=50, seed=4) != weights
+    assert bootstrap_weights(0, resamples=2) == [[], []]
+    with pytest.raises(ValueError):
+        bootstrap_weights(3, resamples=0)
+
+
+def test_bootstrap_mean_interval():
+    assert bootstrap_mean([]) is None
+    # a constant: a zero-width interval
+    assert bootstrap_mean([1.0] * 10) == Interval(1.0, 1.0)
+    # 30 of 60 right: the interval holds 0.5 and is about +-1.96 * sqrt(0.25 / 60) = +-0.127 wide
+    values = [float(i % 2) for i in range(60)]
+    iv = bootstrap_mean(values)
+    assert iv is not None and 0.5 in iv
+    assert 0.08 < 0.5 - iv.low < 0.17 and 0.08 < iv.high - 0.5 < 0.17
+    assert bootstrap_mean(values) == iv  # fixed default seed
+    assert iv.to_dict() == {"low": iv.low, "high": iv.high}
+    assert BOOTSTRAP_RESAMPLES == 1000 and isinstance(BOOTSTRAP_SEED, int)
+
+
+def test_percentile_interval():
+    iv = percentile_interval([float(i) for i in range(101)])
+    assert (iv.low, iv.high) == (pytest.approx(2.5), pytest.approx(97.5))
+    iv = percentile_interval([float(i) for i in range(101)], level=0.5)
+    assert (iv.low, iv.high) == (pytest.approx(25.0), pytest.approx(75.0))
+    with pytest.raises(ValueError):
+        percentile_interval([])
+    with pytest.raises(ValueError):
+        percentile_interval([1.0], level=1.0)

@@ -29,7 +29,7 @@ USER = [{"role": "user", "content": "What is the capital of France?"}]
 
 NATIVE_STOPS = ("</search>", "</answer>")
 GUIDED_QUERY_STOPS = ("</search>", "\n")
-GUIDED_ANSWER_STOPS = ("</answer>", "\n")
+GUIDED_ANSWER_STOPS = ("</answer>", "\n", "</")
 FILL_STOPS = ("</information>",)
 
 DOCS = [
