@@ -24,9 +24,11 @@ format: setup
 	$(VENV)/bin/ruff format .
 
 # Install everything, lint, then run the whole test suite (unit + real-engine tests).
+# SSRL_PARITY=1 (the default here) also starts vLLM's own OpenAI server and compares ssrl's
+# plain answers with it field by field (tests/e2e/test_parity.py); SSRL_PARITY=0 skips that half.
 test: setup lint
 	$(VENV)/bin/ssrl model prepare
-	$(PY) -m pytest $(PYTEST_ARGS)
+	SSRL_PARITY=$${SSRL_PARITY-1} $(PY) -m pytest $(PYTEST_ARGS)
 
 test-unit: setup
 	$(PY) -m pytest -m "not engine" $(PYTEST_ARGS)

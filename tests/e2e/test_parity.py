@@ -456,7 +456,7 @@ def ssrl(parity_server: RunningServer) -> Iterator[httpx.Client]:
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory: pytest.TempPathFactory) -> Iterator[httpx.Client]:
     """vLLM's own OpenAI server on the same checkpoint, served under the same name."""
-    if not (os.environ.get("SSRL_PARITY") or os.environ.get("SSRL_PARITY_RECORD")):
+    if os.environ.get("SSRL_PARITY", "0") in ("", "0") and not os.environ.get("SSRL_PARITY_RECORD"):
         pytest.skip("the vLLM reference server runs with SSRL_PARITY=1")
     external = os.environ.get("SSRL_PARITY_REFERENCE_URL")
     if external:
