@@ -60,14 +60,25 @@ class ServingContext:
 
 def check_caps(ctx: ServingContext, n: int, max_tokens: int | None) -> None:
     """Server caps (--max-n, --max-tokens-limit), so one request cannot monopolise the engine."""
-    if ctx.max_n is not None and n > ctx.max_n:
-        raise APIError(400, f"n must be at most {ctx.max_n} on this server.", param="n", code="invalid_value")
-    limit = ctx.max_tokens_limit
-    if limit is not None and max_tokens is not None and max_tokens > limit:
+    enforce_caps(ctx.max_n, ctx.max_tokens_limit, n, max_tokens)
+
+
+def enforce_caps(
+    max_n: int | None,
+    max_tokens_limit: int | None,
+    n: int | None,
+    tokens: int | None,
+    tokens_param: str = "max_tokens",
+) -> None:
+    """The caps' one rule and wording, for ssrl's own serving and for requests forwarded to
+    vLLM's (which name the token budget `max_completion_tokens` or `max_output_tokens` too)."""
+    if max_n is not None and n is not None and n > max_n:
+        raise APIError(400, f"n must be at most {max_n} on this server.", param="n", code="invalid_value")
+    if max_tokens_limit is not None and tokens is not None and tokens > max_tokens_limit:
         raise APIError(
             400,
-            f"max_tokens must be at most {limit} on this server.",
-            param="max_tokens",
+            f"{tokens_param} must be at most {max_tokens_limit} on this server.",
+            param=tokens_param,
             code="invalid_value",
         )
 

@@ -32,6 +32,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from router.engine.base import Engine
 from server.errors import APIError
+from server.serving import enforce_caps
 from server.settings import ServeSettings
 
 logger = logging.getLogger(__name__)
@@ -121,20 +122,14 @@ def check_self_search_fields(body: dict[str, Any]) -> None:
 
 def check_caps(settings: ServeSettings, body: dict[str, Any]) -> None:
     """ssrl's server caps (--max-n, --max-tokens-limit) on a forwarded request."""
-    n = body.get("n")
-    if isinstance(n, int) and not isinstance(n, bool) and n > settings.max_n:
-        raise APIError(
-            400, f"n must be at most {settings.max_n} on this server.", param="n", code="invalid_value"
-        )
-    limit = settings.max_tokens_limit
-    if limit is None:
-        return
+    # Only integers are checked: vLLM's own validation answers any other type.
+    enforce_caps(settings.max_n, None, _int_or_none(body.get("n")), None)
     for name in ("max_tokens", "max_completion_tokens", "max_output_tokens"):
-        value = body.get(name)
-        if isinstance(value, int) and not isinstance(value, bool) and value > limit:
-            raise APIError(
-                400, f"{name} must be at most {limit} on this server.", param=name, code="invalid_value"
-            )
+        enforce_caps(None, settings.max_tokens_limit, None, _int_or_none(body.get(name)), name)
+
+
+def _int_or_none(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 class OpenAIServing(Protocol):
