@@ -3,6 +3,7 @@
 .venv/bin/python -m bench.run                              # serving, default options
 .venv/bin/python -m bench.run serving --enforce-eager      # ssrl vs vLLM OpenAI server
 .venv/bin/python -m bench.run local-index --docs 100000    # local FTS5 index
+.venv/bin/python -m bench.run startup                      # start-up and tok/s, eager vs compiled
 .venv/bin/python -m bench.run suite --skip serving         # every part (`make bench`)
 """
 
@@ -17,6 +18,8 @@ BENCHMARKS = {
     "serving": "bench.serving",
     "local-index": str(HERE / "bench_local_index.py"),
     "loop": "bench.loop",
+    "startup": "bench.startup",
+    "client-loop": "bench.client_loop",
     "suite": "bench.suite",
 }
 

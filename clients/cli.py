@@ -1,6 +1,7 @@
 """The `ssrl` entry point: one command line over two sides that install separately.
 
     ssrl serve | model prepare | index build     # the server's commands (server/commands.py)
+    ssrl devset build                            # the offline dev QA set (server/devset_command.py)
     ssrl chat | eval | calibrate                 # the client's commands (clients/)
 
 This module is a dispatcher and imports neither side. It reads the command name from the
@@ -71,6 +72,12 @@ BUILTIN: tuple[CommandSpec, ...] = (
     ),
     CommandSpec("model", "server.commands:register_model", "Manage the embedded default model.", "server"),
     CommandSpec("index", "server.commands:register_index", "Build the local BM25 search index.", "server"),
+    CommandSpec(
+        "devset",
+        "server.devset_command:register",
+        "Build the development QA set whose answers are in the default index.",
+        "server",
+    ),
     CommandSpec(
         "chat", "clients.chat:register", "Ask a running server a question and show its self-search trace."
     ),

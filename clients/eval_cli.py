@@ -11,9 +11,12 @@ chat completion to a running ssrl server, scores the answer (`message.content`, 
   `--sweep` also `call_rate_accuracy.png`).
 - `config.json`: what defines the run; a resumed run must match it.
 
-`ssrl eval --sweep` runs the questions twice, with policy `never` (into OUT/never) and
-`always` (OUT/always), and derives the accuracy against external-call rate of every
-threshold counterfactually (see `router.calibration` and docs/evaluation.md).
+`ssrl eval --sweep` runs the questions once with policy `never` and exact counterfactuals
+(`self_search.counterfactual`: at the first search the server also runs the branch that
+searches externally from the identical prefix) into OUT/branched, splits that run into a
+`never` (OUT/never) and an `always` (OUT/always) run of the same questions, and derives the
+accuracy against external-call rate of every threshold (see `router.calibration` and
+docs/evaluation.md).
 
 `ssrl calibrate SWEEP_DIR` (or `NEVER_RUN ALWAYS_RUN`) picks the threshold for a target call
 rate or a maximum accuracy loss from such runs and writes `calibration.json` and
@@ -82,6 +85,7 @@ from router.scoring import (
     best_f1,
     bootstrap_mean,
     bootstrap_weights,
+    is_repetitive,
     majority_vote,
     mean,
     pass_at_k_curve,
@@ -213,11 +217,46 @@ def final_rows(rows: Iterable[Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
 # ----------------------------------------------------------------------------- questions
 
 
+# `--data dev`: the set `ssrl devset build` writes from the default offline corpus, built on
+# first use into the cache (the path is that command's default --out).
+DEV_PRESET = "dev"
+
+
+def dev_set_path() -> Path:
+    """`$SSRL_CACHE_DIR`, else `$XDG_CACHE_HOME/ssrl`, else `~/.cache/ssrl`; then devsets/dev.jsonl."""
+    cache = os.environ.get("SSRL_CACHE_DIR")
+    base = (
+        Path(cache).expanduser()
+        if cache
+        else Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ssrl"
+    )
+    return base / "devsets" / "dev.jsonl"
+
+
+def ensure_dev_set() -> Path:
+    """The dev set's path, running `ssrl devset build` (the server side, in a subprocess) if needed."""
+    import subprocess
+
+    path = dev_set_path()
+    if not path.is_file():
+        print(f"ssrl eval: building the dev set into {path} (once)", file=sys.stderr)
+        cmd = [sys.executable, "-m", "clients.cli", "devset", "build", "--out", str(path)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO_ROOT, check=False)
+        if proc.returncode != 0 or not path.is_file():
+            tail = (proc.stderr or proc.stdout).strip()[-1000:]
+            raise EvalError(
+                f"could not build the dev set (`ssrl devset build` exited {proc.returncode}): {tail}"
+            )
+    return path.resolve()
+
+
 def resolve_data(spec: str) -> Path:
-    """A JSONL path, or the name of a shared QA set (`nq_open_dev`) under ../shared/data/qa."""
+    """A JSONL path, the preset `dev`, or the name of a shared QA set (`nq_open_dev`) under ../shared/data/qa."""
     path = Path(spec).expanduser()
     if path.is_file():
         return path.resolve()
+    if spec == DEV_PRESET:
+        return ensure_dev_set()
     if "/" not in spec:
         name = spec if spec.endswith(".jsonl") else spec + ".jsonl"
         for base in (REPO_ROOT.parent / "shared" / "data" / "qa", Path("/work/shared/data/qa")):
@@ -251,7 +290,12 @@ def load_questions(
             if qid in seen:
                 raise EvalError(f"{path}:{number}: duplicate id {qid!r}")
             seen.add(qid)
-            questions.append({"id": qid, "question": item["question"], "answers": answers})
+            row = {"id": qid, "question": item["question"], "answers": answers}
+            # Graded sets (`--data dev`) name the article holding the answer and its grade.
+            for key in ("gold_title", "grade"):
+                if isinstance(item.get(key), str):
+                    row[key] = item[key]
+            questions.append(row)
     if shuffle:
         random.Random(seed if seed is not None else 0).shuffle(questions)
     if limit is not None:
@@ -388,6 +432,38 @@ def trace_counts(trace: Mapping[str, Any] | None) -> dict[str, int]:
     return {k: sum(int(p.get(k) or 0) for p in parts) for k in keys}
 
 
+def inserted_titles(searches: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Titles of the documents external searches inserted, in order."""
+    return [
+        str(d.get("title") or "")
+        for s in searches
+        if s.get("decision") == "external" and not s.get("fallback")
+        for d in s.get("documents") or []
+    ]
+
+
+def retrieval_figures(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any] | None:
+    """On a set whose rows name the article that holds the answer (`gold_title`): how often an
+    external search inserted it (query quality), exact match when it was inserted (reading),
+    and exact match per grade. None on sets without gold titles."""
+    graded = [r for r in rows if r.get("gold_title")]
+    if not graded:
+        return None
+    searched = [r for r in graded if r.get("inserted_titles")]
+    hit = [r for r in searched if r["gold_title"] in r["inserted_titles"]]
+    grades: dict[str, list[float]] = {}
+    for r in graded:
+        grades.setdefault(str(r.get("grade") or "-"), []).append(float(bool(r["correct"])))
+    return {
+        "questions": len(graded),
+        "searched_externally": len(searched),
+        "gold_inserted": len(hit),
+        "gold_inserted_rate": len(hit) / len(searched) if searched else None,
+        "em_given_gold_inserted": mean(float(bool(r["correct"])) for r in hit),
+        "em_by_grade": {g: {"n": len(v), "em": mean(v)} for g, v in sorted(grades.items())},
+    }
+
+
 def score_response(question: Mapping[str, Any], body: Mapping[str, Any], latency_s: float) -> dict[str, Any]:
     """The result row of one answered question."""
     gold = list(question["answers"])
@@ -438,9 +514,14 @@ def score_response(question: Mapping[str, Any], body: Mapping[str, Any], latency
         "turns": sum(c["turns"] for c in counts),
         "latency_s": round(latency_s, 4),
         "usage": body.get("usage") or {},
+        "repetitive": is_repetitive(head["answer"]),
+        "inserted_titles": inserted_titles(head["trace"].get("searches") or []),
         "error": None,
         "finished_at": _now(),
     }
+    for key in ("gold_title", "grade"):
+        if key in question:
+            row[key] = question[key]
     if len(samples) > 1:
         vote = majority_vote([s["answer"] for s in samples])
         row["majority"] = {
@@ -707,6 +788,10 @@ def summarize(
         counts = [(int(r["n"]), int(r["n_correct"])) for r in ok]
         summary["pass_at_k"] = {str(k): v for k, v in pass_at_k_curve(counts, n).items()}
         summary["majority_accuracy"] = mean(float(bool(r["majority"]["correct"])) for r in ok)
+    summary["repetitive_rate"] = mean(float(bool(r.get("repetitive"))) for r in ok)
+    retrieval = retrieval_figures(ok)
+    if retrieval is not None:
+        summary["retrieval"] = retrieval
     qs = questions_of_run(rows)
     summary["entropy_recorded"] = sum(1 for q in qs if q.entropy is not None)
     summary["auroc_wrong_self_fill"] = {a: aggregate_auroc(qs, a) for a in AGGREGATES}
@@ -797,7 +882,19 @@ def render_report(summary: Mapping[str, Any], plots: Sequence[str]) -> str:
         f"| turns per question | {_fmt(summary['turns_mean'], 2)} |",
         f"| tokens prompt / completion | {tok['prompt']} / {tok['completion']} |",
         f"| latency mean / p50 / p99 (s) | {_fmt(lat['mean'], 2)} / {_fmt(lat['p50'], 2)} / {_fmt(lat['p99'], 2)} |",
+        f"| degenerate repetition in the answer | {_fmt(summary.get('repetitive_rate'))} |",
     ]
+    retrieval = summary.get("retrieval")
+    if retrieval:
+        lines += [
+            f"| gold article inserted (of {retrieval['searched_externally']} questions searched "
+            f"externally) | {_fmt(retrieval['gold_inserted_rate'])} ({retrieval['gold_inserted']}) |",
+            f"| exact match when the gold article was inserted | {_fmt(retrieval['em_given_gold_inserted'])} |",
+        ]
+        lines += [
+            f"| exact match, grade `{g}` (n = {v['n']}) | {_fmt(v['em'])} |"
+            for g, v in retrieval["em_by_grade"].items()
+        ]
     if "pass_at_k" in summary:
         lines += [
             f"| majority-vote accuracy ({summary['n']} samples) | {_fmt(summary['majority_accuracy'])} |",
@@ -1121,6 +1218,19 @@ def sweep_summary(
     }
 
 
+def _branch_lines(branches: Mapping[str, int] | None) -> list[str]:
+    if not branches:
+        return []
+    return [
+        f"Exact counterfactuals: one self-filled trajectory per question (`{BRANCHED}/`); at its first "
+        "search the server also ran the branch that searched externally from the identical prefix "
+        f"(same query, same entropy). Branched: {branches['branched']}; no search: "
+        f"{branches['no_search']} and search failed: {branches['failed']} (both sides are then the "
+        "trajectory itself).",
+        "",
+    ]
+
+
 def render_sweep_report(summary: Mapping[str, Any], computed: SweepStats, plots: Sequence[str]) -> str:
     acc_ext = summary["accuracy_always"]
     iv = summary.get("accuracy_intervals") or {}
@@ -1133,6 +1243,7 @@ def render_sweep_report(summary: Mapping[str, Any], computed: SweepStats, plots:
         "Intervals are 95 % percentile-bootstrap intervals over these questions (1000 resamples, "
         "fixed seed; docs/evaluation.md).",
         "",
+        *_branch_lines(summary.get("branches")),
         "| run | exact match | exact match on the paired questions [95 %] | external-call rate | mean latency (s) |",
         "|---|---|---|---|---|",
         f"| never (self-filled) | {_fmt(summary['never']['em'])} | "
@@ -1184,10 +1295,13 @@ def write_sweep(
     never: Mapping[str, Any],
     always: Mapping[str, Any],
     plots_enabled: bool,
+    branches: BranchCounts | None = None,
 ) -> dict[str, Any]:
     questions = paired_questions(never_rows, always_rows)
     computed = sweep_stats(questions)
     summary = sweep_summary(questions, never, always, computed)
+    if branches is not None:
+        summary["branches"] = branches.to_dict()
     plots: list[str] = []
     acc_int, acc_ext = summary["accuracy_never"], summary["accuracy_always"]
     if (
@@ -1214,19 +1328,94 @@ def write_sweep(
     return summary
 
 
+# The sweep's one run: policy `never` with exact counterfactual branches (`OUT/branched`).
+BRANCHED = "branched"
+
+
+@dataclass
+class BranchCounts:
+    """How the `always` side of a sweep was obtained, per question."""
+
+    branched: int = 0
+    # No (non-empty) search: searching could change nothing; both sides are the trajectory.
+    no_search: int = 0
+    # The branch's search failed: it would have self-filled too; both sides are the trajectory.
+    failed: int = 0
+
+    def to_dict(self) -> dict[str, int]:
+        return {"branched": self.branched, "no_search": self.no_search, "failed": self.failed}
+
+
+def branch_rows(
+    rows: Sequence[Mapping[str, Any]],
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], BranchCounts]:
+    """A branched run's rows as the `never` rows (the self-filled trajectory) and the `always`
+    rows (its branch that searched externally at the first search, from the identical prefix:
+    the same query and the same entropy by construction)."""
+    never: list[dict[str, Any]] = []
+    always: list[dict[str, Any]] = []
+    counts = BranchCounts()
+    for row in rows:
+        if row.get("error") is not None:
+            continue
+        never.append(dict(row))
+        branches = (row.get("trace") or {}).get("counterfactuals") or []
+        first = branches[0] if branches else None
+        if first is None or first.get("error"):
+            counts.no_search += first is None
+            counts.failed += first is not None
+            always.append({**row, "branch": first})
+            continue
+        counts.branched += 1
+        answer = str(first.get("answer") or "")
+        gold = list(row["gold"])
+        always.append(
+            {
+                **row,
+                "answer": answer,
+                "answers": [answer],
+                "correct": best_exact_match(answer, gold),
+                "f1": best_f1(answer, gold),
+                "n_correct": int(best_exact_match(answer, gold)),
+                "reasoning": None,
+                "first_route": "external",
+                "external_calls": 1,
+                "internal_fills": max(0, int(row.get("internal_fills") or 0) - 1),
+                "repetitive": is_repetitive(answer),
+                "inserted_titles": inserted_titles([first.get("search") or {}]),
+                "branch": first,
+            }
+        )
+    return never, always, counts
+
+
 def run_sweep(config: EvalConfig) -> dict[str, Any]:
-    """`never` then `always` on the same questions, then the counterfactual curves."""
-    results = {}
-    for policy in SWEEP_POLICIES:
-        sub = config.for_policy(policy, config.out / policy)
-        results[policy] = run_eval(sub)
-        config.model = sub.model
-    never_rows = list(final_rows(ResultsFile(config.out / "never" / RESULTS).read()).values())
-    always_rows = list(final_rows(ResultsFile(config.out / "always" / RESULTS).read()).values())
+    """One self-filled run with exact counterfactual branches, split into `never` and `always`
+    runs of the same questions, then the counterfactual curves."""
+    branched = config.for_policy("never", config.out / BRANCHED)
+    branched.self_search = {**branched.self_search, "counterfactual": True}
+    run_eval(branched)
+    config.model = branched.model
     selected = {q["id"] for q in load_questions(config.data, config.limit, config.shuffle, config.seed)}
-    never_rows = [r for r in never_rows if r["id"] in selected]
-    always_rows = [r for r in always_rows if r["id"] in selected]
-    return write_sweep(config.out, never_rows, always_rows, results["never"], results["always"], config.plots)
+    rows = [
+        r
+        for r in final_rows(ResultsFile(config.out / BRANCHED / RESULTS).read()).values()
+        if r["id"] in selected
+    ]
+    never_rows, always_rows, counts = branch_rows(rows)
+    results: dict[str, dict[str, Any]] = {}
+    for policy, side in (("never", never_rows), ("always", always_rows)):
+        sub = config.for_policy(policy, config.out / policy)
+        sub.model = config.model
+        sub.out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(sub.out / RESULTS, "".join(json.dumps(r, sort_keys=True) + "\n" for r in side))
+        atomic_write_json(sub.out / CONFIG, {**sub.to_json(), "derived_from": BRANCHED})
+        summary = summarize(side, len(selected), sub)
+        write_outputs(sub, summary, side)
+        results[policy] = summary
+    return write_sweep(
+        config.out, never_rows, always_rows, results["never"], results["always"], config.plots, counts
+    )
 
 
 # ----------------------------------------------------------------------------- calibrate
@@ -1582,7 +1771,8 @@ def register_eval(subparsers: Any) -> None:
     ev.add_argument(
         "--data",
         required=True,
-        help="Question JSONL, or the name of a set in ../shared/data/qa (e.g. nq_open_dev).",
+        help="Question JSONL, `dev` (the set built from the default offline index by `ssrl devset "
+        "build`, built on first use), or the name of a set in ../shared/data/qa (e.g. nq_open_dev).",
     )
     ev.add_argument("--out", required=True, help="Run directory (created; reused to resume).")
     ev.add_argument("--base-url", default="http://127.0.0.1:8000", help="Server URL (with or without /v1).")

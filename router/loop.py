@@ -17,7 +17,9 @@ is decided, and the final result), which serves streaming and non-streaming alik
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Sequence
+import asyncio
+import copy
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
@@ -47,16 +49,45 @@ from router.tags import (
 
 Mode = Literal["native", "guided"]
 
-# vLLM's repetition penalty on a guided information fill (1.0: off). Only there: the query and
-# the answer should repeat the question's and the documents' words.
-GUIDED_FILL_REPETITION_PENALTY = 1.1
+# vLLM's repetition penalty on a guided information fill (1.0: off). Off: vLLM applies it to
+# the prompt's tokens too, so at 1.1 the fill avoided "Doc" and the question's own words and
+# wrote "Dr. Zorro" instead of a fact (docs/evaluation.md, "First impression").
+GUIDED_FILL_REPETITION_PENALTY = 1.0
 # vLLM's frequency penalty on a guided answer (output tokens only, so the documents' words stay
 # free to copy): a one-line answer must not loop ("2017 2017 2017 ...").
 GUIDED_ANSWER_FREQUENCY_PENALTY = 2.0
+# None on a guided answer under a JSON schema: the penalty also holds back the quote that
+# closes a string, so a small model that loops inside a string value rambles on instead
+# (measured: 1.0 turned a repeated phrase into a list of countries, still unclosed).
+GUIDED_STRUCTURED_FREQUENCY_PENALTY = 0.0
 
 # How inserted blocks are laid out; SSRL's own loop inserts `\n\n<information>...`.
 INFO_PREFIX = "\n\n" + INFORMATION_OPEN
 INFO_SUFFIX = INFORMATION_CLOSE + "\n\n"
+
+
+@dataclass(frozen=True)
+class AnswerTurn:
+    """What the request asks of the final turn (its own stop strings, response_format or a
+    forced tool call): the searches before it stay free, only the answer is shaped."""
+
+    # vLLM `StructuredOutputsParams` fields the answer is generated under (None: free text).
+    structured: Mapping[str, Any] | None = None
+    # The request's stop strings; they end the answer, never a query or a self-fill.
+    stop: tuple[str, ...] = ()
+    # Tokens reserved for the answer turn (None: LoopConfig.max_answer_tokens), which searches
+    # never eat into; it is also the cap of a one-line answer (a multi-line one may use all that
+    # is left).
+    max_tokens: int | None = None
+    # The answer may span lines (JSON, a tool call); otherwise guided mode stops it at the
+    # first newline.
+    multiline: bool = False
+
+    @property
+    def shaped(self) -> bool:
+        """Whether the request shapes the answer at all (native mode then generates the answer
+        as a turn of its own instead of inside the model's free text)."""
+        return self.structured is not None or bool(self.stop) or self.multiline or self.max_tokens is not None
 
 
 @dataclass(frozen=True)
@@ -82,6 +113,21 @@ class LoopConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     seed: int | None = None
+    answer_turn: AnswerTurn = field(default_factory=AnswerTurn)
+    # Exact counterfactuals (the routing lab): at each search the policy self-fills, also run
+    # the branch that searches externally from the identical prefix (same query, same
+    # entropy), and report its outcome beside the trajectory's.
+    counterfactual: bool = False
+    # Context the search backend gets after the model's query (guided mode: the user's
+    # question), so a short query still finds its article; the entropy and the routing
+    # decision are the query's alone. "": the query as written.
+    search_context: str = ""
+
+    @property
+    def answer_cap(self) -> int:
+        """Tokens the answer turn may generate (and that the searches leave free for it)."""
+        cap = self.answer_turn.max_tokens
+        return self.max_answer_tokens if cap is None else cap
 
 
 @dataclass
@@ -105,6 +151,8 @@ class SearchRecord:
     errors: list[str] = field(default_factory=list)
     attempts: int = 0
     cache_hit: bool = False
+    # What the search backend was sent, where it differs from the query (search_context).
+    sent_query: str | None = None
 
     @property
     def decision(self) -> str:
@@ -114,6 +162,7 @@ class SearchRecord:
         return {
             "index": self.index,
             "query": self.query,
+            "sent_query": self.sent_query,
             "entropy": self.entropy.to_dict(),
             "decision": self.route,
             "reason": self.reason,
@@ -140,6 +189,39 @@ class SearchRecord:
 
 
 @dataclass
+class Counterfactual:
+    """The branch of a trajectory that searched externally at search `at`, from the identical
+    prefix (same query, same entropy) where the trajectory itself self-filled."""
+
+    at: int
+    query: str
+    # The branch's own search record (documents, backend, fallback) and how it ended.
+    search: SearchRecord | None = None
+    answer: str = ""
+    answered: bool = False
+    # The branch's transcript from the branch point on (its `<information>` block onwards).
+    transcript: str = ""
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    finish_reason: str = "stop"
+    # Why no branch was made (the search failed, so it would have self-filled too).
+    error: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "at": self.at,
+            "query": self.query,
+            "answer": self.answer,
+            "answered": self.answered,
+            "error": self.error,
+            "finish_reason": self.finish_reason,
+            "completion_tokens": self.completion_tokens,
+            "search": self.search.to_dict() if self.search is not None else None,
+            "transcript": self.transcript,
+        }
+
+
+@dataclass
 class LoopResult:
     answer: str
     answered: bool
@@ -149,6 +231,7 @@ class LoopResult:
     completion_tokens: int
     finish_reason: str
     notes: list[str] = field(default_factory=list)
+    counterfactuals: list[Counterfactual] = field(default_factory=list)
 
     @property
     def external_calls(self) -> int:
@@ -167,6 +250,11 @@ class LoopResult:
             "turns": len(self.searches),
             "answered": self.answered,
             "notes": list(self.notes),
+            **(
+                {"counterfactuals": [c.to_dict() for c in self.counterfactuals]}
+                if self.counterfactuals
+                else {}
+            ),
         }
 
 
@@ -225,6 +313,8 @@ class SelfSearchLoop:
         self._inserted: list[tuple[int, int]] = []
         # Tokens an information fill must leave free (guided mode keeps the answer's room).
         self._fill_reserve = 0
+        # Counterfactual branches running beside this trajectory (config.counterfactual).
+        self._branches: list[asyncio.Task[Counterfactual]] = []
         tokenizer = engine.tokenizer
         self._decode: Callable[[Sequence[int]], str] = lambda ids: tokenizer.decode(
             ids, skip_special_tokens=False
@@ -293,6 +383,7 @@ class SelfSearchLoop:
         reserve: int = 0,
         repetition_penalty: float = 1.0,
         frequency_penalty: float = 0.0,
+        structured: Mapping[str, Any] | None = None,
     ) -> AsyncIterator[TextDelta | Segment]:
         """One engine call; yields text as it may be shown, then the finished Segment.
 
@@ -309,6 +400,7 @@ class SelfSearchLoop:
             include_stop_str_in_output=False,
             repetition_penalty=repetition_penalty,
             frequency_penalty=frequency_penalty,
+            structured=structured,
         )
         self._calls += 1
         holdback = max((len(s) for s in stop), default=1) - 1
@@ -376,59 +468,96 @@ class SelfSearchLoop:
         decision = self._decide(entropy)
         record = SearchRecord(index, query, entropy, decision.route, decision.reason, decision.policy)
         if decision.route == "external":
-            outcome = await self.search.search(query, self.config.docs_per_search)
-            record.backend = outcome.backend
-            record.latency_s = outcome.latency_s
-            record.errors = list(outcome.errors)
-            record.attempts = outcome.attempts
-            record.cache_hit = outcome.cache_hit
-            if outcome.error is None:
-                # URLs go to the trace and to `url_citation`s as they are: make them inert.
-                record.documents = [replace(d, url=sanitize_url(d.url)) for d in outcome.documents]
-                record.information = format_documents(outcome.documents, self.config.max_doc_chars)
-            else:
-                record.fallback = outcome.error
+            await self._search_into(record)
         self.records.append(record)
+        if self.config.counterfactual and record.route == "internal":
+            self._branches.append(asyncio.ensure_future(self._branch(self._fork(record), record)))
         yield SearchDecided(record)
-        yield self._insert(INFO_PREFIX)
         if record.route == "external" and record.fallback is None:
-            start = len(self.transcript)
-            yield self._insert(record.information)
-            self._inserted.append((start, len(self.transcript)))
-        else:
-            async for item in self._generate(
-                (INFORMATION_CLOSE,),
-                self.config.max_information_tokens,
-                False,
-                reserve=self._fill_reserve,
-                # Guided mode: a small model filling a block alone drifts into loops.
-                repetition_penalty=GUIDED_FILL_REPETITION_PENALTY if self.config.mode == "guided" else 1.0,
-            ):
-                if isinstance(item, Segment):
-                    self._keep(item)
-                    record.information = item.text.strip()
-                else:
-                    yield item
+            for delta in self._insert_documents(record):
+                yield delta
+            return
+        yield self._insert(INFO_PREFIX)
+        async for item in self._generate(
+            (INFORMATION_CLOSE,),
+            self.config.max_information_tokens,
+            False,
+            reserve=self._fill_reserve,
+            # Guided mode: a small model filling a block alone drifts into loops.
+            repetition_penalty=GUIDED_FILL_REPETITION_PENALTY if self.config.mode == "guided" else 1.0,
+        ):
+            if isinstance(item, Segment):
+                self._keep(item)
+                record.information = item.text.strip()
+            else:
+                yield item
         yield self._insert(INFO_SUFFIX)
+
+    async def _search_into(self, record: SearchRecord) -> None:
+        """Call the search service for `record`'s query; a failure marks its fallback."""
+        context = self.config.search_context.strip()
+        sent = f"{record.query} {context}" if context and context not in record.query else record.query
+        record.sent_query = sent if sent != record.query else None
+        outcome = await self.search.search(sent, self.config.docs_per_search)
+        record.backend = outcome.backend
+        record.latency_s = outcome.latency_s
+        record.errors = list(outcome.errors)
+        record.attempts = outcome.attempts
+        record.cache_hit = outcome.cache_hit
+        if outcome.error is None:
+            # URLs go to the trace and to `url_citation`s as they are: make them inert.
+            record.documents = [replace(d, url=sanitize_url(d.url)) for d in outcome.documents]
+            record.information = format_documents(outcome.documents, self.config.max_doc_chars)
+        else:
+            record.fallback = outcome.error
+
+    def _insert_documents(self, record: SearchRecord) -> list[TextDelta]:
+        """The information block of an external search, its documents marked as inserted."""
+        deltas = [self._insert(INFO_PREFIX)]
+        start = len(self.transcript)
+        deltas.append(self._insert(record.information))
+        self._inserted.append((start, len(self.transcript)))
+        deltas.append(self._insert(INFO_SUFFIX))
+        return deltas
 
     async def _answer(self, prefix: str, stop: tuple[str, ...]) -> AsyncIterator[LoopEvent]:
         """Make the model answer: write `<answer>`, let it fill, close the tag.
 
+        The request's answer turn shapes this call only: its stop strings join `stop`, its
+        structured-output constraint (response_format, a forced tool call) applies, and a
+        constrained or multi-line answer is not cut at the protocol's own line stops.
         Without room for one answer token and the tags, nothing is written: an opened but
         never closed `<answer>` would leave a transcript that ends inside a block.
         """
+        turn = self.config.answer_turn
         if self._room() - self._tokens(prefix + ANSWER_OPEN, ANSWER_CLOSE) <= 0:
             raise _OutOfBudget
         yield self._insert(prefix + ANSWER_OPEN)
+        if turn.structured is not None:
+            # The grammar ends the answer; a protocol stop string could cut a JSON string.
+            stop = ()
+        elif turn.multiline:
+            stop = tuple(s for s in stop if s not in ("\n", "</")) or (ANSWER_CLOSE,)
+        stop = tuple(dict.fromkeys((*stop, *turn.stop)))
+        guided = self.config.mode == "guided"
+        penalty = 0.0
+        if guided:
+            free = turn.structured is None
+            penalty = GUIDED_ANSWER_FREQUENCY_PENALTY if free else GUIDED_STRUCTURED_FREQUENCY_PENALTY
         # The closing tag is the loop's to write: keep context for it.
         closing = self._tokens(ANSWER_CLOSE)
+        # A shaped answer (JSON, a tool call) may use all that is left; its reserve only keeps
+        # the searches from eating into it.
+        cap = self.config.max_tokens if turn.multiline else self.config.answer_cap
         async for item in self._generate(
             stop,
-            self.config.max_answer_tokens,
+            cap,
             False,
             answer=True,
             reserve=closing,
-            frequency_penalty=GUIDED_ANSWER_FREQUENCY_PENALTY if self.config.mode == "guided" else 0.0,
+            # A guided answer must not loop (output tokens only: the documents stay free to copy).
+            frequency_penalty=penalty,
+            structured=turn.structured,
         ):
             if isinstance(item, Segment):
                 self._keep(item)
@@ -442,11 +571,12 @@ class SelfSearchLoop:
         searches = min(self.config.guided_searches, self.config.max_turns)
         # Searches never eat the answer turn's room: its cap plus its tags stay free, so a
         # budget hit while searching still ends with an answer (never with documents).
-        answer_room = self.config.max_answer_tokens + self._tokens("\n" + ANSWER_OPEN, ANSWER_CLOSE)
+        answer_room = self.config.answer_cap + self._tokens("\n" + ANSWER_OPEN, ANSWER_CLOSE)
         self._fill_reserve = answer_room + self._tokens(INFO_SUFFIX)
         # The query call also leaves room for the tags after it and one token of fill.
         query_reserve = self._fill_reserve + self._tokens(" " + SEARCH_CLOSE, INFO_PREFIX) + 1
-        for _turn in range(searches):
+        # A counterfactual branch resumes here with its earlier searches already made.
+        for _turn in range(len(self.records), searches):
             if self._room() - self._tokens(SEARCH_OPEN) - query_reserve <= 0:
                 # The budget, not the model, ended the searches: report it as a length stop.
                 self._finish_reason = "length"
@@ -482,21 +612,31 @@ class SelfSearchLoop:
             yield event
 
     async def _native(self) -> AsyncIterator[LoopEvent]:
+        # A shaped answer (stop strings, a schema, a tool call) is a turn of its own: the
+        # model's free text stops where it opens `<answer>`, and the loop generates the rest.
+        shaped = self.config.answer_turn.shaped
+        ends = (SEARCH_CLOSE, ANSWER_OPEN) if shaped else (SEARCH_CLOSE, ANSWER_CLOSE)
         while True:
             segment: Segment | None = None
-            async for item in self._generate(
-                (SEARCH_CLOSE, ANSWER_CLOSE), self.config.max_tokens, logprobs=True
-            ):
+            async for item in self._generate(ends, self.config.max_tokens, logprobs=True):
                 if isinstance(item, Segment):
                     segment = item
                 else:
                     yield item
             assert segment is not None
             self._keep(segment)
+            if segment.stop == ANSWER_OPEN:
+                async for event in self._answer("", (ANSWER_CLOSE,)):
+                    yield event
+                return
             if segment.stop == ANSWER_CLOSE:
                 yield self._insert(ANSWER_CLOSE)
                 return
             if segment.stop != SEARCH_CLOSE:
+                if shaped and segment.finish_reason != "length":
+                    # EOS without an answer: the request's shape still gets its answer turn.
+                    async for event in self._answer("\n\n", (ANSWER_CLOSE,)):
+                        yield event
                 return  # EOS or length: the model ended without an answer
             yield self._insert(SEARCH_CLOSE)
             searched = sum(1 for r in self.records if r.route != "skipped")
@@ -514,6 +654,60 @@ class SelfSearchLoop:
             async for event in self._search_turn(segment, opened + len(SEARCH_OPEN)):
                 yield event
 
+    # ----- counterfactual branches ------------------------------------------------------
+
+    def _fork(self, record: SearchRecord) -> SelfSearchLoop:
+        """A copy of this trajectory as it stands right after `record`'s query closed (taken
+        synchronously: the trajectory itself moves on at once)."""
+        fork = copy.copy(self)
+        # The branch spends what the trajectory had left at the branch point; no nested branches.
+        left = max(0, self.config.max_tokens - self.completion_tokens)
+        fork.config = replace(self.config, counterfactual=False, max_tokens=left)
+        fork.request_id = f"{self.request_id}-cf{record.index}"
+        fork.ids = list(self.ids)
+        fork.records = list(self.records[:-1])
+        fork.notes = []
+        fork._inserted = list(self._inserted)
+        fork._branches = []
+        fork.prompt_tokens = fork.completion_tokens = 0
+        return fork
+
+    async def _branch(self, fork: SelfSearchLoop, record: SearchRecord) -> Counterfactual:
+        """From the prefix that closed `record`'s query, search externally and finish the
+        trajectory (later searches decided by the same policy), silently."""
+        outcome = Counterfactual(at=record.index, query=record.query)
+        start = len(fork.transcript)
+        searched = SearchRecord(
+            record.index, record.query, record.entropy, "external", "counterfactual branch", record.policy
+        )
+        outcome.search = searched
+        await self._search_into(searched)
+        if searched.fallback is not None:
+            outcome.error = f"the search failed ({searched.fallback}); the branch would self-fill too"
+            return outcome
+        fork.records.append(searched)
+        fork._insert_documents(searched)
+        steps = fork._guided() if self.config.mode == "guided" else fork._native()
+        try:
+            async for _event in steps:
+                pass
+        except _OutOfBudget:
+            fork._finish_reason = "length"
+        final = fork._result()
+        outcome.answer, outcome.answered = final.answer, final.answered
+        outcome.transcript = fork.transcript[start:]
+        outcome.prompt_tokens, outcome.completion_tokens = fork.prompt_tokens, fork.completion_tokens
+        outcome.finish_reason = final.finish_reason
+        return outcome
+
+    async def _counterfactuals(self) -> list[Counterfactual]:
+        if not self._branches:
+            return []
+        done = await asyncio.gather(*self._branches)
+        self.prompt_tokens += sum(c.prompt_tokens for c in done)
+        self.completion_tokens += sum(c.completion_tokens for c in done)
+        return list(done)
+
     # ----- driver ------------------------------------------------------------------------
 
     async def run(self) -> AsyncIterator[LoopEvent]:
@@ -526,7 +720,14 @@ class SelfSearchLoop:
         except _OutOfBudget:
             self._finish_reason = "length"
             self.notes.append("the token budget or the context ran out")
+        except BaseException:
+            for task in self._branches:
+                task.cancel()
+            raise
+        # Branch tokens count in usage (they are engine work), not in the trajectory's budget.
+        branches = await self._counterfactuals()
         result = self._result()
+        result.counterfactuals = branches
         if not answer_streamed and result.answer:
             # Native mode cannot tell the answer apart while it streams: send it whole.
             yield TextDelta("", result.answer)

@@ -30,10 +30,11 @@ GUIDED = (
 
 # What guided mode inserts per search unless the operator (`--docs-per-search`,
 # `--max-doc-chars`) or the request (`docs_per_search`) says otherwise: a 135M model read the
-# answer out of one 300-character document about twice as often as out of three of 600
+# answer out of one 300-character document about twice as often as out of three of 600, and
+# out of one of 150 (the article's first sentence or so) more often than out of one of 300
 # (docs/evaluation.md, "First impression").
 GUIDED_DOCS_PER_SEARCH = 1
-GUIDED_MAX_DOC_CHARS = 300
+GUIDED_MAX_DOC_CHARS = 150
 
 
 def _example(query: str, documents: tuple[tuple[str, str], ...], answer: str) -> str:
@@ -45,30 +46,36 @@ def _example(query: str, documents: tuple[tuple[str, str], ...], answer: str) ->
 
 # Guided mode shows the model worked exchanges before the real question: a small model copies
 # the shape of an example far more reliably than it follows an instruction. They are varied
-# (a person, a place, a number, a date, a symbol); each query names the entity the question is
-# about (never a year or the question's own numbers), the document holding the answer is not
-# always the first, and each answer is a few words copied from that document.
+# (a person, a country, a number, a date, a city, a symbol); each query names the entity the
+# question is about (never a year or the question's own numbers); each answer is a few words
+# copied from the document, which names the question's subject but also holds a year or a
+# number that is NOT the answer (the 135M model otherwise answers "Who wrote ...?" with a year
+# from the document, or with its title).
 GUIDED_EXAMPLES: tuple[tuple[str, str], ...] = (
     (
         "Who wrote the novel Oliver Twist?",
         _example(
             "Oliver Twist novel author",
             (
-                ("Oliver Twist", "Oliver Twist is the second novel by the English author Charles Dickens."),
-                ("David Lean", "David Lean was an English filmmaker who directed a film of Oliver Twist."),
+                (
+                    "Oliver Twist",
+                    "Oliver Twist is the second novel by the English author Charles Dickens, published in 1838.",
+                ),
             ),
             "Charles Dickens",
         ),
     ),
     (
-        "What is the capital of Portugal?",
+        "In which country is Mount Kilimanjaro?",
         _example(
-            "Portugal capital city",
+            "Mount Kilimanjaro country",
             (
-                ("Portugal", "Portugal is a country in Southwestern Europe, on the Iberian Peninsula."),
-                ("Lisbon", "Lisbon is the capital and most populous city of Portugal."),
+                (
+                    "Mount Kilimanjaro",
+                    "Mount Kilimanjaro is a dormant volcano in Tanzania, 5,895 metres above sea level.",
+                ),
             ),
-            "Lisbon",
+            "Tanzania",
         ),
     ),
     (
@@ -76,8 +83,10 @@ GUIDED_EXAMPLES: tuple[tuple[str, str], ...] = (
         _example(
             "spider legs",
             (
-                ("Spider", "Spiders are air-breathing arthropods that have eight legs and fangs."),
-                ("Insect", "Insects have a three-part body and three pairs of jointed legs."),
+                (
+                    "Spider",
+                    "Spiders are air-breathing arthropods with eight legs; about 50,000 species are known.",
+                ),
             ),
             "eight",
         ),
@@ -88,16 +97,20 @@ GUIDED_EXAMPLES: tuple[tuple[str, str], ...] = (
             "Wright brothers first flight",
             (
                 (
-                    "Charles Lindbergh",
-                    "Charles Lindbergh made the first nonstop flight from New York to Paris.",
-                ),
-                (
                     "Wright brothers",
                     "The Wright brothers, Orville and Wilbur, made the first powered airplane flight "
                     "on December 17, 1903.",
                 ),
             ),
             "1903",
+        ),
+    ),
+    (
+        "What is the capital of Portugal?",
+        _example(
+            "Portugal capital city",
+            (("Portugal", "Portugal is a country of 10 million people whose capital is Lisbon."),),
+            "Lisbon",
         ),
     ),
     (

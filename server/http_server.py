@@ -20,7 +20,9 @@ import asyncio
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 from typing import Any
 
 import h11
@@ -181,6 +183,11 @@ def serve(settings: ServeSettings, engine_factory: Any = None) -> int:
     install_redaction(settings_secrets(settings))
     app = create_app(settings) if engine_factory is None else create_app(settings, engine_factory)
     server = DrainingServer(uvicorn_config(app, settings), app.state.drainer)
+    # uvicorn takes SIGTERM/SIGINT over (DrainingServer: a signal during start-up stops it
+    # within seconds) and restores these defaults when it is done.
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         server.run()
     except SystemExit:  # uvicorn's exit when start-up failed

@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import sys
+import threading
 import time
 from collections.abc import Awaitable
 from types import FrameType
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import uvicorn
 from starlette.exceptions import HTTPException
@@ -43,6 +46,8 @@ class Drainer:
         self.in_flight = 0
         # True while the engine factory runs (blocking this thread): a signal then stops it.
         self.starting = False
+        # What start-up is doing, for the log line of a signal that interrupts it.
+        self.startup_phase = "starting"
 
     async def wait_idle(self, poll_s: float = 0.1) -> bool:
         """Wait until nothing is in flight or the grace period ends; True when idle."""
@@ -153,27 +158,81 @@ class StartupInterrupted(BaseException):
     """
 
 
-def kill_child_processes(grace_s: float = 2.0) -> int:
-    """SIGTERM this process's children (vLLM's engine core, its workers), SIGKILL the ones
-    still alive after `grace_s`; returns how many there were."""
+# A signal during start-up ends the process within this many seconds, whatever start-up was
+# doing (tests/e2e/test_startup.py holds it to 5 s).
+STARTUP_EXIT_DEADLINE_S = 3.5
+
+
+def _freeze_descendants(me: Any, tree: dict[int, Any]) -> list[Any]:
+    """SIGSTOP every descendant of `me` not in `tree` yet (adding it), until a scan finds
+    nothing new: a stopped process starts no other. Returns the ones found this time."""
+    import psutil
+
+    new: list[Any] = []
+    for _ in range(10):
+        try:
+            found = [p for p in me.children(recursive=True) if p.pid not in tree]
+        except psutil.Error:  # one ended during the scan: scan again
+            continue
+        if not found:
+            break
+        for proc in found:
+            tree[proc.pid] = proc
+            new.append(proc)
+            try:
+                proc.suspend()
+            except psutil.Error:
+                pass
+    return new
+
+
+def kill_child_processes(grace_s: float = 1.0) -> int:
+    """SIGTERM this process's descendants (vLLM's engine core, its workers, the compilers
+    torch.compile runs), then SIGKILL the ones still alive after `grace_s`; returns how many.
+
+    The tree is frozen (SIGSTOP) and collected before each round of signals: a parent that
+    died first would otherwise orphan a child it had just started (a worker being spawned, a
+    g++ of the compile), which then no longer shows among this process's descendants and
+    outlives the server.
+    """
     import psutil
 
     try:
-        children = psutil.Process().children(recursive=True)
+        me = psutil.Process()
     except psutil.Error:
         return 0
-    for child in children:
+    tree: dict[int, Any] = {}
+    _freeze_descendants(me, tree)
+    for proc in tree.values():
         try:
-            child.terminate()
+            proc.terminate()
+            proc.resume()  # a stopped process handles its SIGTERM once continued
         except psutil.Error:
             pass
-    _, alive = psutil.wait_procs(children, timeout=grace_s)
-    for child in alive:
+    alive = list(tree.values())
+    if grace_s > 0:
+        _, alive = psutil.wait_procs(alive, timeout=grace_s)
+    # What SIGTERM did not end, and whatever those started meanwhile, frozen first.
+    late = _freeze_descendants(me, tree)
+    for proc in [*alive, *late]:
         try:
-            child.kill()
+            proc.kill()
         except psutil.Error:
             pass
-    return len(children)
+    return len(tree)
+
+
+def _exit_now(sig: int, deadline_s: float) -> None:
+    """The start-up deadline passed: kill what is left and leave without any clean-up."""
+    logger.error("start-up did not stop within %.1fs of signal %d; exiting now", deadline_s, sig)
+    kill_child_processes(grace_s=0)
+    for handler in logging.getLogger().handlers:
+        try:
+            handler.flush()
+        except Exception:
+            pass
+    sys.stderr.flush()
+    os._exit(128 + sig)
 
 
 async def until_draining(drainer: Drainer, work: Awaitable[T], poll_s: float = 0.1) -> T:
@@ -235,7 +294,16 @@ class DrainingServer(uvicorn.Server):
         self.startup_signal = sig
         super().handle_exit(sig, frame)
         if first:
-            logger.warning("signal %d during start-up: stopping the engine and exiting", sig)
+            # Whatever blocks below (a vLLM clean-up waiting on a process, a C call that
+            # ignores the exception), the process ends by the deadline.
+            deadline = threading.Timer(STARTUP_EXIT_DEADLINE_S, _exit_now, (sig, STARTUP_EXIT_DEADLINE_S))
+            deadline.daemon = True
+            deadline.start()
+            logger.warning(
+                "signal %d during start-up (%s): stopping the engine and exiting",
+                sig,
+                self.drainer.startup_phase,
+            )
             killed = kill_child_processes()
             if killed:
                 logger.info("killed %d engine process(es)", killed)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from typing import Annotated, Any, Literal
@@ -70,11 +71,44 @@ class ContentPart(BaseModel):
     text: Annotated[str | None, Encodable] = None
 
 
+class ToolCallFunction(BaseModel):
+    name: Annotated[str, Encodable]
+    # OpenAI sends the arguments as JSON text; some clients send the object itself.
+    arguments: Annotated[str | dict[str, Any], Encodable] = "{}"
+
+
+class MessageToolCall(BaseModel):
+    """A tool call of an earlier assistant turn, as the client sends it back."""
+
+    model_config = ConfigDict(extra="allow")
+    id: Annotated[str | None, Encodable] = None
+    type: Literal["function"] = "function"
+    function: ToolCallFunction
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Annotated[str | list[ContentPart] | None, Encodable] = None
     name: Annotated[str | None, Encodable] = None
+    tool_calls: list[MessageToolCall] | None = None
+    tool_call_id: Annotated[str | None, Encodable] = None
+
+    def rendered_text(self) -> str:
+        """The text the model reads for this message: its text, then each earlier tool call in
+        the Hermes format the default tool parser reads (`<tool_call>{...}</tool_call>`), so a
+        template that knows no tools still shows the model what it called."""
+        text = self.text()
+        for call in self.tool_calls or ():
+            arguments = call.function.arguments
+            if isinstance(arguments, str):
+                try:
+                    arguments = json.loads(arguments)
+                except ValueError:
+                    pass  # shown as the client sent it
+            payload = json.dumps({"name": call.function.name, "arguments": arguments}, ensure_ascii=False)
+            text += ("\n" if text else "") + f"<tool_call>\n{payload}\n</tool_call>"
+        return text
 
     def text(self) -> str:
         """The message's text; only text parts are supported."""
@@ -145,6 +179,9 @@ class SelfSearchOptions(BaseModel):
     max_external_calls: int | None = Field(None, ge=0)
     budget: int | None = Field(None, ge=0)
     votes: int | None = Field(None, ge=1)
+    # The routing lab: at each self-filled search also run the externally searched branch from
+    # the identical prefix, reported in the trace's `counterfactuals`.
+    counterfactual: bool | None = None
 
     @field_validator("policy")
     @classmethod
@@ -157,9 +194,28 @@ class SelfSearchOptions(BaseModel):
         return value
 
 
+class WebSearchOptions(BaseModel):
+    """OpenAI's `web_search_options` on chat: it switches self-search on with the server's
+    defaults; `search_context_size` sets the documents per search (low 1, medium the server's
+    default, high 5). `user_location` cannot be honoured by the search backends: 400."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    search_context_size: Literal["low", "medium", "high"] | None = None
+
+
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     self_search: SelfSearchOptions | None = None
+    web_search_options: WebSearchOptions | None = None
+    # The agent's own tools and output schema. With self-search they shape the answer turn
+    # (server.composition); vLLM's own protocol validates them there. Plain requests that set
+    # them are answered by vLLM's serving layer (server.vllm_serving).
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    response_format: dict[str, Any] | None = None
+    structured_outputs: dict[str, Any] | None = None
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
@@ -206,6 +262,9 @@ class Usage(BaseModel):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     total_tokens: int = 0
+    # Extension (self-search only): prompt tokens the protocol's system prompt and worked
+    # examples add to the conversation, so a user sees what self-search costs.
+    protocol_prompt_tokens: int | None = None
 
     @classmethod
     def of(cls, prompt: int, completion: int) -> Usage:
@@ -250,6 +309,7 @@ class AssistantMessage(_Response):
     content: str | None = None
     reasoning: str | None = None
     annotations: list[dict[str, Any]] | None = None
+    tool_calls: list[dict[str, Any]] | None = None
 
 
 class ChatChoice(_Response):
@@ -272,6 +332,7 @@ class DeltaMessage(_Response):
     role: Literal["assistant"] | None = None
     content: str | None = None
     reasoning: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
 
 
 class ChatChunkChoice(_Response):

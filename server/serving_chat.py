@@ -49,7 +49,7 @@ async def chat_prompt(ctx: ServingContext, request: ChatCompletionRequest) -> li
     """
     try:
         messages = [
-            {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+            {"role": "system" if m.role == "developer" else m.role, "content": m.rendered_text()}
             for m in request.messages
         ]
     except ValueError as exc:

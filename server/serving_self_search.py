@@ -23,6 +23,7 @@ from router.prompts import GUIDED_DOCS_PER_SEARCH, GUIDED_MAX_DOC_CHARS, example
 from router.scoring import majority_vote
 from router.search.service import SearchService
 from router.tags import sanitize_document_text
+from server.composition import CONTEXT_SIZE_DOCS, Composition, ShapedAnswer, composition_of, read_answer
 from server.errors import APIError, error_event
 from server.protocol import (
     AssistantMessage,
@@ -75,8 +76,16 @@ def wants_self_search(runtime: SelfSearchRuntime | None, request: ChatCompletion
         return False
     opts = request.self_search
     if opts is not None and opts.enabled is not None:
+        if not opts.enabled and request.web_search_options is not None:
+            raise APIError(
+                400,
+                "web_search_options asks for self-search; it cannot be combined with self_search.enabled false.",
+                param="web_search_options",
+                code="invalid_value",
+            )
         return opts.enabled
-    return runtime.settings.self_search
+    # OpenAI's own name for a searching chat switches self-search on.
+    return runtime.settings.self_search or request.web_search_options is not None
 
 
 def _invalid(param: str, message: str) -> APIError:
@@ -114,6 +123,8 @@ def loop_config(
             docs_default = GUIDED_DOCS_PER_SEARCH
         if "max_doc_chars" not in s.model_fields_set:
             chars = GUIDED_MAX_DOC_CHARS
+    size = request.web_search_options.search_context_size if request.web_search_options else None
+    docs_default = CONTEXT_SIZE_DOCS.get(size or "medium") or docs_default
     config = LoopConfig(
         mode=mode,
         policy=policy,
@@ -130,8 +141,21 @@ def loop_config(
         temperature=1.0 if request.temperature is None else request.temperature,
         top_p=1.0 if request.top_p is None else request.top_p,
         seed=request.seed,
+        counterfactual=bool(o.counterfactual),
+        search_context=_question(request) if mode == "guided" and s.search_with_question else "",
     )
     return config, votes
+
+
+def _question(request: ChatCompletionRequest) -> str:
+    """The user's last message: the context guided searches may send with the query."""
+    for message in reversed(request.messages):
+        if message.role == "user":
+            try:
+                return message.text()
+            except ValueError:
+                return ""
+    return ""
 
 
 def citations(result: LoopResult) -> list[dict[str, Any]]:
@@ -223,6 +247,9 @@ class SelfSearchChat:
         # max_tokens if given, else --max-loop-tokens, both within --max-tokens-limit.
         requested, default = request.token_limit, runtime.settings.max_loop_tokens
         self.config, self.votes = loop_config(runtime, request, requested or default)
+        # The agent's tools, output schema and stop strings shape the answer turn only.
+        self.composition: Composition = composition_of(request, runtime.settings)
+        self.protocol_prompt_tokens = 0
         per_trajectory = requested or min(default, ctx.max_tokens_limit or default)
         check_request_total(ctx, request.n, self.votes, per_trajectory)
         self.prompt: list[int] = []
@@ -239,17 +266,23 @@ class SelfSearchChat:
             own_text = [m.text() for m in own]
         except ValueError as exc:  # a non-text content part: the same 400 as plain chat's
             raise APIError(400, str(exc), param="messages", code="invalid_value") from exc
-        system = "\n\n".join([self.runtime.system_prompts[mode], *own_text])
+        tools = self.composition.tools_prompt()
+        system = "\n\n".join([self.runtime.system_prompts[mode], *own_text, *([tools] if tools else [])])
         examples = [ChatMessage(**m) for m in example_messages(mode)]
-        conversation = [ChatMessage(role="system", content=system), *examples] + [
-            m for m in request.messages if m.role not in ("system", "developer")
-        ]
+        turns = [m for m in request.messages if m.role not in ("system", "developer")]
+        conversation = [ChatMessage(role="system", content=system), *examples, *turns]
         self.prompt = await chat_prompt(self.ctx, request.model_copy(update={"messages": conversation}))
+        # What the protocol costs: the same conversation without its system prompt and examples.
+        own_system = "\n\n".join([*own_text, *([tools] if tools else [])])
+        bare = [ChatMessage(role="system", content=own_system)] if own_system else []
+        bare_prompt = await chat_prompt(self.ctx, request.model_copy(update={"messages": [*bare, *turns]}))
+        self.protocol_prompt_tokens = max(0, len(self.prompt) - len(bare_prompt))
         # Everything a trajectory generates stays in its context: the same rule as plain chat.
         max_tokens = completion_budget(
             self.ctx, len(self.prompt), request.token_limit, default=self.runtime.settings.max_loop_tokens
         )
-        self.config = replace(self.config, max_tokens=max_tokens)
+        answer_turn = self.composition.answer_turn(max_tokens, self.runtime.settings.max_answer_tokens)
+        self.config = replace(self.config, max_tokens=max_tokens, answer_turn=answer_turn)
         self.ctx.metrics.prompt_tokens.labels(ROUTE).inc(len(self.prompt))
 
     def _loop(self, choice: int, sample: int) -> SelfSearchLoop:
@@ -291,18 +324,42 @@ class SelfSearchChat:
         results = await asyncio.gather(*(self._choice(i) for i in range(self.request.n)))
         choices = []
         for i, r in enumerate(results):
+            shaped = self._shaped(r)
             message = AssistantMessage(
-                content=r.chosen.answer,
+                content=shaped.content,
                 reasoning=r.chosen.transcript,
                 annotations=citations(r.chosen),
+                tool_calls=shaped.tool_calls,
             )
             choices.append(
                 ChatChoice(
-                    index=i, message=message, finish_reason=r.chosen.finish_reason, self_search=r.trace()
+                    index=i,
+                    message=message,
+                    finish_reason=self._finish_reason(r, shaped),
+                    self_search=r.trace(),
                 )
             )
-        usage = Usage.of(sum(r.prompt_tokens for r in results), sum(r.completion_tokens for r in results))
+        usage = self._usage(sum(r.prompt_tokens for r in results), sum(r.completion_tokens for r in results))
         return ChatCompletionResponse(model=self.ctx.model_name, choices=choices, usage=usage)
+
+    def _shaped(self, result: ChoiceResult) -> ShapedAnswer:
+        """The chosen answer as the request's shape reads it (content, or tool calls)."""
+        if not self.composition.shaped or not result.chosen.answered:
+            return ShapedAnswer(result.chosen.answer)
+        shaped = read_answer(self.composition, result.chosen.answer, self.ctx.engine.tokenizer)
+        if shaped.note and shaped.note not in result.chosen.notes:
+            result.chosen.notes.append(shaped.note)
+        return shaped
+
+    @staticmethod
+    def _finish_reason(result: ChoiceResult, shaped: ShapedAnswer) -> str:
+        reason = result.chosen.finish_reason
+        return "tool_calls" if shaped.tool_calls and reason != "length" else reason
+
+    def _usage(self, prompt: int, completion: int) -> Usage:
+        usage = Usage.of(prompt, completion)
+        usage.protocol_prompt_tokens = self.protocol_prompt_tokens
+        return usage
 
     async def _choice_events(self, index: int) -> AsyncIterator[Any]:
         """Events of one choice: live from its loop, or (with votes) the vote's outcome."""
@@ -333,6 +390,7 @@ class SelfSearchChat:
             )
 
         prompt_tokens = completion_tokens = 0
+        holds_answer = self.composition.tool_mode != "none"
         try:
             for i in range(self.request.n):
                 yield chunk([ChatChunkChoice(index=i, delta=DeltaMessage(role="assistant", content=""))])
@@ -342,16 +400,17 @@ class SelfSearchChat:
                     if first_token and event.text:
                         first_token = False
                         self.ctx.metrics.ttft.labels(ROUTE).observe(time.perf_counter() - self.started)
-                    yield chunk(
-                        [
-                            ChatChunkChoice(
-                                index=index,
-                                delta=DeltaMessage(
-                                    reasoning=event.text or None, content=event.answer or None
-                                ),
-                            )
-                        ]
-                    )
+                    # A tool-using answer is read whole at the end: it may be a call, not content.
+                    content = None if holds_answer else event.answer or None
+                    if event.text or content:
+                        yield chunk(
+                            [
+                                ChatChunkChoice(
+                                    index=index,
+                                    delta=DeltaMessage(reasoning=event.text or None, content=content),
+                                )
+                            ]
+                        )
                 elif isinstance(event, SearchDecided):
                     yield chunk(
                         [
@@ -365,12 +424,17 @@ class SelfSearchChat:
                 elif isinstance(event, ChoiceResult):
                     prompt_tokens += event.prompt_tokens
                     completion_tokens += event.completion_tokens
+                    shaped = self._shaped(event)
+                    if holds_answer and (shaped.content or shaped.tool_calls):
+                        calls = [{"index": k, **call} for k, call in enumerate(shaped.tool_calls or [])]
+                        delta = DeltaMessage(content=shaped.content or None, tool_calls=calls or None)
+                        yield chunk([ChatChunkChoice(index=index, delta=delta)])
                     yield chunk(
                         [
                             ChatChunkChoice(
                                 index=index,
                                 delta=DeltaMessage(),
-                                finish_reason=event.chosen.finish_reason,
+                                finish_reason=self._finish_reason(event, shaped),
                                 annotations=citations(event.chosen) or None,
                                 self_search={"type": "trace", **event.trace()},
                             )
@@ -378,7 +442,7 @@ class SelfSearchChat:
                     )
             options = self.request.stream_options
             if options is not None and options.include_usage:
-                yield chunk([], Usage.of(prompt_tokens, completion_tokens))
+                yield chunk([], self._usage(prompt_tokens, completion_tokens))
         except Exception as exc:
             yield sse(error_event(exc, "a self-search completion"))
         yield DONE

@@ -116,7 +116,12 @@ class ServeSettings(BaseSettings):
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="vLLM --gpu-memory-utilization.")
     max_logprobs: int = Field(20, ge=0, description="vLLM --max-logprobs.")
     enable_prefix_caching: bool = Field(True, description="vLLM --enable-prefix-caching.")
-    enforce_eager: bool = Field(False, description="vLLM --enforce-eager (skip torch.compile).")
+    enforce_eager: bool | None = Field(
+        None,
+        description="vLLM --enforce-eager (skip torch.compile); --no-enforce-eager compiles. "
+        "Default (none): eager on the CPU backend, where torch.compile adds minutes of start-up "
+        "(docs/benchmarks.md), compiled on a GPU.",
+    )
     max_num_seqs: int | None = Field(None, gt=0, description="vLLM --max-num-seqs.")
     cpu_kvcache_space: int | None = Field(
         2,
@@ -161,15 +166,16 @@ class ServeSettings(BaseSettings):
         description=f"Routing policy: {', '.join(POLICIES)}, or one an ssrl.policies entry point adds.",
     )
     search_threshold: float = Field(
-        # Re-derived for the gaussian_tail estimate (docs/evaluation.md "Entropy estimate and
-        # the default threshold"); 1.5 was the top-k lower bound's value.
-        3.0,
+        # From the counterfactual sweep of the embedded model on the dev set (`ssrl eval --data
+        # dev --max-turns 1 --sweep`, then `ssrl calibrate --target-call-rate 0.4 --aggregate
+        # max`): docs/evaluation.md "Entropy estimate and the default threshold".
+        4.85,
         allow_inf_nan=False,
         description="tau: external search when the query's aggregate entropy (nats) is above it "
         "(for min_prob: when the lowest token probability is below it).",
     )
     search_aggregate: Literal["mean", "max", "min_prob", "ssrl"] = Field(
-        "mean", description="Per-query aggregate of token entropies the policy compares."
+        "max", description="Per-query aggregate of token entropies the policy compares."
     )
     search_budget: int | None = Field(
         None, ge=0, description="External calls per trajectory for the budget policy."
@@ -201,6 +207,12 @@ class ServeSettings(BaseSettings):
     )
     max_answer_tokens: int = Field(
         LOOP_DEFAULTS["max_answer_tokens"], ge=1, description="Cap on the <answer> in tokens (guided mode)."
+    )
+    search_with_question: bool = Field(
+        True,
+        description="Guided mode: send the search backend the model's query followed by the user's "
+        "question (a short query then still finds its article); the entropy and the routing decision "
+        "stay the query's. The trace's sent_query shows what was sent.",
     )
     guided_searches: int = Field(
         LOOP_DEFAULTS["guided_searches"],

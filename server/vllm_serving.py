@@ -31,6 +31,7 @@ from starlette.background import BackgroundTask
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from router.engine.base import Engine
+from server.composition import auto_tool_choice, tool_parser_name
 from server.errors import APIError
 from server.serving import enforce_caps
 from server.settings import ServeSettings
@@ -116,8 +117,15 @@ def check_unsupported(body: dict[str, Any], why: str, exempt: frozenset[str] = f
         raise APIError(400, f"'{name}' {_WHY[why]}", param=name, code="unsupported_parameter")
 
 
+# What self-search honours of that list: the agent's tools and output schema shape the answer
+# turn (server.composition).
+SELF_SEARCH_COMPOSABLE = frozenset(
+    {"tools", "tool_choice", "parallel_tool_calls", "response_format", "structured_outputs"}
+)
+
+
 def check_self_search_fields(body: dict[str, Any]) -> None:
-    check_unsupported(body, "self_search")
+    check_unsupported(body, "self_search", exempt=SELF_SEARCH_COMPOSABLE)
 
 
 def check_caps(settings: ServeSettings, body: dict[str, Any]) -> None:
@@ -170,10 +178,13 @@ def vllm_args(settings: ServeSettings, model: str) -> Any:
     argv = ["--model", model, "--served-model-name", settings.model_name]
     if settings.max_model_len is not None:
         argv += ["--max-model-len", str(settings.max_model_len)]
-    if settings.enable_auto_tool_choice:
+    # The same tool settings as self-search's answer turn (Hermes by default for the embedded
+    # model), so plain and self-search requests read tool calls alike.
+    tool_parser = tool_parser_name(settings)
+    if auto_tool_choice(settings) and tool_parser is not None:
         argv.append("--enable-auto-tool-choice")
-    if settings.tool_call_parser:
-        argv += ["--tool-call-parser", settings.tool_call_parser]
+    if tool_parser is not None:
+        argv += ["--tool-call-parser", tool_parser]
     if settings.chat_template:
         argv += ["--chat-template", settings.chat_template]
     parser = make_arg_parser(FlexibleArgumentParser())  # type: ignore[no-untyped-call]
@@ -299,7 +310,8 @@ def _self_search_wanted(settings: ServeSettings, body: dict[str, Any]) -> bool:
     options = body.get("self_search")
     if isinstance(options, dict) and isinstance(options.get("enabled"), bool):
         return bool(options["enabled"])
-    return settings.self_search
+    # OpenAI's own name for a searching chat switches self-search on.
+    return settings.self_search or body.get("web_search_options") is not None
 
 
 def chat_decision(settings: ServeSettings, serving: Callable[[], OpenAIServing | None]) -> ForwardDecision:

@@ -7,9 +7,9 @@ The vLLM implementation lives in `router.engine.vllm_engine`; tests use a script
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,6 +35,10 @@ class SamplingOptions:
     # Penalise output tokens by how often they were already generated (vLLM: 0.0 = off); unlike
     # repetition_penalty it leaves the prompt's (the documents') tokens alone.
     frequency_penalty: float = 0.0
+    # A constraint on the output, as the fields of vLLM's `StructuredOutputsParams` (`json`,
+    # `json_object`, `regex`, `choice`, `grammar`, ...): the answer turn under a request's
+    # response_format or forced tool choice. None: free text.
+    structured: Mapping[str, Any] | None = None
 
 
 @dataclass(frozen=True, slots=True)

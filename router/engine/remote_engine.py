@@ -158,6 +158,8 @@ class RemoteEngine(HFTokenizerEngine):
             body["repetition_penalty"] = options.repetition_penalty
         if options.frequency_penalty != 0.0:
             body["frequency_penalty"] = options.frequency_penalty
+        if options.structured:
+            body["structured_outputs"] = dict(options.structured)
         if options.seed is not None:
             body["seed"] = options.seed
         if options.logprobs is not None:

@@ -134,6 +134,9 @@ class VLLMEngine(HFTokenizerEngine):
 
 
 def _sampling_params(cls: Any, output_kind: Any, options: SamplingOptions) -> Any:
+    from vllm.sampling_params import StructuredOutputsParams
+
+    structured = StructuredOutputsParams(**options.structured) if options.structured else None
     return cls(
         max_tokens=options.max_tokens,
         temperature=options.temperature,
@@ -146,6 +149,7 @@ def _sampling_params(cls: Any, output_kind: Any, options: SamplingOptions) -> An
         ignore_eos=options.ignore_eos,
         repetition_penalty=options.repetition_penalty,
         frequency_penalty=options.frequency_penalty,
+        structured_outputs=structured,
         output_kind=output_kind,
     )
 

@@ -269,3 +269,30 @@ def test_invalid_extension_is_a_400(http, auth_headers, model_name, extension, p
     error = response.json()["error"]
     assert error["param"] == param
     assert error["type"] == "invalid_request_error" and error["message"]
+
+
+def test_counterfactual_branch_shares_the_trajectorys_query(openai_client, model_name) -> None:
+    """The routing lab's exact counterfactual: the trajectory self-fills; its branch searched
+    the same query (same entropy) from the identical prefix, inside the same response."""
+    response = ask(
+        openai_client,
+        model_name,
+        "never",
+        extra_body={"self_search": {"policy": "never", "counterfactual": True}},
+    )
+    trace = trace_of(response.choices[0])
+    first = next(s for s in trace["searches"] if s["decision"] != "skipped")
+    assert first["decision"] == "internal"
+    branch = trace["counterfactuals"][0]
+    assert branch["at"] == first["index"] and branch["query"] == first["query"]
+    assert branch["error"] is None
+    assert branch["search"]["decision"] == "external"
+    assert branch["search"]["entropy"] == first["entropy"]
+    assert branch["search"]["documents"]
+    # The branch continues from the branch point: its information block holds the documents,
+    # and its answer is its own transcript's last answer.
+    assert branch["transcript"].startswith("\n\n<information>")
+    assert branch["search"]["information"] in branch["transcript"]
+    assert branch["answer"] == (extract_last_answer(branch["transcript"]) or "")
+    # The trajectory's own counts are unchanged by the branch.
+    assert trace["external_calls"] == 0

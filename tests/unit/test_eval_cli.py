@@ -120,6 +120,10 @@ async def chat(request: Request) -> JSONResponse:
     gold, _, internal, external = QUESTIONS[question]
     trace = trace_for(question, policy, options.get("threshold", 1.5))
     routed_external = trace["external_calls"] == 1
+    if options.get("counterfactual") and not routed_external:
+        # The server's exact counterfactual: the branch that searched at the first search.
+        branch = {"at": 0, "query": question, "answer": external, "answered": True, "error": None}
+        trace = {**trace, "counterfactuals": [branch]}
     choices = []
     for i in range(body.get("n", 1)):
         if body.get("n", 1) > 1:
@@ -354,6 +358,9 @@ def test_a_different_run_in_the_same_directory_is_refused(fake, data, tmp_path, 
 def test_sweep_then_calibrate_refuses_without_signal(fake, data, tmp_path, capsys):
     out = tmp_path / "sweep"
     assert run_eval(fake, data, out, "--sweep", "--no-plots") == 0
+    # One request per question: the never trajectory with its counterfactual branch.
+    assert all(count == 1 for count in STATE.requests.values()) and len(STATE.requests) == 5
+    assert all(b["self_search"] == {"policy": "never", "counterfactual": True} for b in STATE.bodies)
     never = json.loads((out / "never" / "summary.json").read_text())
     always = json.loads((out / "always" / "summary.json").read_text())
     assert never["external_call_rate"] == 0.0 and always["external_call_rate"] == 1.0
@@ -377,8 +384,10 @@ def test_sweep_then_calibrate_refuses_without_signal(fake, data, tmp_path, capsy
     assert not any(p["beats_random"] for p in sweep["curves"]["mean"])
     assert sweep["verdict"]["mean"]["beats_random"] is False
     assert sweep["auroc_counts"]["mean"]["positives"] == 3 and sweep["auroc_counts"]["mean"]["negatives"] == 2
+    assert sweep["branches"] == {"branched": 5, "no_search": 0, "failed": 0}
     report = (out / "report.md").read_text()
     assert "random routing" in report and "N = 5 questions" in report
+    assert "Branched: 5" in report
     assert "at 50% of always-search's calls" in report and "NOT beyond random routing" in report
 
     # the chosen point (rate 0.2, accuracy 0.6) does not beat random routing (0.44) beyond
@@ -551,3 +560,53 @@ def test_a_second_process_on_the_same_directory_is_refused(fake, data, tmp_path,
     assert sum(STATE.requests.values()) == 0
     assert run_eval(fake, data, out) == 0  # the lock is gone with its holder
     assert sum(STATE.requests.values()) == 5
+
+
+def test_branch_rows_split_a_branched_run() -> None:
+    from clients.eval_cli import branch_rows
+
+    def row(qid: str, branches: list[dict[str, Any]] | None, error: Any = None) -> dict[str, Any]:
+        trace = {"searches": [], "counterfactuals": branches} if branches is not None else {"searches": []}
+        return {
+            "id": qid,
+            "gold": ["Paris"],
+            "answer": "Lyon",
+            "correct": False,
+            "f1": 0.0,
+            "trace": trace,
+            "error": error,
+        }
+
+    rows = [
+        row("searched", [{"at": 0, "answer": "Paris", "error": None}]),
+        row("no search", None),
+        row("failed", [{"at": 0, "answer": "", "error": "the search failed"}]),
+        row("error", None, error={"status": 500, "message": "x"}),
+    ]
+    never, always, counts = branch_rows(rows)
+    assert counts.to_dict() == {"branched": 1, "no_search": 1, "failed": 1}
+    assert [r["id"] for r in never] == [r["id"] for r in always] == ["searched", "no search", "failed"]
+    by_id = {r["id"]: r for r in always}
+    assert (by_id["searched"]["answer"], by_id["searched"]["correct"]) == ("Paris", True)
+    assert by_id["searched"]["first_route"] == "external"
+    # Without a branch, searching changes nothing: the always side is the trajectory.
+    assert by_id["no search"]["answer"] == by_id["failed"]["answer"] == "Lyon"
+    assert all(r["answer"] == "Lyon" for r in never)
+
+
+def test_retrieval_figures_on_a_graded_set() -> None:
+    from clients.eval_cli import retrieval_figures
+
+    rows = [
+        {"gold_title": "Paris", "grade": "famous", "inserted_titles": ["Paris"], "correct": True},
+        {"gold_title": "Lyon", "grade": "famous", "inserted_titles": ["Paris"], "correct": False},
+        {"gold_title": "Vega", "grade": "obscure", "inserted_titles": ["Vega"], "correct": False},
+        {"gold_title": "Nice", "grade": "obscure", "inserted_titles": [], "correct": True},
+    ]
+    figures = retrieval_figures(rows)
+    assert figures is not None
+    assert (figures["searched_externally"], figures["gold_inserted"]) == (3, 2)
+    assert figures["gold_inserted_rate"] == pytest.approx(2 / 3)
+    assert figures["em_given_gold_inserted"] == pytest.approx(0.5)
+    assert figures["em_by_grade"] == {"famous": {"n": 2, "em": 0.5}, "obscure": {"n": 2, "em": 0.5}}
+    assert retrieval_figures([{"correct": True}]) is None

@@ -4,6 +4,7 @@ entropy, budgets and the streaming invariants. Deterministic; no model, no netwo
 from __future__ import annotations
 
 import asyncio
+import itertools
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -11,6 +12,7 @@ from typing import Any
 import pytest
 
 from router.loop import (
+    AnswerTurn,
     LoopConfig,
     LoopFinished,
     LoopResult,
@@ -153,12 +155,14 @@ def check_invariants(engine: ScriptedEngine, events: list[Any], result: LoopResu
                 assert text.count("\n\n<information>") == earlier
             decided += 1
     assert decided == len(result.searches)
-    # Every call continues the one before it on token ids, and its prompt is the text so far.
-    for before, after in zip(engine.calls, engine.calls[1:], strict=False):
+    # Every call continues the one before it on token ids, and its prompt is the text so far
+    # (counterfactual branches, `-cf` request ids, continue their own prefix instead).
+    own = [c for c in engine.calls if "-cf" not in c.request_id]
+    for before, after in itertools.pairwise(own):
         assert after.prompt[: len(before.prompt)] == before.prompt
-    for call in engine.calls:
+    for call in own:
         assert (PROMPT + result.transcript).startswith(call.prompt_text)
-    # Usage is the sum over every engine call.
+    # Usage is the sum over every engine call (branches included).
     assert result.prompt_tokens == sum(len(c.prompt) for c in engine.calls)
 
 
@@ -1027,3 +1031,149 @@ def test_document_urls_are_inert_in_the_trace() -> None:
     from server.serving_self_search import citations
 
     assert [c["url_citation"]["url"] for c in citations(result)] == [url]
+
+
+# ----- the answer turn a request shapes (tools, response_format, stop) ---------------------
+
+
+def test_guided_shaped_answer_constrains_only_the_answer_turn() -> None:
+    schema = {"json": {"type": "object"}, "disable_any_whitespace": True}
+    engine = ScriptedEngine(
+        [
+            script(" capital of France</search>"),
+            script("Paris is the capital.</information>"),
+            script('{"city":\n"Paris"}'),
+        ]
+    )
+    turn = AnswerTurn(structured=schema, stop=("STOP",), max_tokens=200, multiline=True)
+    cfg = config("guided", NeverPolicy(), answer_turn=turn, max_tokens=400)
+    _, result = collect(engine, cfg)
+    query, fill, final = engine.calls
+    # The searches are free: no constraint, and the request's stop strings never end them.
+    assert query.options.structured is None and fill.options.structured is None
+    assert "STOP" not in query.options.stop and "STOP" not in fill.options.stop
+    # The answer is generated under the constraint, with only the request's stop strings (a
+    # protocol line stop would cut a JSON value), the shaped cap, and no frequency penalty.
+    assert final.options.structured == schema
+    assert final.options.stop == ("STOP",)
+    # Its reserve (200) was kept free, and it may use all that is left beyond it.
+    assert final.options.max_tokens >= 200
+    assert final.options.max_tokens == 400 - result.completion_tokens + len('{"city":\n"Paris"}') - len(
+        "</answer>"
+    )
+    assert final.options.frequency_penalty == 0.0
+    assert (result.answer, result.answered) == ('{"city":\n"Paris"}', True)
+    assert result.transcript.endswith('<answer>{"city":\n"Paris"}</answer>')
+
+
+def test_guided_searches_leave_the_shaped_answer_its_reserved_room() -> None:
+    # A budget that fits a query and a fill only if they ate the answer's room: they may not.
+    engine = ScriptedEngine(responder=lambda call: script("x" * 500))
+    turn = AnswerTurn(structured={"json_object": True}, max_tokens=150, multiline=True)
+    cfg = config("guided", NeverPolicy(), answer_turn=turn, max_tokens=260, max_query_tokens=48)
+    _, result = collect(engine, cfg)
+    answer_call = engine.calls[-1]
+    assert answer_call.options.structured == {"json_object": True}
+    assert answer_call.options.max_tokens >= 150
+    assert result.completion_tokens <= 260
+
+
+def test_request_stop_strings_end_a_plain_guided_answer() -> None:
+    engine = ScriptedEngine([script(" Hamlet</search>"), script(" William Shakespeare </answer>")])
+    cfg = config("guided", answer_turn=AnswerTurn(stop=("Shake",)))
+    _, result = collect(engine, cfg, SearchService([FakeBackend()]))
+    final = engine.calls[-1]
+    assert final.options.stop == ("</answer>", "\n", "</", "Shake")
+    # One-line answers keep the protocol's own stops and the guided repetition guard.
+    assert final.options.frequency_penalty > 0
+    assert result.answer == "William"
+
+
+def test_native_shaped_answer_is_a_turn_of_its_own() -> None:
+    engine = ScriptedEngine(
+        [
+            ask("capital of France", before="<think> look it up </think>"),
+            script("<think> found it </think><answer>"),
+            script('{"city":"Paris"}'),
+        ]
+    )
+    turn = AnswerTurn(structured={"json_object": True}, max_tokens=64, multiline=True)
+    _, result = collect(engine, config("native", answer_turn=turn), SearchService([FakeBackend()]))
+    first, second, final = engine.calls
+    # The model's free text stops where it opens its answer; the loop writes the tag.
+    assert first.options.stop == ("</search>", "<answer>")
+    assert second.options.structured is None
+    assert final.prompt_text.endswith("<think> found it </think><answer>")
+    assert final.options.structured == {"json_object": True}
+    assert (result.answer, result.answered) == ('{"city":"Paris"}', True)
+
+
+def test_native_shaped_answer_after_eos_without_an_answer() -> None:
+    engine = ScriptedEngine([script("I am not sure."), script('{"a":1}')])
+    turn = AnswerTurn(structured={"json_object": True}, max_tokens=64, multiline=True)
+    _, result = collect(engine, config("native", answer_turn=turn))
+    assert engine.calls[-1].options.structured == {"json_object": True}
+    assert result.answer == '{"a":1}'
+
+
+# ----- exact counterfactuals (the routing lab) ----------------------------------------------
+
+
+def test_counterfactual_branch_searches_from_the_identical_prefix() -> None:
+    def responder(call: Any) -> Script:
+        if call.options.stop[0] == "</search>":
+            return script(" capital of France</search>", 0.6, (0.2,))
+        if call.options.stop == ("</information>",):
+            return script("France is in Europe.</information>")
+        return script(" Lyon </answer>" if "Doc 1" not in call.prompt_text else " Paris </answer>")
+
+    engine = ScriptedEngine(responder=responder)
+    backend = FakeBackend()
+    cfg = config("guided", NeverPolicy(), counterfactual=True, max_tokens=600)
+    events, result = collect(engine, cfg, SearchService([backend]))
+    # The trajectory itself self-filled and answered from that.
+    assert [r.route for r in result.searches] == ["internal"]
+    assert result.answer == "Lyon"
+    (branch,) = result.counterfactuals
+    # The branch searched the same query, with the same entropy, from the same prefix.
+    assert (branch.at, branch.query, branch.error) == (0, "capital of France", None)
+    assert branch.search is not None and branch.search.route == "external"
+    assert branch.search.entropy == result.searches[0].entropy
+    assert backend.queries == [("capital of France", 3)]
+    assert branch.answer == "Paris" and branch.answered
+    assert branch.transcript == info_block(INFO) + "<answer> Paris </answer>"
+    branch_answer = [c for c in engine.calls if "Doc 1" in c.prompt_text]
+    assert len(branch_answer) == 1
+    query_prefix = PROMPT + "<search> capital of France </search>"
+    assert branch_answer[0].prompt_text == query_prefix + info_block(INFO) + "<answer>"
+    # Its request ids are its own; its tokens count in usage, its events never reach the stream.
+    assert len({c.request_id for c in engine.calls}) == len(engine.calls)
+    assert branch.completion_tokens > 0
+    assert all(not (isinstance(e, TextDelta) and "Doc 1" in e.text) for e in events)
+    trace = result.trace()
+    assert trace["counterfactuals"][0]["answer"] == "Paris"
+    assert trace["external_calls"] == 0  # the trajectory's own count
+
+
+def test_no_branch_where_the_policy_searched_or_the_search_fails() -> None:
+    engine = ScriptedEngine(
+        responder=lambda call: (
+            script(" q</search>") if call.options.stop[0] == "</search>" else script(" x </answer>")
+        )
+    )
+    _, searched = collect(
+        engine, config("guided", AlwaysPolicy(), counterfactual=True), SearchService([FakeBackend()])
+    )
+    assert searched.counterfactuals == []
+    failing = ScriptedEngine(
+        responder=lambda call: (
+            script(" q</search>")
+            if call.options.stop[0] == "</search>"
+            else script("self.</information>")
+            if call.options.stop == ("</information>",)
+            else script(" x </answer>")
+        )
+    )
+    _, result = collect(failing, config("guided", NeverPolicy(), counterfactual=True), SearchService([]))
+    (branch,) = result.counterfactuals
+    assert branch.error is not None and branch.answer == ""

@@ -31,13 +31,17 @@ def error_of(response: httpx.Response, status: int) -> dict[str, Any]:
     return error
 
 
+COMPOSABLE = [
+    ("tools", {"tools": [{"type": "function", "function": {"name": "f"}}]}),
+    ("tool_choice", {"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "required"}),
+    ("response_format", {"response_format": {"type": "json_object"}}),
+    ("structured_outputs", {"structured_outputs": {"choice": ["a"]}}),
+]
+
+
 @pytest.mark.parametrize(
     ("field", "value"),
     [
-        ("tools", [{"type": "function", "function": {"name": "f"}}]),
-        ("tool_choice", "required"),
-        ("response_format", {"type": "json_object"}),
-        ("structured_outputs", {"choice": ["a"]}),
         ("logit_bias", {"1": 5}),
         ("presence_penalty", 0.5),
         ("top_k", 5),
@@ -54,6 +58,20 @@ def test_fields_the_path_cannot_honour_are_400(field: str, value: Any) -> None:
     plain = error_of(post(engine(), CHAT, chat(**{field: value})), 400)
     assert (plain["param"], plain["code"]) == (field, "unsupported_parameter")
     assert "--openai-serving" in plain["message"]
+
+
+@pytest.mark.parametrize(("field", "fields"), COMPOSABLE, ids=[f for f, _ in COMPOSABLE])
+def test_tools_and_schemas_compose_with_self_search_but_not_with_ssrl_s_plain_chat(
+    field: str, fields: dict[str, Any]
+) -> None:
+    # Self-search shapes its answer turn with them (server.composition); ssrl's own plain
+    # serving cannot, and says where they are served.
+    on = post(engine(), CHAT, chat(**fields), self_search=True, search="none")
+    assert on.status_code == 200, on.text
+    assert on.json()["choices"][0]["self_search"]["turns"] >= 0
+    plain = error_of(post(engine(), CHAT, chat(**fields)), 400)
+    assert plain["code"] == "unsupported_parameter"
+    assert plain["param"] in fields
 
 
 def test_neutral_values_pass() -> None:

@@ -550,6 +550,8 @@ LEAK_BEHAVIOURS = [
 @pytest.mark.parametrize("name", KEYED)
 def test_keys_never_leak(fake: FakeProviders, name: str, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG)
+    # httpx's own logger too: an imported library (litellm) may have raised its level.
+    caplog.set_level(logging.DEBUG, logger="httpx")
     secrets = [FAKE_KEYS[name]] + ([FAKE_KEYS["google_cx"]] if name == "google" else [])
     backend = make(fake, name, timeout="0.2", max_body_bytes="65536")
     texts = [repr(backend), str(backend)]

@@ -228,3 +228,21 @@ def test_percentile_interval():
         percentile_interval([])
     with pytest.raises(ValueError):
         percentile_interval([1.0], level=1.0)
+
+
+@pytest.mark.parametrize(
+    ("text", "repetitive"),
+    [
+        ("1609  1609 1609 1609", True),
+        ("a b a b a b", True),
+        ("the the the", True),
+        ("William Shakespeare", False),
+        ("Paris is the capital of France", False),
+        ("yes yes no yes maybe yes yes", True),  # one word over half of 6+ words
+        ("", False),
+    ],
+)
+def test_degenerate_repetition(text: str, repetitive: bool) -> None:
+    from router.scoring import is_repetitive
+
+    assert is_repetitive(text) is repetitive

@@ -191,6 +191,13 @@ def usage_of(calls: list[Call], completion: int) -> dict[str, int]:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
+def loop_usage(usage: dict[str, int]) -> dict[str, int]:
+    """The standard usage fields; the protocol's own prompt tokens (an extension) are
+    reported beside them, a positive share of the first engine call's prompt."""
+    assert 0 < usage["protocol_prompt_tokens"] < usage["prompt_tokens"]
+    return {k: v for k, v in usage.items() if k != "protocol_prompt_tokens"}
+
+
 def assert_error(response: httpx.Response, status: int, param: str | None) -> dict[str, Any]:
     assert response.status_code == status, response.text
     error = response.json()["error"]
@@ -258,7 +265,7 @@ def test_response_shape_with_an_external_search(monkeypatch: pytest.MonkeyPatch)
     ]
     # Usage: every engine call's prompt, every generated token.
     assert len(engine.calls) == 2
-    assert body["usage"] == usage_of(engine.calls, len(SEARCH_TURN) + len(ANSWER_TURN))
+    assert loop_usage(body["usage"]) == usage_of(engine.calls, len(SEARCH_TURN) + len(ANSWER_TURN))
     # The second call continues the first: its prompt ends with the inserted block.
     assert engine.calls[1].prompt_text == engine.calls[0].prompt_text + transcript[: -len(ANSWER_TURN)]
 
@@ -277,17 +284,18 @@ def test_without_a_backend_an_external_decision_falls_back() -> None:
     assert "annotations" not in choice["message"] or choice["message"]["annotations"] == []
     assert [c.options.stop for c in engine.calls] == [NATIVE_STOPS, FILL_STOPS, NATIVE_STOPS]
     completion = len(SEARCH_TURN) + len(FILL) + len(ANSWER_TURN)
-    assert response.json()["usage"] == usage_of(engine.calls, completion)
+    assert loop_usage(response.json()["usage"]) == usage_of(engine.calls, completion)
 
 
 def test_server_default_policy_reads_the_entropy() -> None:
-    # threshold tau 3.0 by default; the scripted tokens' entropy is far below it.
+    # threshold tau 4.85 on the max entropy by default; the scripted tokens' entropy is far below it.
     engine = ScriptedEngine(responder=Responder())
     trace = post(engine, chat()).json()["choices"][0]["self_search"]
     (search,) = trace["searches"]
     assert search["decision"] == "internal"
     assert search["policy"] == "threshold"
-    assert search["reason"].endswith("<= tau 3.000")
+    assert search["reason"].startswith("max entropy")
+    assert search["reason"].endswith("<= tau 4.850")
 
 
 def test_request_overrides_the_threshold(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -405,7 +413,7 @@ def test_n_2_runs_two_independent_trajectories() -> None:
     completion = (
         2 * (len(SEARCH_TURN) + len(FILL)) + len("<answer> Paris </answer>") + len("<answer> Lyon </answer>")
     )
-    assert response.json()["usage"] == usage_of(engine.calls, completion)
+    assert loop_usage(response.json()["usage"]) == usage_of(engine.calls, completion)
 
 
 def test_votes_pick_the_majority_answer() -> None:
@@ -426,7 +434,7 @@ def test_votes_pick_the_majority_answer() -> None:
     completion = 3 * (len(SEARCH_TURN) + len(FILL)) + sum(
         len(f"<answer> {a} </answer>") for a in ("Paris", "Lyon", "paris.")
     )
-    assert response.json()["usage"] == usage_of(engine.calls, completion)
+    assert loop_usage(response.json()["usage"]) == usage_of(engine.calls, completion)
 
 
 # ----- streamed -------------------------------------------------------------------------------

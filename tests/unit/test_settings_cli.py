@@ -38,7 +38,7 @@ def test_defaults() -> None:
     assert settings.host == "127.0.0.1"
     assert settings.port == 8000
     assert settings.api_key == []
-    assert settings.enforce_eager is False
+    assert settings.enforce_eager is None  # auto: eager on CPU, compiled on a GPU
     assert settings.enable_prefix_caching is True
     assert settings.max_model_len is None
     assert settings.engine_arg == []
@@ -242,6 +242,7 @@ def test_the_builtin_commands_live_with_their_side() -> None:
         "serve": "server",
         "model": "server",
         "index": "server",
+        "devset": "server",
         "chat": "clients",
         "eval": "clients",
         "calibrate": "clients",
@@ -334,3 +335,16 @@ def test_the_loop_defaults_are_declared_once() -> None:
         "max_loop_tokens": "max_tokens",
     }
     assert {s: getattr(settings, s) for s in pairs} == {s: loop[f] for s, f in pairs.items()}
+
+
+def test_enforce_eager_unset_means_eager_on_cpu_compiled_on_gpu() -> None:
+    from server.app import resolve_enforce_eager
+
+    assert settings_from().enforce_eager is None
+    assert settings_from("--enforce-eager").enforce_eager is True
+    assert settings_from("--no-enforce-eager").enforce_eager is False
+    assert resolve_enforce_eager(None, on_cpu=lambda: True)[0] is True
+    assert resolve_enforce_eager(None, on_cpu=lambda: False)[0] is False
+    # A flag wins on either backend, and the log line names it.
+    assert resolve_enforce_eager(True, on_cpu=lambda: False) == (True, "--enforce-eager")
+    assert resolve_enforce_eager(False, on_cpu=lambda: True) == (False, "--no-enforce-eager")
