@@ -54,9 +54,7 @@ def tool_parser_name(settings: ServeSettings) -> str | None:
 
 def auto_tool_choice(settings: ServeSettings) -> bool:
     """Whether tool_choice "auto" is served: the operator's flag, or on for the embedded model."""
-    return settings.enable_auto_tool_choice or (
-        settings.model is None and tool_parser_name(settings) is not None
-    )
+    return settings.enable_auto_tool_choice or settings.model is None
 
 
 @dataclass

@@ -424,10 +424,11 @@ def to_chat_request(body: dict[str, Any], default_model: str) -> ConvertedReques
                 f"{options['policy']!r}.",
             )
         options["policy"] = forced_policy
-    docs = CONTEXT_SIZE_DOCS[web_search.get("search_context_size") or "medium"]
-    if docs is not None:
-        # An explicit self_search.docs_per_search (ssrl's own extension) wins.
-        options.setdefault("docs_per_search", docs)
+    # Chat's own name for the tool's size: chat maps it to documents per search (an explicit
+    # self_search.docs_per_search, ssrl's own extension, still wins there).
+    size = web_search.get("search_context_size")
+    if size is not None:
+        chat["web_search_options"] = {"search_context_size": size}
     chat["self_search"] = options
     # What self-search chat cannot honour (server.vllm_serving.SELF_SEARCH_UNSUPPORTED) is a
     # 400 here too, naming the Responses parameter.

@@ -16,6 +16,8 @@ from openai.lib.streaming.responses._responses import ResponseStreamState
 from openai.types.responses import Response, ResponseStreamEvent
 from pydantic import TypeAdapter
 
+from router.prompts import GUIDED_DOCS_PER_SEARCH
+from router.search.service import SearchService
 from server.errors import APIError
 from server.protocol import AssistantMessage, ChatChoice, ChatCompletionResponse, Usage
 from server.serving_responses import (
@@ -28,6 +30,8 @@ from server.serving_responses import (
     to_response,
     web_search_tool_index,
 )
+from server.serving_self_search import SelfSearchRuntime, loop_config
+from server.settings import ServeSettings
 from tests.scripted_engine import ScriptedEngine
 from tests.unit.test_self_search_http import (
     DOCS,
@@ -163,10 +167,22 @@ def test_items_instructions_and_sampling_fields() -> None:
     assert converted.echo["instructions"] == "Be brief."
 
 
-@pytest.mark.parametrize(("size", "docs"), [("low", 1), ("medium", None), ("high", 5), (None, None)])
-def test_search_context_size(size: str | None, docs: int | None) -> None:
+def docs_per_search(chat: Any) -> int:
+    """Documents per search the loop runs this chat request with (guided, server defaults)."""
+    runtime = SelfSearchRuntime(ServeSettings(), SearchService([]), {}, "guided")
+    return loop_config(runtime, chat, 256)[0].docs_per_search
+
+
+@pytest.mark.parametrize(
+    ("size", "docs"),
+    [("low", 1), ("medium", GUIDED_DOCS_PER_SEARCH), ("high", 5), (None, GUIDED_DOCS_PER_SEARCH)],
+)
+def test_search_context_size(size: str | None, docs: int) -> None:
     chat = to_chat_request(request(tools=[{"type": "web_search", "search_context_size": size}]), MODEL).chat
-    assert chat.self_search is not None and chat.self_search.docs_per_search == docs
+    # The size travels under chat's own name, which sets the documents per search.
+    assert (chat.web_search_options is not None) is (size is not None)
+    assert chat.self_search is not None and chat.self_search.docs_per_search is None
+    assert docs_per_search(chat) == docs
 
 
 def test_an_explicit_docs_per_search_wins_over_the_context_size() -> None:
@@ -175,6 +191,7 @@ def test_an_explicit_docs_per_search_wins_over_the_context_size() -> None:
     )
     chat = to_chat_request(body, MODEL).chat
     assert chat.self_search is not None and chat.self_search.docs_per_search == 2
+    assert docs_per_search(chat) == 2
 
 
 @pytest.mark.parametrize(
