@@ -89,7 +89,13 @@ from router.loop import (
     INFO_SUFFIX,
     LoopConfig,
 )
-from router.prompts import GUIDED, GUIDED_DOCS_PER_SEARCH, GUIDED_MAX_DOC_CHARS, example_messages
+from router.prompts import (
+    GUIDED,
+    GUIDED_DOCS_PER_SEARCH,
+    GUIDED_MAX_DOC_CHARS,
+    answer_cue,
+    example_messages,
+)
 from router.scoring import percentile
 from router.tags import (
     ANSWER_CLOSE,
@@ -237,6 +243,7 @@ async def run_guided(
     complete: Complete,
     search: Search,
     query_logprobs: int | None = QUERY_LOGPROBS,
+    question: str = "",
 ) -> Trajectory:
     """One guided trajectory (one search, then the answer), driven from the client.
 
@@ -279,7 +286,7 @@ async def run_guided(
             t.route = "internal"
             await turn(fill_call())
         t.transcript += INFO_SUFFIX
-    t.transcript += ("" if t.transcript.endswith("\n") else "\n") + ANSWER_OPEN
+    t.transcript += ("" if t.transcript.endswith("\n") else "\n") + answer_cue(question) + ANSWER_OPEN
     t.answer = (await turn(answer_call())).strip()
     t.transcript += ANSWER_CLOSE
     return t
@@ -333,7 +340,9 @@ class ClientLoop:
     async def run(self, question: str, policy: str) -> dict[str, Any]:
         # The chat template is applied per trajectory (as a client would), inside the timing.
         self._templates.pop(question, None)
-        t = await run_guided(self.chat_prompt(question), policy, self.complete, self.search)
+        t = await run_guided(
+            self.chat_prompt(question), policy, self.complete, self.search, question=question
+        )
         return {
             "answer": t.answer,
             "transcript": t.transcript,

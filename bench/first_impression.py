@@ -113,6 +113,11 @@ VARIANTS: dict[str, dict[tuple[str, str], Any]] = {
     "fp0": {("router.loop", "GUIDED_ANSWER_FREQUENCY_PENALTY"): 0.0},
     "d100": {("router.prompts", "GUIDED_MAX_DOC_CHARS"): 100},
     "d300": {("router.prompts", "GUIDED_MAX_DOC_CHARS"): 300},
+    "rq": {("router.prompts", "GUIDED_RESTATE_QUESTION"): True},
+    "norq": {("router.prompts", "GUIDED_RESTATE_QUESTION"): False},
+    "wordcut": {("router.tags", "CUT_AT_SENTENCE"): False},
+    "s50": {("router.tags", "SENTENCE_SLACK"): 0.5},
+    "k2": {("router.prompts", "GUIDED_DOCS_PER_SEARCH"): 2},
 }
 
 
@@ -196,7 +201,9 @@ async def run_loop(
             {"role": "user", "content": row["question"]},
         ]
         prompt = engine.apply_chat_template(messages)
-        row_config = replace(config, search_context=row["question"]) if with_question else config
+        row_config = replace(config, question=row["question"])
+        if with_question:
+            row_config = replace(row_config, search_context=row["question"])
         # The vocabulary size sizes the entropy estimate's unseen tail, as the server passes it.
         loop = SelfSearchLoop(
             engine,

@@ -136,7 +136,18 @@ def vllm_argv(python: str, model_dir: str, port: int, enforce_eager: bool) -> li
     ]
     if enforce_eager:
         argv.append("--enforce-eager")
+    from router.engine.vllm_engine import CPU_BLOCK_SIZE, vllm_on_cpu
+
+    if vllm_on_cpu():
+        # ssrl's in-process engine uses this KV block size on the CPU backend: same engine options.
+        argv += ["--block-size", str(CPU_BLOCK_SIZE)]
     return argv
+
+
+def _block_size(cfg: dict[str, Any]) -> str | None:
+    """The KV block size both servers ran with, where the vLLM argv set it (ssrl's CPU default)."""
+    argv = cfg["server_argv"].get("vllm", [])
+    return argv[argv.index("--block-size") + 1] if "--block-size" in argv else None
 
 
 @dataclass
@@ -678,7 +689,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         "Both servers serve the same converted checkpoint (SmolLM2-135M-Instruct, "
         f"`{cfg['model_dir']}`) with the same engine options "
         f"(`--max-model-len {MAX_MODEL_LEN} --enable-prefix-caching"
-        f"{' --enforce-eager' if cfg['enforce_eager'] else ''}`, "
+        f"{' --enforce-eager' if cfg['enforce_eager'] else ''}"
+        f"{' --block-size ' + block if (block := _block_size(cfg)) else ''}`, "
         f"`VLLM_CPU_KVCACHE_SPACE={KVCACHE_GIB}`), on loopback ports, both running for the "
         "whole benchmark. ssrl runs vLLM's `AsyncLLM` in process behind its own FastAPI routes; "
         "the baseline is `python -m vllm.entrypoints.openai.api_server` of the same vllm-cpu.",

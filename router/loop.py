@@ -27,6 +27,7 @@ from router.engine.base import Engine, SamplingOptions, offset_seed
 from router.engine.guard import generate_or_abort
 from router.entropy import DEFAULT_ESTIMATOR, QueryEntropy, query_entropy
 from router.policies import Decision, Policy, SearchContext
+from router.prompts import answer_cue
 from router.search.base import Document
 from router.search.service import SearchService
 from router.segments import Segment, continuation_ids, query_positions
@@ -122,6 +123,9 @@ class LoopConfig:
     # question), so a short query still finds its article; the entropy and the routing
     # decision are the query's alone. "": the query as written.
     search_context: str = ""
+    # The user's question (guided mode), written again before `<answer>` when
+    # `router.prompts.GUIDED_RESTATE_QUESTION` is on.
+    question: str = ""
 
     @property
     def answer_cap(self) -> int:
@@ -571,6 +575,7 @@ class SelfSearchLoop:
         searches = min(self.config.guided_searches, self.config.max_turns)
         # Searches never eat the answer turn's room: its cap plus its tags stay free, so a
         # budget hit while searching still ends with an answer (never with documents).
+        # (The question line before the answer is not reserved: a tight budget drops it.)
         answer_room = self.config.answer_cap + self._tokens("\n" + ANSWER_OPEN, ANSWER_CLOSE)
         self._fill_reserve = answer_room + self._tokens(INFO_SUFFIX)
         # The query call also leaves room for the tags after it and one token of fill.
@@ -606,9 +611,17 @@ class SelfSearchLoop:
                 break
         # The answer is one line; any closing tag ends it too (a small model may write
         # `Pacific Ocean </information>`).
-        async for event in self._answer(
-            "" if self.transcript.endswith("\n") else "\n", (ANSWER_CLOSE, "\n", "</")
+        prefix = "" if self.transcript.endswith("\n") else "\n"
+        cue = answer_cue(self.config.question)
+        # The question line only where the answer keeps its whole room after it: a tight
+        # budget spends its last tokens on the answer, not on repeating the question.
+        if (
+            cue
+            and self._room() - self._tokens(prefix + cue + ANSWER_OPEN, ANSWER_CLOSE)
+            >= self.config.answer_cap
         ):
+            prefix += cue
+        async for event in self._answer(prefix, (ANSWER_CLOSE, "\n", "</")):
             yield event
 
     async def _native(self) -> AsyncIterator[LoopEvent]:

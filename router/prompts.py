@@ -37,11 +37,31 @@ GUIDED_DOCS_PER_SEARCH = 1
 GUIDED_MAX_DOC_CHARS = 150
 
 
-def _example(query: str, documents: tuple[tuple[str, str], ...], answer: str) -> str:
+# Guided mode writes the user's question again right before `<answer>` ("Question: ...?"): a
+# small model reads the information block and then answers what it was asked, instead of
+# copying the block's first year or its title (docs/evaluation.md, "First impression").
+GUIDED_RESTATE_QUESTION: bool = True
+# A longer user message (a document to read, an agent's instructions) is not repeated: it would
+# double the prompt, and the question in it is not a line to answer.
+GUIDED_RESTATE_MAX_CHARS = 300
+
+
+def answer_cue(question: str) -> str:
+    """What guided mode writes between `</information>` and `<answer>` besides newlines."""
+    question = " ".join(question.split())
+    if not GUIDED_RESTATE_QUESTION or not question or len(question) > GUIDED_RESTATE_MAX_CHARS:
+        return ""
+    return f"Question: {question}\n"
+
+
+def _example(query: str, documents: tuple[tuple[str, str], ...], answer: str, question: str = "") -> str:
     """One worked transcript, laid out as the loop writes it (documents as the server inserts
     them: Search-R1's `Doc i(Title: ...) text`)."""
     info = "\n".join(f"Doc {i}(Title: {title}) {text}" for i, (title, text) in enumerate(documents, 1))
-    return f"<search> {query} </search>\n\n<information>{info}</information>\n\n<answer> {answer} </answer>"
+    return (
+        f"<search> {query} </search>\n\n<information>{info}</information>\n\n"
+        f"{answer_cue(question)}<answer> {answer} </answer>"
+    )
 
 
 # Guided mode shows the model worked exchanges before the real question: a small model copies
@@ -51,10 +71,10 @@ def _example(query: str, documents: tuple[tuple[str, str], ...], answer: str) ->
 # copied from the document, which names the question's subject but also holds a year or a
 # number that is NOT the answer (the 135M model otherwise answers "Who wrote ...?" with a year
 # from the document, or with its title).
-GUIDED_EXAMPLES: tuple[tuple[str, str], ...] = (
+GUIDED_EXAMPLES: tuple[tuple[str, tuple[str, tuple[tuple[str, str], ...], str]], ...] = (
     (
         "Who wrote the novel Oliver Twist?",
-        _example(
+        (
             "Oliver Twist novel author",
             (
                 (
@@ -67,7 +87,7 @@ GUIDED_EXAMPLES: tuple[tuple[str, str], ...] = (
     ),
     (
         "In which country is Mount Kilimanjaro?",
-        _example(
+        (
             "Mount Kilimanjaro country",
             (
                 (
@@ -80,7 +100,7 @@ GUIDED_EXAMPLES: tuple[tuple[str, str], ...] = (
     ),
     (
         "How many legs does a spider have?",
-        _example(
+        (
             "spider legs",
             (
                 (
@@ -93,7 +113,7 @@ GUIDED_EXAMPLES: tuple[tuple[str, str], ...] = (
     ),
     (
         "In what year did the Wright brothers make their first flight?",
-        _example(
+        (
             "Wright brothers first flight",
             (
                 (
@@ -107,7 +127,7 @@ GUIDED_EXAMPLES: tuple[tuple[str, str], ...] = (
     ),
     (
         "What is the capital of Portugal?",
-        _example(
+        (
             "Portugal capital city",
             (("Portugal", "Portugal is a country of 10 million people whose capital is Lisbon."),),
             "Lisbon",
@@ -115,7 +135,7 @@ GUIDED_EXAMPLES: tuple[tuple[str, str], ...] = (
     ),
     (
         "What is the chemical symbol for copper?",
-        _example(
+        (
             "copper chemical element symbol",
             (("Copper", "Copper is a chemical element; it has symbol Cu and atomic number 29."),),
             "Cu",
@@ -129,9 +149,9 @@ def example_messages(mode: str) -> list[dict[str, str]]:
     if mode != "guided":
         return []
     messages = []
-    for question, transcript in GUIDED_EXAMPLES:
+    for question, (query, documents, answer) in GUIDED_EXAMPLES:
         messages.append({"role": "user", "content": question})
-        messages.append({"role": "assistant", "content": transcript})
+        messages.append({"role": "assistant", "content": _example(query, documents, answer, question)})
     return messages
 
 

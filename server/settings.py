@@ -195,7 +195,10 @@ class ServeSettings(BaseSettings):
         description="Top-k logprobs per query token used to estimate entropy.",
     )
     max_doc_chars: int = Field(
-        LOOP_DEFAULTS["max_doc_chars"], ge=20, description="Characters kept of each inserted document."
+        LOOP_DEFAULTS["max_doc_chars"],
+        ge=20,
+        description="Characters kept of each inserted document, cut at a sentence end (a "
+        "sentence ending within half as many more, at most 100, is finished).",
     )
     max_query_tokens: int = Field(
         LOOP_DEFAULTS["max_query_tokens"], ge=1, description="Cap on a query's length in tokens."

@@ -70,6 +70,8 @@ def _check(choice, question: str) -> dict:
     reasoning = choice.message.model_extra["reasoning"]
     content = choice.message.content
     assert content == extract_last_answer(reasoning)
+    # Guided mode writes the user's question again right before the answer it reads.
+    assert f"</information>\n\nQuestion: {question}\n<answer>" in reasoning
     # The answer turn is one line, capped, and never a degenerate repetition's worth long.
     assert "\n" not in content
     assert len(content.split()) <= MAX_ANSWER_WORDS

@@ -482,6 +482,41 @@ def test_guided_internal_fill_prompts() -> None:
     assert result.searches[0].information == "Paris is the capital of France."
 
 
+def test_guided_restates_the_question_before_the_answer() -> None:
+    engine = ScriptedEngine(
+        [
+            script(" capital of France</search>"),
+            script("Paris is the capital of France.</information>"),
+            script(" Paris </answer>"),
+        ]
+    )
+    cfg = config("guided", NeverPolicy(), question="What is the capital\nof France?")
+    _, result = collect(engine, cfg)
+    # The question comes back on one line between the information block and `<answer>`, as
+    # in the worked examples; the answer itself is unchanged.
+    cue = "Question: What is the capital of France?\n"
+    assert result.transcript == (
+        "<search> capital of France </search>"
+        + info_block("Paris is the capital of France.")
+        + cue
+        + "<answer> Paris </answer>"
+    )
+    assert engine.calls[-1].prompt_text.endswith("</information>\n\n" + cue + "<answer>")
+    assert result.answer == "Paris"
+
+
+def test_guided_drops_the_question_line_when_the_budget_is_tight() -> None:
+    # 60 tokens (the scripted tokenizer: one per character) leave no room to search, nor for
+    # the question line and a full answer: the answer still gets its turn, without the cue.
+    engine = ScriptedEngine([script(" Paris </answer>")])
+    cfg = config("guided", NeverPolicy(), question="What is the capital of France?", max_tokens=60)
+    _, result = collect(engine, cfg)
+    (answer_call,) = engine.calls
+    assert "Question:" not in answer_call.prompt_text and "Question:" not in result.transcript
+    assert answer_call.prompt_text.endswith("<answer>")
+    assert result.answer == "Paris"
+
+
 def test_guided_continues_on_the_engines_own_token_ids() -> None:
     # Multi-character tokens, the last straddling the closing tag: the next prompt carries the
     # engine's ids for the query, the straddled fragment re-encoded, then the loop's text.

@@ -329,7 +329,8 @@ def test_guided_mode_over_http() -> None:
     assert message["content"] == "Paris"
     assert message["reasoning"] == (
         "<search> capital of France </search>\n\n<information>Paris is the capital."
-        "</information>\n\n<answer> Paris </answer>"
+        # Guided mode writes the user's question again before the answer (router.prompts).
+        "</information>\n\nQuestion: What is the capital of France?\n<answer> Paris </answer>"
     )
     first = engine.calls[0]
     assert first.options.stop == GUIDED_QUERY_STOPS

@@ -348,3 +348,19 @@ def test_enforce_eager_unset_means_eager_on_cpu_compiled_on_gpu() -> None:
     # A flag wins on either backend, and the log line names it.
     assert resolve_enforce_eager(True, on_cpu=lambda: False) == (True, "--enforce-eager")
     assert resolve_enforce_eager(False, on_cpu=lambda: True) == (False, "--no-enforce-eager")
+
+
+def test_cpu_engine_uses_small_kv_blocks_unless_an_engine_arg_sets_them() -> None:
+    from router.engine.vllm_engine import CPU_BLOCK_SIZE, EngineConfig
+
+    config = EngineConfig(model="m", served_model_name="m")
+    # A GPU keeps vLLM's own default; the CPU backend gets ssrl's (the loop's resumed calls
+    # re-prefill only a partial block), and an operator's --engine-arg block_size wins on both.
+    assert "block_size" not in config.engine_args(on_cpu=False)
+    assert config.engine_args(on_cpu=True)["block_size"] == CPU_BLOCK_SIZE == 32
+    pinned = EngineConfig(
+        model="m",
+        served_model_name="m",
+        extra=settings_from("--engine-arg", "block_size=128").extra_engine_args(),
+    )
+    assert pinned.engine_args(on_cpu=True)["block_size"] == 128

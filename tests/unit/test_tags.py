@@ -305,3 +305,39 @@ def test_strip_tags() -> None:
 )
 def test_normalize_answer(raw: str, norm: str) -> None:
     assert normalize_answer(raw) == norm
+
+
+def test_format_documents_cuts_at_a_sentence_end() -> None:
+    text = "Hamlet is a tragedy by William Shakespeare. It is set in Denmark and was written around 1600."
+    # The first sentence ends in the last half of the limit: the cut keeps it whole, no ellipsis.
+    assert format_documents([Doc("Hamlet", text)], 60) == (
+        "Doc 1(Title: Hamlet) Hamlet is a tragedy by William Shakespeare."
+    )
+
+
+def test_sentence_cut_ignores_initials_and_short_titles() -> None:
+    text = "Harry Potter is a series of novels by British author J. K. Rowling. The novels follow a wizard."
+    # "J." and "K." end no sentence: the cut never separates an initial from its name.
+    assert format_documents([Doc("T", text)], 80) == (
+        "Doc 1(Title: T) Harry Potter is a series of novels by British author J. K. Rowling."
+    )
+    assert format_documents(
+        [Doc("T", "Dr. Who met St. John and Mt. Fuji at noon and then went home late")], 30
+    ) == ("Doc 1(Title: T) Dr. Who met St. John and Mt.\u2026")
+
+
+def test_sentence_cut_never_keeps_less_than_half() -> None:
+    # A sentence end in the first half would waste the budget: cut at a word instead.
+    text = "Short. " + "word " * 30
+    out = format_documents([Doc("T", text)], 40)
+    assert out.endswith("\u2026") and len(out) > len("Doc 1(Title: T) ") + 20
+
+
+def test_sentence_slack_finishes_a_sentence_just_past_the_limit(monkeypatch: pytest.MonkeyPatch) -> None:
+    import router.tags as tags
+
+    text = "Canberra is the capital city of Australia, in the Australian Capital Territory. It was founded in 1913."
+    monkeypatch.setattr(tags, "SENTENCE_SLACK", 0.5)
+    assert format_documents([Doc("T", text)], 60).endswith("Capital Territory.")
+    monkeypatch.setattr(tags, "SENTENCE_SLACK", 0.0)
+    assert format_documents([Doc("T", text)], 60).endswith("\u2026")
