@@ -125,6 +125,8 @@ def loop_config(
             chars = GUIDED_MAX_DOC_CHARS
     size = request.web_search_options.search_context_size if request.web_search_options else None
     docs_default = CONTEXT_SIZE_DOCS.get(size or "medium") or docs_default
+    # Guided mode reads the user's question twice: search context, and the line before <answer>.
+    question = _question(request) if mode == "guided" else ""
     config = LoopConfig(
         mode=mode,
         policy=policy,
@@ -142,8 +144,8 @@ def loop_config(
         top_p=1.0 if request.top_p is None else request.top_p,
         seed=request.seed,
         counterfactual=bool(o.counterfactual),
-        search_context=_question(request) if mode == "guided" and s.search_with_question else "",
-        question=_question(request) if mode == "guided" else "",
+        search_context=question if s.search_with_question else "",
+        question=question,
     )
     return config, votes
 
