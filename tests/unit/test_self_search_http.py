@@ -322,6 +322,27 @@ def test_disabled_self_search_is_plain_generation() -> None:
     assert call.prompt_text == chat_text + "<|assistant|>"
 
 
+@pytest.mark.parametrize("with_question", [True, False])
+def test_guided_searches_send_the_question_as_the_server_says(
+    with_question: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    engine = ScriptedEngine(responder=Responder())
+    backend = FakeBackend()
+    payload = chat(self_search={"mode": "guided", "policy": "always"})
+    response = post(
+        engine, payload, backend=backend, monkeypatch=monkeypatch, search_with_question=with_question
+    )
+    assert response.status_code == 200, response.text
+    question = USER[-1]["content"]
+    (search,) = response.json()["choices"][0]["self_search"]["searches"]
+    # --search-with-question: the backend gets the query followed by the user's question.
+    sent = f"capital of France {question}" if with_question else "capital of France"
+    assert backend.queries == [sent]
+    assert search["sent_query"] == (sent if with_question else None)
+    # Either way the answer turn reads the question again right before `<answer>`.
+    assert engine.calls[-1].prompt_text.endswith(f"Question: {question}\n<answer>")
+
+
 def test_guided_mode_over_http() -> None:
     engine = ScriptedEngine(responder=Responder())
     response = post(engine, chat(self_search={"mode": "guided", "policy": "never"}))
