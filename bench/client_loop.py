@@ -876,6 +876,19 @@ def _n(x: float | None, digits: int = 2) -> str:
     return "–" if x is None else f"{x:.{digits}f}"
 
 
+def _sharing(report: dict[str, Any]) -> str:
+    """Whether other work shared the machine, from the rounds' measured other load."""
+    others = [
+        side.get("other_load_cores") or 0.0
+        for level in report.get("levels", [])
+        for side in level.get("results", {}).values()
+    ]
+    peak = max(others, default=0.0)
+    if peak > 0.3:
+        return f"Other processes took up to {peak:.1f} cores during the rounds: figures are noisy."
+    return f"Other processes took at most {peak:.2f} cores during the rounds (a quiet machine)."
+
+
 def render_markdown(report: dict[str, Any]) -> str:
     cfg = report["config"]
     lines = [
@@ -890,7 +903,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         "### Machine",
         "",
         machine_markdown(report["machine"]).rstrip(),
-        f"- {load_line(report)} The machine was shared with other engineers' test runs: figures are noisy.",
+        f"- {load_line(report)} {_sharing(report)}",
         "",
         "### Command",
         "",

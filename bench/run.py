@@ -4,6 +4,7 @@
 .venv/bin/python -m bench.run serving --enforce-eager      # ssrl vs vLLM OpenAI server
 .venv/bin/python -m bench.run local-index --docs 100000    # local FTS5 index
 .venv/bin/python -m bench.run startup                      # start-up and tok/s, eager vs compiled
+.venv/bin/python -m bench.run profile                      # py-spy of both servers under load
 .venv/bin/python -m bench.run suite --skip serving         # every part (`make bench`)
 """
 
@@ -20,6 +21,8 @@ BENCHMARKS = {
     "loop": "bench.loop",
     "startup": "bench.startup",
     "client-loop": "bench.client_loop",
+    "profile": "bench.profile_serving",
+    "cpu-reserve": "bench.cpu_reserve",
     "suite": "bench.suite",
 }
 

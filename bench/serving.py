@@ -73,11 +73,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def server_env() -> dict[str, str]:
-    """The same environment for both servers: ours, minus SSRL_* settings, plus the KV cache size."""
+def server_env(match_ssrl_engine: bool = True) -> dict[str, str]:
+    """The environment of a server: ours, minus SSRL_* settings, plus the KV cache size; with
+    `match_ssrl_engine`, what ssrl's in-process engine sets for itself on this CPU (see
+    `router.engine.vllm_engine.cpu_engine_env`), so that vLLM's own server runs the same engine."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("SSRL_")}
     env["VLLM_CPU_KVCACHE_SPACE"] = KVCACHE_GIB
     env.setdefault("PYTHONUNBUFFERED", "1")
+    if match_ssrl_engine:
+        from router.engine.vllm_engine import cpu_engine_env, usable_cores, vllm_on_cpu
+
+        if vllm_on_cpu():
+            env.update(cpu_engine_env(env, usable_cores()))
     return env
 
 
@@ -117,7 +124,9 @@ def ssrl_argv(
     return argv + list(extra or [])
 
 
-def vllm_argv(python: str, model_dir: str, port: int, enforce_eager: bool) -> list[str]:
+def vllm_argv(
+    python: str, model_dir: str, port: int, enforce_eager: bool, match_ssrl_engine: bool = True
+) -> list[str]:
     argv = [
         python,
         "-m",
@@ -138,7 +147,7 @@ def vllm_argv(python: str, model_dir: str, port: int, enforce_eager: bool) -> li
         argv.append("--enforce-eager")
     from router.engine.vllm_engine import CPU_BLOCK_SIZE, vllm_on_cpu
 
-    if vllm_on_cpu():
+    if match_ssrl_engine and vllm_on_cpu():
         # ssrl's in-process engine uses this KV block size on the CPU backend: same engine options.
         argv += ["--block-size", str(CPU_BLOCK_SIZE)]
     return argv
@@ -691,10 +700,23 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"(`--max-model-len {MAX_MODEL_LEN} --enable-prefix-caching"
         f"{' --enforce-eager' if cfg['enforce_eager'] else ''}"
         f"{' --block-size ' + block if (block := _block_size(cfg)) else ''}`, "
-        f"`VLLM_CPU_KVCACHE_SPACE={KVCACHE_GIB}`), on loopback ports, both running for the "
+        f"`VLLM_CPU_KVCACHE_SPACE={KVCACHE_GIB}`"
+        + "".join(
+            f", `{k}={v}`" for k, v in (cfg.get("anchor_env") or {}).items() if k != "VLLM_CPU_KVCACHE_SPACE"
+        )
+        + "), on loopback ports, both running for the "
         "whole benchmark. ssrl runs vLLM's `AsyncLLM` in process behind its own FastAPI routes; "
         "the baseline is `python -m vllm.entrypoints.openai.api_server` of the same vllm-cpu.",
     ]
+    if cfg.get("anchor_defaults"):
+        lines += [
+            "",
+            "**vLLM's server on its own defaults** (`--anchor-defaults`): the anchor gets none of "
+            "the engine settings ssrl chooses on this CPU (`--block-size 32`, and on 2 cores the "
+            "model's threads on both cores instead of one core reserved for vLLM's scheduler); "
+            "this compares what each server does out of the box, the engine included, not the "
+            "front ends alone.",
+        ]
     if any(a == "--no-self-search" for a in cfg["server_argv"].get("ssrl", [])):
         lines += [
             "",
@@ -922,6 +944,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="write the Markdown section from a saved results file; run nothing",
     )
     p.add_argument(
+        "--anchor-defaults",
+        action="store_true",
+        help="start vLLM's server on its own CPU defaults (KV block 128, one core reserved for "
+        "its scheduler) instead of the engine settings ssrl chooses on this machine",
+    )
+    p.add_argument(
         "--ssrl-arg",
         action="append",
         default=[],
@@ -1005,7 +1033,10 @@ def main(argv: list[str] | None = None) -> int:
         max_duration=args.max_duration,
     )
     log_dir = Path(tempfile.mkdtemp(prefix="ssrl-bench-serving-"))
-    env = server_env()
+    # ssrl decides its engine's CPU settings itself; the anchor gets them unless it runs on
+    # vLLM's own defaults (--anchor-defaults).
+    env = server_env(match_ssrl_engine=False)
+    anchor_env = server_env(match_ssrl_engine=not args.anchor_defaults)
     ports = {name: free_port() for name in SERVERS}
     plan.servers = [
         Server(
@@ -1017,10 +1048,10 @@ def main(argv: list[str] | None = None) -> int:
         ),
         Server(
             "vllm",
-            vllm_argv(args.python, model_dir, ports["vllm"], args.enforce_eager),
+            vllm_argv(args.python, model_dir, ports["vllm"], args.enforce_eager, not args.anchor_defaults),
             ports["vllm"],
             log_dir / "vllm.log",
-            env,
+            anchor_env,
         ),
     ]
     command = " ".join([".venv/bin/python", "-m", "bench.serving", *map(shlex.quote, argv)])
@@ -1102,6 +1133,8 @@ def main(argv: list[str] | None = None) -> int:
             "served_model_name": MODEL_NAME,
             "max_model_len": MAX_MODEL_LEN,
             "enforce_eager": args.enforce_eager,
+            "anchor_defaults": args.anchor_defaults,
+            "anchor_env": {k: v for k, v in anchor_env.items() if k.startswith("VLLM_CPU_")},
             "kvcache_gib": int(KVCACHE_GIB),
             "max_tokens": args.max_tokens,
             "rounds": args.rounds,
@@ -1125,7 +1158,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     atomic_write_json(args.out, report)
     print(f"wrote {args.out}")
-    if str(args.markdown):
+    if str(args.markdown) not in ("", "."):  # Path("") is "."
         replace_markdown_section(args.markdown, SECTION, render_markdown(report))
         print(f"wrote the serving section of {args.markdown}")
     print(summary_text(report))

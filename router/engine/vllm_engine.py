@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,6 +26,37 @@ logger = logging.getLogger(__name__)
 # from 1.12-1.19x to 1.04-1.10x a single pass, at the same decode speed (docs/benchmarks.md,
 # "Loop overhead and the KV block size"). The CPU attention kernels take any multiple of 32.
 CPU_BLOCK_SIZE = 32
+
+# vLLM's CPU backend keeps one core for its engine core process (the scheduler, which
+# busy-waits on the model's worker with sched_yield) and binds the model's OpenMP threads to
+# the other cores. With 2 usable cores that leaves the model one core. Measured on a 2-core
+# Xeon with `ssrl serve` alone (bench/cpu_reserve.py): the model's threads on both cores (the
+# scheduler's wait yields to them) decode 1.2-1.5x the tokens/s at 1, 8 and 32 streams, with
+# a shorter wait for the first token (docs/benchmarks.md, "The core vLLM's CPU backend
+# reserves").
+# Larger machines keep vLLM's reservation (there it costs 1/N of the cores, and sharing was
+# not measured); an operator's own VLLM_CPU_NUM_OF_RESERVED_CPU or VLLM_CPU_OMP_THREADS_BIND
+# always wins.
+CPU_SHARE_RESERVED_CORE_MAX_CORES = 2
+RESERVED_CPU_ENV = "VLLM_CPU_NUM_OF_RESERVED_CPU"
+OMP_BIND_ENV = "VLLM_CPU_OMP_THREADS_BIND"
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (its affinity mask, as vLLM's CPU binding sees them)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # no affinity API on this OS
+        return os.cpu_count() or 1
+
+
+def cpu_engine_env(environ: Mapping[str, str], cores: int) -> dict[str, str]:
+    """Variables to set before vLLM's CPU engine starts (decides only; sets nothing)."""
+    if cores > CPU_SHARE_RESERVED_CORE_MAX_CORES:
+        return {}
+    if RESERVED_CPU_ENV in environ or environ.get(OMP_BIND_ENV, "auto") != "auto":
+        return {}
+    return {RESERVED_CPU_ENV: "0"}
 
 
 @dataclass(frozen=True)
@@ -88,7 +120,13 @@ class VLLMEngine(HFTokenizerEngine):
         from vllm.usage.usage_lib import UsageContext
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        args = AsyncEngineArgs(**config.engine_args(on_cpu=vllm_on_cpu()))
+        on_cpu = vllm_on_cpu()
+        if on_cpu:
+            # Read by the engine's child processes, which inherit this environment.
+            for name, value in cpu_engine_env(os.environ, usable_cores()).items():
+                logger.info("CPU engine: %s=%s (the model's threads may use every core)", name, value)
+                os.environ[name] = value
+        args = AsyncEngineArgs(**config.engine_args(on_cpu=on_cpu))
         llm = AsyncLLM.from_engine_args(args, usage_context=UsageContext.OPENAI_API_SERVER)
         return cls(llm, config)
 

@@ -364,3 +364,17 @@ def test_cpu_engine_uses_small_kv_blocks_unless_an_engine_arg_sets_them() -> Non
         extra=settings_from("--engine-arg", "block_size=128").extra_engine_args(),
     )
     assert pinned.engine_args(on_cpu=True)["block_size"] == 128
+
+
+def test_cpu_engine_shares_the_reserved_core_only_on_a_two_core_machine() -> None:
+    from router.engine.vllm_engine import RESERVED_CPU_ENV, cpu_engine_env
+
+    # vLLM keeps one core for its scheduler: on 2 cores the model would get one.
+    assert cpu_engine_env({}, cores=2) == {RESERVED_CPU_ENV: "0"}
+    assert cpu_engine_env({}, cores=1) == {RESERVED_CPU_ENV: "0"}
+    # Larger machines keep vLLM's reservation.
+    assert cpu_engine_env({}, cores=3) == {}
+    # An operator's own choice wins: a reservation, or an explicit thread binding.
+    assert cpu_engine_env({RESERVED_CPU_ENV: "1"}, cores=2) == {}
+    assert cpu_engine_env({"VLLM_CPU_OMP_THREADS_BIND": "0-1"}, cores=2) == {}
+    assert cpu_engine_env({"VLLM_CPU_OMP_THREADS_BIND": "auto"}, cores=2) == {RESERVED_CPU_ENV: "0"}
