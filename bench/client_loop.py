@@ -67,6 +67,7 @@ from bench.common import (
     load_line,
     machine_info,
     machine_markdown,
+    number,
     replace_markdown_section,
 )
 from bench.serving import (
@@ -75,10 +76,10 @@ from bench.serving import (
     Server,
     free_port,
     resolve_model_dir,
+    running,
     server_env,
     source_state,
     ssrl_argv,
-    tail,
     vllm_argv,
 )
 from clients.files import atomic_write_json
@@ -872,10 +873,6 @@ def token_gap_text(report: dict[str, Any]) -> str:
     return "; ".join(parts) or "–"
 
 
-def _n(x: float | None, digits: int = 2) -> str:
-    return "–" if x is None else f"{x:.{digits}f}"
-
-
 def _sharing(report: dict[str, Any]) -> str:
     """Whether other work shared the machine, from the rounds' measured other load."""
     others = [
@@ -969,15 +966,15 @@ def render_markdown(report: dict[str, Any]) -> str:
             mark = " ✓" if r >= TARGET_RATIO else " ✗"
             if r < TARGET_RATIO:
                 missed.append(f"c={level['concurrency']} {level['policy']} ({r:.2f})")
-        paired = ", ".join(_n(x) for x in level["paired_round_ratios"])
+        paired = ", ".join(number(x) for x in level["paired_round_ratios"])
         calls = "2" if level["policy"] == "always" else "3"
         lines.append(
-            f"| {level['concurrency']} | {level['policy']} | {_n(s['trajectories_per_s'])} "
-            f"| {_n(c['trajectories_per_s'])} | **{_n(r)}**{mark} ({paired}) "
-            f"| {_n(s['latency_p50_s'])} / {_n(s['latency_p99_s'])} s "
-            f"| {_n(c['latency_p50_s'])} / {_n(c['latency_p99_s'])} s "
-            f"| {_n(s['engine_tokens_per_trajectory'], 0)} / {_n(c['engine_tokens_per_trajectory'], 0)} "
-            f"| {_n(s['prefilled_tokens_per_trajectory'], 0)} / {_n(c['prefilled_tokens_per_trajectory'], 0)} "
+            f"| {level['concurrency']} | {level['policy']} | {number(s['trajectories_per_s'])} "
+            f"| {number(c['trajectories_per_s'])} | **{number(r)}**{mark} ({paired}) "
+            f"| {number(s['latency_p50_s'])} / {number(s['latency_p99_s'])} s "
+            f"| {number(c['latency_p50_s'])} / {number(c['latency_p99_s'])} s "
+            f"| {number(s['engine_tokens_per_trajectory'], 0)} / {number(c['engine_tokens_per_trajectory'], 0)} "
+            f"| {number(s['prefilled_tokens_per_trajectory'], 0)} / {number(c['prefilled_tokens_per_trajectory'], 0)} "
             f"| {calls} |"
         )
     errors = sum(
@@ -1003,10 +1000,10 @@ def render_markdown(report: dict[str, Any]) -> str:
             other = [x for x in (s.get("other_load_cores"), c.get("other_load_cores")) if x is not None]
             lines.append(
                 f"| {level['concurrency']} | {level['policy']} "
-                f"| {_n(s['server_cpu_s_per_trajectory'], 3)} + {_n(s['client_cpu_s_per_trajectory'], 3)} "
-                f"| {_n(c['server_cpu_s_per_trajectory'], 3)} + {_n(c['client_cpu_s_per_trajectory'], 3)} "
-                f"| {_n(c['cpu_s_per_trajectory'] / s['cpu_s_per_trajectory'] if s['cpu_s_per_trajectory'] else None)} "
-                f"| {_n(statistics.fmean(other) if other else None, 1)} |"
+                f"| {number(s['server_cpu_s_per_trajectory'], 3)} + {number(s['client_cpu_s_per_trajectory'], 3)} "
+                f"| {number(c['server_cpu_s_per_trajectory'], 3)} + {number(c['client_cpu_s_per_trajectory'], 3)} "
+                f"| {number(c['cpu_s_per_trajectory'] / s['cpu_s_per_trajectory'] if s['cpu_s_per_trajectory'] else None)} "
+                f"| {number(statistics.fmean(other) if other else None, 1)} |"
             )
     lines += [
         "",
@@ -1017,8 +1014,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         "Agreement (same question, same round): "
         + "; ".join(
             f"c={lv['concurrency']} {lv['policy']}: transcripts "
-            f"{_n(100 * lv['agreement'].get('identical_transcripts', 0), 0)}%, engine prompt tokens "
-            f"{_n(100 * lv['agreement'].get('identical_prompt_tokens', 0), 0)}%"
+            f"{number(100 * lv['agreement'].get('identical_transcripts', 0), 0)}%, engine prompt tokens "
+            f"{number(100 * lv['agreement'].get('identical_prompt_tokens', 0), 0)}%"
             for lv in report["levels"]
         )
         + ".",
@@ -1055,9 +1052,9 @@ def render_markdown(report: dict[str, Any]) -> str:
             "| | wall (s) | × single pass | CPU s (process + engine) | × single pass |",
             "|---|---:|---:|---:|---:|",
             *[
-                f"| {label} | {s[key + '_s']:.2f} | {_n(s[key + '_s'] / s['single_s'], 3)} "
-                f"| {_n(s.get('cpu_s', {}).get(key))} "
-                f"| {_n(s['cpu_s'][key] / s['cpu_s']['single'] if s.get('cpu_s', {}).get('single') else None, 3)} |"
+                f"| {label} | {s[key + '_s']:.2f} | {number(s[key + '_s'] / s['single_s'], 3)} "
+                f"| {number(s.get('cpu_s', {}).get(key))} "
+                f"| {number(s['cpu_s'][key] / s['cpu_s']['single'] if s.get('cpu_s', {}).get('single') else None, 3)} |"
                 for label, key in (
                     ("ssrl loop, policy never", "loop"),
                     ("replay of its engine calls", "replay"),
@@ -1069,15 +1066,15 @@ def render_markdown(report: dict[str, Any]) -> str:
             "| where the overhead goes | s | share |",
             "|---|---:|---:|",
             f"| loop's own Python (tokenising inserted tags, id bookkeeping, hold-back, entropy) "
-            f"| {p['loop_python_s']:.2f} | {_n(100 * (share['loop_python_s'] or 0), 0)}% |",
+            f"| {p['loop_python_s']:.2f} | {number(100 * (share['loop_python_s'] or 0), 0)}% |",
             f"| top-20 logprobs on the query | {p['query_logprobs_s']:.2f} "
-            f"| {_n(100 * (share['query_logprobs_s'] or 0), 0)}% |",
+            f"| {number(100 * (share['query_logprobs_s'] or 0), 0)}% |",
             f"| fixed cost of the {s['calls'] - s['questions']} extra engine calls "
             f"({1000 * s['fixed_cost_per_call_s']:.0f} ms each) | {p['extra_call_fixed_s']:.2f} "
-            f"| {_n(100 * (share['extra_call_fixed_s'] or 0), 0)}% |",
+            f"| {number(100 * (share['extra_call_fixed_s'] or 0), 0)}% |",
             f"| extra prefill and the rest ({s['prefilled_tokens_loop']} prompt tokens computed vs "
             f"{s['prefilled_tokens_single']} for the single passes) | {p['extra_prefill_and_rest_s']:.2f} "
-            f"| {_n(100 * (share['extra_prefill_and_rest_s'] or 0), 0)}% |",
+            f"| {number(100 * (share['extra_prefill_and_rest_s'] or 0), 0)}% |",
             "",
         ]
         note = report.get("overhead_explanation")
@@ -1087,7 +1084,7 @@ def render_markdown(report: dict[str, Any]) -> str:
     rerun = bool(ov and ov.get("command"))
     lines += [
         f"Run time of the command: {timing['total_s'] / 60:.1f} min (start-up ssrl "
-        f"{_n(timing['startup_s'].get('ssrl'), 0)} s, vLLM {_n(timing['startup_s'].get('vllm'), 0)} s; "
+        f"{number(timing['startup_s'].get('ssrl'), 0)} s, vLLM {number(timing['startup_s'].get('vllm'), 0)} s; "
         f"rounds {timing['load_s'] / 60:.1f} min"
         + (
             f"; the overhead part, re-run alone, {timing['overhead_s'] / 60:.1f} min"
@@ -1230,13 +1227,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     command = " ".join([".venv/bin/python", "-m", "bench.client_loop", *map(shlex.quote, argv)])
     print(f"model: {model_dir}\nlogs: {log_dir}\nplan: {plan} x {args.rounds} rounds", flush=True)
-    levels: list[dict[str, Any]] = []
-    try:
-        for server in servers.values():
-            print(f"starting {server.name}: {shlex.join(server.argv)}", flush=True)
-            server.start()
-            server.wait_ready(args.startup_timeout)
-            print(f"  {server.name} healthy after {server.startup_s:.0f} s", flush=True)
+    with running(servers.values(), args.startup_timeout):
         t_load = time.monotonic()
         levels = asyncio.run(
             run_benchmark(
@@ -1244,13 +1235,6 @@ def main(argv: list[str] | None = None) -> int:
             )
         )
         load_s = time.monotonic() - t_load
-    except BaseException:
-        for server in servers.values():
-            print(f"--- {server.name} log tail\n{tail(server.log_path)}", file=sys.stderr)
-        raise
-    finally:
-        for server in reversed(list(servers.values())):
-            server.stop()
     load_end = os.getloadavg()[0]
     overhead = None
     overhead_s = None
@@ -1304,9 +1288,9 @@ def main(argv: list[str] | None = None) -> int:
     for level in levels:
         s, c = level["results"]["ssrl"], level["results"]["client"]
         print(
-            f"c={level['concurrency']:<2} {level['policy']:<6} ssrl {_n(s['trajectories_per_s'])} "
-            f"client {_n(c['trajectories_per_s'])} ratio {_n(level['ratio'])} "
-            f"agree {_n(level['agreement'].get('identical_transcripts'))}"
+            f"c={level['concurrency']:<2} {level['policy']:<6} ssrl {number(s['trajectories_per_s'])} "
+            f"client {number(c['trajectories_per_s'])} ratio {number(level['ratio'])} "
+            f"agree {number(level['agreement'].get('identical_transcripts'))}"
         )
     return 0
 

@@ -99,6 +99,11 @@ def machine_info() -> dict[str, Any]:
     }
 
 
+def number(x: float | None, digits: int = 2) -> str:
+    """A figure for a Markdown table: `digits` decimals, or "–" where it was not measured."""
+    return "–" if x is None else f"{x:.{digits}f}"
+
+
 def machine_markdown(info: dict[str, Any]) -> str:
     mem = info.get("memory_bytes")
     mem_text = f"{mem / 2**30:.1f} GiB" if mem else "unknown"

@@ -29,6 +29,7 @@ from bench.common import (
     ROOT,
     machine_info,
     machine_markdown,
+    number,
     replace_markdown_section,
 )
 from clients.files import atomic_write_json
@@ -150,14 +151,6 @@ async def logprobs_cost(engine: Any, questions: list[str], rounds: int) -> dict[
     }
 
 
-def _s(x: float | None) -> str:
-    return "—" if x is None else f"{x:.2f}"
-
-
-def _r(x: float | None) -> str:
-    return "—" if x is None else f"{x:.3f}"
-
-
 def markdown(result: dict[str, Any], command: str) -> str:
     lo = result["loop_overhead"]
     lp = result["logprobs"]
@@ -187,7 +180,7 @@ def markdown(result: dict[str, Any], command: str) -> str:
         "|---:|---:|---:|---:|---:|---:|---:|---:|---|",
         f"| {lo['questions']} | {lo['tokens']} / {lo.get('single_tokens', lo['tokens'])} | "
         f"{lo.get('inserted_tokens', '—')} | {lo['loop_s']:.2f} | {lo['single_s']:.2f} | "
-        f"{lo['ratio']:.3f} {ok} | {_s(lo.get('single_transcript_s'))} | {_r(lo.get('ratio_transcript'))} {ok2} | "
+        f"{lo['ratio']:.3f} {ok} | {number(lo.get('single_transcript_s'))} | {number(lo.get('ratio_transcript'), 3)} {ok2} | "
         f"<= {LOOP_OVERHEAD_TARGET} |",
         "",
         "### Top-k logprobs at concurrency 8 (64 tokens each)",

@@ -50,10 +50,10 @@ from bench.serving import (
     load_prompts,
     resolve_model_dir,
     run_round,
+    running,
     server_env,
     source_state,
     ssrl_argv,
-    tail,
     vllm_argv,
 )
 from clients.files import atomic_write_json
@@ -237,6 +237,7 @@ async def profiled_round(
     cpu_after = server.cpu_seconds()
     log = stop_profiler(profiler, out)
     ok = [r for r in result["requests"] if r["ok"]]
+    ttfts = sorted(r["ttft"] for r in ok if r["ttft"] is not None)
     return {
         "server": server.name,
         "concurrency": concurrency,
@@ -244,7 +245,7 @@ async def profiled_round(
         "ok": len(ok),
         "wall_s": wall,
         "completion_tokens": sum(r["completion_tokens"] or 0 for r in ok),
-        "ttft_p50_s": sorted(r["ttft"] for r in ok if r["ttft"] is not None)[len(ok) // 2] if ok else None,
+        "ttft_p50_s": ttfts[len(ttfts) // 2] if ttfts else None,
         "cpu_s": {k: cpu_after[k] - cpu_before[k] for k in cpu_after},
         "profile": str(out.relative_to(ROOT) if out.is_relative_to(ROOT) else out),
         "py_spy_log": log[-300:],
@@ -446,20 +447,8 @@ def main(argv: list[str] | None = None) -> int:
             env,
         ),
     }
-    rows: list[dict[str, Any]] = []
-    try:
-        for server in servers.values():
-            print(f"starting {server.name}: {' '.join(server.argv)}", flush=True)
-            server.start()
-            server.wait_ready(args.startup_timeout)
+    with running(servers.values(), args.startup_timeout):
         rows = asyncio.run(run_profiles(servers, prompts, levels, args.rounds, args.request_timeout))
-    except BaseException:
-        for server in servers.values():
-            print(f"--- {server.name} log tail\n{tail(server.log_path)}", file=sys.stderr)
-        raise
-    finally:
-        for server in reversed(list(servers.values())):
-            server.stop()
     report = {
         "benchmark": "profile_serving: py-spy over whole rounds, ssrl vs vLLM's OpenAI server",
         "started_at": datetime.now(UTC).isoformat(timespec="seconds"),

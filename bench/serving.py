@@ -28,6 +28,8 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -41,6 +43,7 @@ from bench.common import (
     ROOT,
     machine_info,
     machine_markdown,
+    number,
     replace_markdown_section,
 )
 from clients.files import atomic_write_json
@@ -266,6 +269,28 @@ class Server:
         if self._log is not None:
             self._log.close()
             self._log = None
+
+
+@contextmanager
+def running(servers: Iterable[Server], startup_timeout: float) -> Iterator[None]:
+    """Start the servers one after the other, each waited for (2 cores do not start two at
+    once well); on any error, here or in the body, print each server's log tail; always stop
+    them, the last started first."""
+    started = list(servers)
+    try:
+        for server in started:
+            print(f"starting {server.name}: {shlex.join(server.argv)}", flush=True)
+            server.start()
+            server.wait_ready(startup_timeout)
+            print(f"  {server.name} healthy after {server.startup_s:.0f} s", flush=True)
+        yield
+    except BaseException:
+        for server in started:
+            print(f"--- {server.name} log tail\n{tail(server.log_path)}", file=sys.stderr)
+        raise
+    finally:
+        for server in reversed(started):
+            server.stop()
 
 
 def tail(path: Path, lines: int = 30) -> str:
@@ -679,10 +704,6 @@ def _ms(x: float | None) -> str:
     return "–" if x is None else f"{x * 1000:.0f} ms"
 
 
-def _num(x: float | None, digits: int = 2) -> str:
-    return "–" if x is None else f"{x:.{digits}f}"
-
-
 def _gib(x: int | None) -> str:
     return "–" if not x else f"{x / 2**30:.2f} GiB"
 
@@ -801,16 +822,16 @@ def render_markdown(report: dict[str, Any]) -> str:
             s = level["results"].get(name)
             if not s:
                 continue
-            per_round = ", ".join(_num(r["output_tokens_per_s"], 1) for r in s["rounds"])
+            per_round = ", ".join(number(r["output_tokens_per_s"], 1) for r in s["rounds"])
             lines.append(
-                f"| {'ssrl' if name == 'ssrl' else 'vLLM'} | {_num(s['requests_per_s'])} "
-                f"| {_num(s['output_tokens_per_s'], 1)} | {per_round} "
+                f"| {'ssrl' if name == 'ssrl' else 'vLLM'} | {number(s['requests_per_s'])} "
+                f"| {number(s['output_tokens_per_s'], 1)} | {per_round} "
                 f"| {_ms(s['latency_p50_s'])} | {_ms(s['latency_p99_s'])} "
                 f"| {_ms(s['ttft_p50_s'])} | {_ms(s['ttft_p99_s'])} "
-                f"| {_num(s['mean_completion_tokens'], 1)} | {s['errors']}/{s['requests']} "
-                f"| {_num(s['frontend_cpu_s_per_request'], 3)} "
-                f"| {_num(s['engine_cpu_s_per_request'], 3)} "
-                f"| {_num(s['background_cores_mean'], 2)} |"
+                f"| {number(s['mean_completion_tokens'], 1)} | {s['errors']}/{s['requests']} "
+                f"| {number(s['frontend_cpu_s_per_request'], 3)} "
+                f"| {number(s['engine_cpu_s_per_request'], 3)} "
+                f"| {number(s['background_cores_mean'], 2)} |"
             )
         same = level.get("identical_outputs_fraction")
         if same is not None:
@@ -841,12 +862,12 @@ def render_markdown(report: dict[str, Any]) -> str:
             continue
         meets = r["meets"]
         lines.append(
-            f"| {level['concurrency']} | {_num(r['requests_per_s'], 3)} {mark(meets['requests_per_s'])} "
-            f"| {_num(r['output_tokens_per_s'], 3)} {mark(meets['output_tokens_per_s'])} "
-            f"| {_num(r['latency_p50'], 3)} {mark(meets['latency_p50'])} "
-            f"| {_num(r['ttft_p50'], 3)} "
-            f"| {_num(r['paired_round_tok_s_ratio_median'], 3)}; "
-            f"{', '.join(_num(x, 2) for x in r['paired_round_tok_s_ratios'])} |"
+            f"| {level['concurrency']} | {number(r['requests_per_s'], 3)} {mark(meets['requests_per_s'])} "
+            f"| {number(r['output_tokens_per_s'], 3)} {mark(meets['output_tokens_per_s'])} "
+            f"| {number(r['latency_p50'], 3)} {mark(meets['latency_p50'])} "
+            f"| {number(r['ttft_p50'], 3)} "
+            f"| {number(r['paired_round_tok_s_ratio_median'], 3)}; "
+            f"{', '.join(number(x, 2) for x in r['paired_round_tok_s_ratios'])} |"
         )
     mem = report["memory"]
     lines += [
@@ -856,7 +877,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"| whole run | {_gib(mem['peak_rss_bytes'].get('ssrl'))} "
         f"({mem['peak_processes'].get('ssrl')} processes) "
         f"| {_gib(mem['peak_rss_bytes'].get('vllm'))} ({mem['peak_processes'].get('vllm')} processes) "
-        f"| {_num(mem['ratio'], 3)} {mark(mem['meets'])} |",
+        f"| {number(mem['ratio'], 3)} {mark(mem['meets'])} |",
         "",
     ]
     verdict = report["verdict"]
@@ -868,7 +889,7 @@ def render_markdown(report: dict[str, Any]) -> str:
     lines += [
         "",
         f"Run time: {timing['total_s'] / 60:.1f} min in all (server start-up ssrl "
-        f"{_num(timing['startup_s'].get('ssrl'), 0)} s, vLLM {_num(timing['startup_s'].get('vllm'), 0)} s "
+        f"{number(timing['startup_s'].get('ssrl'), 0)} s, vLLM {number(timing['startup_s'].get('vllm'), 0)} s "
         f"until /health answered; load {timing['load_s'] / 60:.1f} min).",
     ]
     return "\n".join(lines) + "\n"
@@ -1180,14 +1201,14 @@ def summary_text(report: dict[str, Any]) -> str:
         r = level.get("ratios") or {}
         if r:
             out.append(
-                f"       ratios: req/s {_num(r['requests_per_s'], 3)} tok/s "
-                f"{_num(r['output_tokens_per_s'], 3)} p50 lat {_num(r['latency_p50'], 3)} "
-                f"p50 TTFT {_num(r['ttft_p50'], 3)}"
+                f"       ratios: req/s {number(r['requests_per_s'], 3)} tok/s "
+                f"{number(r['output_tokens_per_s'], 3)} p50 lat {number(r['latency_p50'], 3)} "
+                f"p50 TTFT {number(r['ttft_p50'], 3)}"
             )
     mem = report["memory"]
     out.append(
         f"peak RSS ssrl {_gib(mem['peak_rss_bytes'].get('ssrl'))} vLLM "
-        f"{_gib(mem['peak_rss_bytes'].get('vllm'))} ratio {_num(mem['ratio'], 3)}"
+        f"{_gib(mem['peak_rss_bytes'].get('vllm'))} ratio {number(mem['ratio'], 3)}"
     )
     out.append(
         f"total {report['timing']['total_s']:.0f} s; "
