@@ -356,9 +356,12 @@ class SelfSearchLoop:
         """What the trajectory has left: completion tokens and context, whichever is less."""
         return min(self.config.max_tokens - self.completion_tokens, self.engine.max_model_len - len(self.ids))
 
-    def _budget(self, cap: int, reserve: int = 0) -> int:
-        """max_tokens for the next call: its cap, less than what is left minus `reserve`."""
-        left = min(cap, self._room() - reserve)
+    def _budget(self, cap: int, reserve: int = 0, context_reserve: int = 0) -> int:
+        """max_tokens for the next call: its cap, less than what is left minus `reserve`, and
+        within the context less `context_reserve` (tokens the loop itself will still insert,
+        which take context but are no part of the completion budget)."""
+        context_left = self.engine.max_model_len - len(self.ids) - context_reserve
+        left = min(cap, self._room() - reserve, context_left - reserve)
         if left <= 0:
             raise _OutOfBudget
         return left
@@ -388,14 +391,19 @@ class SelfSearchLoop:
         repetition_penalty: float = 1.0,
         frequency_penalty: float = 0.0,
         structured: Mapping[str, Any] | None = None,
+        context_reserve: int = 0,
+        final: bool = False,
     ) -> AsyncIterator[TextDelta | Segment]:
         """One engine call; yields text as it may be shown, then the finished Segment.
 
         Text that could be the start of a stop string is held back until the engine has
-        decided, so streamed text always equals the kept transcript.
+        decided, so streamed text always equals the kept transcript. Only a call whose text
+        is (or may be) the answer -- `answer`, or `final` for native mode's free text -- makes
+        the trajectory's finish_reason "length" when the budget cuts it: a cut query or
+        self-filled block is said in the notes, and the answer after it may be whole.
         """
         options = SamplingOptions(
-            max_tokens=self._budget(cap, reserve),
+            max_tokens=self._budget(cap, reserve, context_reserve),
             temperature=self.config.temperature,
             top_p=self.config.top_p,
             seed=offset_seed(self.config.seed, self._calls),
@@ -439,7 +447,10 @@ class SelfSearchLoop:
         self.prompt_tokens += segment.prompt_tokens
         self.completion_tokens += segment.completion_tokens
         if segment.finish_reason == "length":
-            self._finish_reason = "length"
+            if answer or final:
+                self._finish_reason = "length"
+            else:
+                self.notes.append("a search query or self-filled information was cut by the token budget")
         yield segment
 
     # ----- one search ----------------------------------------------------------------
@@ -534,7 +545,9 @@ class SelfSearchLoop:
         never closed `<answer>` would leave a transcript that ends inside a block.
         """
         turn = self.config.answer_turn
-        if self._room() - self._tokens(prefix + ANSWER_OPEN, ANSWER_CLOSE) <= 0:
+        # The tags are the loop's: they take context, not the completion budget.
+        tags = self._tokens(prefix + ANSWER_OPEN, ANSWER_CLOSE)
+        if min(self._room(), self.engine.max_model_len - len(self.ids) - tags) <= 0:
             raise _OutOfBudget
         yield self._insert(prefix + ANSWER_OPEN)
         if turn.structured is not None:
@@ -558,7 +571,7 @@ class SelfSearchLoop:
             cap,
             False,
             answer=True,
-            reserve=closing,
+            context_reserve=closing,
             # A guided answer must not loop (output tokens only: the documents stay free to copy).
             frequency_penalty=penalty,
             structured=turn.structured,
@@ -583,8 +596,8 @@ class SelfSearchLoop:
         # A counterfactual branch resumes here with its earlier searches already made.
         for _turn in range(len(self.records), searches):
             if self._room() - self._tokens(SEARCH_OPEN) - query_reserve <= 0:
-                # The budget, not the model, ended the searches: report it as a length stop.
-                self._finish_reason = "length"
+                # The budget, not the model, ended the searches: said in the notes; the
+                # finish_reason is the answer's own (a whole answer is a "stop").
                 self.notes.append(
                     "searching stopped early: the token budget or the context ran out; "
                     "what is left is kept for the answer"
@@ -631,7 +644,7 @@ class SelfSearchLoop:
         ends = (SEARCH_CLOSE, ANSWER_OPEN) if shaped else (SEARCH_CLOSE, ANSWER_CLOSE)
         while True:
             segment: Segment | None = None
-            async for item in self._generate(ends, self.config.max_tokens, logprobs=True):
+            async for item in self._generate(ends, self.config.max_tokens, logprobs=True, final=True):
                 if isinstance(item, Segment):
                     segment = item
                 else:

@@ -45,6 +45,10 @@ INFORMATION_OPEN: Final = open_tag(INFORMATION)
 INFORMATION_CLOSE: Final = close_tag(INFORMATION)
 ANSWER_OPEN: Final = open_tag(ANSWER)
 ANSWER_CLOSE: Final = close_tag(ANSWER)
+# Hermes-style tool-call tags (SmolLM2's chat template, vLLM's hermes tool parser, the
+# composition prompt): not protocol tags, but a document that spells them could choose the
+# arguments of a tool call forced after a search, so documents may not spell them either.
+TOOL_TAG_NAMES: Final[tuple[str, ...]] = ("tool_call", "tool_response", "tools")
 
 NO_RESULTS: Final = "No results found."
 # Replaces `<` where a document would otherwise spell a protocol tag: still readable, never
@@ -69,12 +73,20 @@ _IGNORABLE: Final = frozenset(
 # `<` + U+0338 into U+226E, listed here).
 _LT_LIKE: Final = "<\u02c2\u1438\u2039\u226e\u2329\u27e8\u276c\u276e\u2770\u3008"
 _SLASH_LIKE: Final = "/\u2044\u2215\u2571\u29f8"
+# Glyphs taken for `|`, which opens a chat-template special marker (`<|im_start|>`,
+# `<|endoftext|>`); NFKC already folds fullwidth U+FF5C (DeepSeek's `<｜...｜>`) into `|`.
+_BAR_LIKE: Final = "|\u01c0\u2223\u2502\u23d0\u2758"
 # Whitespace, or combining marks that do not compose with `<` and so stay visible next to it.
 _WS: Final = r"[\s\u0300-\u036f\u20d0-\u20ff\ufe20-\ufe2f]*"
-# `<` (or a look-alike), optional space, optional `/`, optional space, a tag name: any case,
-# and no word boundary required (`<answer2>` is neutralised too; over-matching only costs
-# one glyph).
-_TAG_LIKE = re.compile(rf"[{_LT_LIKE}](?={_WS}[{_SLASH_LIKE}]?{_WS}(?:{'|'.join(TAG_NAMES)}))", re.IGNORECASE)
+# Names a document may not start after `<`: the protocol's, and `tool`, a prefix that covers
+# TOOL_TAG_NAMES and every spelling of their separator (`<tool call>`, `<Tool-Call>`).
+_GUARDED_NAMES: Final = "|".join((*TAG_NAMES, "tool"))
+# `<` (or a look-alike), optional space, then either optional `/`, optional space and a
+# guarded name (any case, no word boundary required: `<answer2>` is neutralised too;
+# over-matching only costs one glyph), or a `|` that would open a special marker.
+_TAG_LIKE = re.compile(
+    rf"[{_LT_LIKE}](?={_WS}(?:[{_SLASH_LIKE}]?{_WS}(?:{_GUARDED_NAMES})|[{_BAR_LIKE}]))", re.IGNORECASE
+)
 _WHITESPACE_RUN = re.compile(r"\s+")
 # Exact protocol tags, as the parser reads them.
 _OPEN_TAG = re.compile(rf"<({'|'.join(TAG_NAMES)})>")
@@ -89,7 +101,7 @@ _URL_SAFE: Final = "!#$%&()*+,-./:;=?@[]_~"
 _URL_SCHEMES: Final = ("http://", "https://")
 
 
-def _drop_control(text: str) -> str:
+def drop_control(text: str) -> str:
     """Remove control characters and invisible ones; newline and tab become spaces later,
     so they are kept here to stop words from gluing together."""
     return "".join(
@@ -107,10 +119,13 @@ def sanitize_document_text(text: str) -> str:
     characters and dropping can bring parts of a tag together. Every whitespace run
     (newlines included) becomes one space so a document stays on its one line, and any `<`
     or `<` look-alike that would start something read as a protocol tag (`</information>`,
-    `< / Answer >`, `〈answer>`) becomes `‹`. Other markup (`<b>`, `a < b`) is left as is.
-    Neutralising runs last, after the text can no longer change shape.
+    `< / Answer >`, `〈answer>`), a tool-call tag (`<tool_call>`, `</Tool_Response>`,
+    `<tools>`) or a chat-template special marker (`<|im_start|>`, `<|endoftext|>`) becomes
+    `‹`, so inserted text can never open or close any of them, nor become a special token.
+    Other markup (`<b>`, `a < b`) is left as is. Neutralising runs last, after the text can
+    no longer change shape.
     """
-    text = _drop_control(unicodedata.normalize("NFKC", _drop_control(text)))
+    text = drop_control(unicodedata.normalize("NFKC", drop_control(text)))
     text = _WHITESPACE_RUN.sub(" ", text).strip()
     return _TAG_LIKE.sub(SAFE_LT, text)
 
@@ -124,7 +139,7 @@ def sanitize_url(url: str | None) -> str | None:
     """
     if not url:
         return None
-    url = _drop_control(url).strip()
+    url = drop_control(url).strip()
     if not url.lower().startswith(_URL_SCHEMES):
         return None
     return urllib.parse.quote(url, safe=_URL_SAFE)

@@ -19,7 +19,13 @@ from router.prompts import system_prompt
 from server.auth import AuthMiddleware, KeyChecker
 from server.errors import APIError, install_error_handlers
 from server.lifecycle import Drainer, DrainMiddleware, StartupInterrupted, until_draining
-from server.limits import BodySizeLimitMiddleware, HeaderSizeLimitMiddleware, RateLimitMiddleware
+from server.limits import (
+    TOKENIZER_PATHS,
+    BodySizeLimitMiddleware,
+    HeaderSizeLimitMiddleware,
+    RateLimitMiddleware,
+    tokenizer_body_limit,
+)
 from server.metrics import HTTPMetrics, MetricsMiddleware, SearchMetricsObserver
 from server.protocol import (
     ChatCompletionChunk,
@@ -275,6 +281,7 @@ def create_app(settings: ServeSettings, engine_factory: EngineFactory = start_en
             max_logprobs=settings.max_logprobs,
             max_n=settings.max_n,
             max_tokens_limit=settings.max_tokens_limit,
+            max_request_tokens=settings.max_request_tokens,
         )
         logger.info("serving %s on http://%s:%d", settings.model_name, settings.host, settings.port)
         try:
@@ -371,7 +378,7 @@ def create_app(settings: ServeSettings, engine_factory: EngineFactory = start_en
         },
     )
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
-        check_caps(ctx(), body.n, body.token_limit)
+        check_caps(ctx(), body.n, body.token_limit, body.token_limit_param)
         runtime: SelfSearchRuntime | None = state.get("self_search")
         if runtime is not None and wants_self_search(runtime, body):
             chat: PlainChat | SelfSearchChat = SelfSearchChat(ctx(), runtime, body)
@@ -451,7 +458,15 @@ def create_app(settings: ServeSettings, engine_factory: EngineFactory = start_en
     if settings.rate_limit is not None:
         app.add_middleware(RateLimitMiddleware, per_minute=settings.rate_limit)
     app.add_middleware(AuthMiddleware, checker=KeyChecker(settings.api_key))
-    app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_request_bytes)
+
+    def body_limit(path: str) -> int | None:
+        if path not in TOKENIZER_PATHS:
+            return None
+        context: ServingContext | None = state.get("ctx")
+        length = context.engine.max_model_len if context is not None else settings.max_model_len
+        return tokenizer_body_limit(length) if length is not None else None
+
+    app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_request_bytes, path_limit=body_limit)
     app.add_middleware(HeaderSizeLimitMiddleware, max_bytes=settings.max_header_bytes)
     app.add_middleware(MetricsMiddleware, metrics=metrics, router_app=app.router)
     return app

@@ -1,4 +1,4 @@
-"""Bearer-key auth for the API routes; `/health` and `/metrics` stay open."""
+"""Bearer-key auth for every route but the probes (`/health`, `/ready`, `/metrics`)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,15 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from server.errors import APIError
 
-# Paths that need a key: the OpenAI surface and the retriever routes.
-PROTECTED_PREFIXES = ("/v1", "/retrieve")
+# The only paths a caller without a key reaches: liveness, readiness and the metrics scrape.
+# Everything else needs a key when keys are configured: the OpenAI surface, the retriever
+# routes, and vLLM's /tokenize, /detokenize and /version, which touch the tokenizer or say
+# what runs (docs/security.md).
+PROBE_PATHS = frozenset({"/health", "/ready", "/metrics"})
+
+
+def needs_key(path: str) -> bool:
+    return path not in PROBE_PATHS
 
 
 def _digest(key: str) -> bytes:
@@ -81,7 +88,7 @@ class AuthMiddleware:
         if (
             scope["type"] == "http"
             and self.checker.enabled
-            and scope["path"].startswith(PROTECTED_PREFIXES)
+            and needs_key(scope["path"])
             and scope["method"] != "OPTIONS"
         ):
             token = request_token(scope)

@@ -12,8 +12,10 @@ The searches of a trajectory run as always; only the final turn (the answer) is 
 - `stop`: ends the answer (never a query or a self-filled block).
 
 Validation is vLLM's own (its `ChatCompletionRequest`), so a bad tool, tool_choice or schema
-gets the 400 vLLM's server would give. vLLM is imported lazily: with a remote engine and no
-local vLLM, a request that sets these fields gets a 400 saying so.
+gets the 400 vLLM's server would give. Beyond vLLM's checks, a function's name must follow
+OpenAI's rule (server.protocol) and a schema that is only a cycle of references is refused
+(server.schema_check): the engine would fail on either with a 500. vLLM is imported lazily:
+with a remote engine and no local vLLM, a request that sets these fields gets a 400 saying so.
 """
 
 from __future__ import annotations
@@ -25,8 +27,9 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from router.loop import AnswerTurn
-from server.errors import APIError
+from server.errors import APIError, encodable
 from server.protocol import ChatCompletionRequest
+from server.schema_check import check_request_schemas
 from server.settings import ServeSettings
 
 ToolMode = Literal["none", "named", "required", "auto"]
@@ -43,6 +46,8 @@ SHAPED_ANSWER_TOKENS = 256
 CONTEXT_SIZE_DOCS: dict[str, int | None] = {"low": 1, "medium": None, "high": 5}
 
 _FIELDS = ("tools", "tool_choice", "parallel_tool_calls", "response_format", "structured_outputs")
+# The fields that carry a JSON schema, in the order an error names them.
+_SCHEMA_FIELDS = ("response_format", "structured_outputs", "tools")
 
 
 def tool_parser_name(settings: ServeSettings) -> str | None:
@@ -92,7 +97,9 @@ class Composition:
         """The tools, described for the system prompt (Hermes style), or "" when none apply."""
         if self.tool_mode == "none" or not self.tools:
             return ""
-        listed = "\n".join(json.dumps(t, ensure_ascii=False) for t in self.tools)
+        # Validation keeps lone surrogates out; escaping any that slip through keeps the
+        # prompt encodable (the tokenizer and the engine take UTF-8 only).
+        listed = encodable("\n".join(json.dumps(t, ensure_ascii=False) for t in self.tools))
         if self.tool_mode == "auto":
             how = (
                 'To call one, answer with <tool_call>{"name": <name>, "arguments": <JSON object>}'
@@ -106,10 +113,13 @@ class Composition:
 def composition_of(request: ChatCompletionRequest, settings: ServeSettings) -> Composition:
     """Validate the request's tools, tool_choice, response_format and structured_outputs with
     vLLM's own protocol, and say how the answer turn is shaped."""
-    body = {name: getattr(request, name) for name in _FIELDS if getattr(request, name) is not None}
+    # As the client sent them (the tools as objects again), for vLLM's protocol to validate.
+    sent = request.model_dump(include=set(_FIELDS), exclude_unset=True)
+    body = {name: value for name, value in sent.items() if value is not None}
     composition = Composition(stop=request.stop_list())
     if not body:
         return composition
+    check_request_schemas(body)
     try:
         from vllm.exceptions import VLLMClientError
     except ImportError as exc:  # remote engine without a local vLLM
@@ -124,6 +134,13 @@ def composition_of(request: ChatCompletionRequest, settings: ServeSettings) -> C
 
     try:
         _shape(composition, request, body, settings)
+    except RecursionError:
+        # vLLM's validation and its tool-schema builder recurse over the schema: too deep a
+        # one is the client's error, not the server's.
+        where = next((name for name in _SCHEMA_FIELDS if name in body), next(iter(body)))
+        raise APIError(
+            400, "The JSON schema is nested too deeply.", param=where, code="invalid_value"
+        ) from None
     except ValidationError as exc:
         error = exc.errors()[0]
         cause = (error.get("ctx") or {}).get("error")

@@ -30,6 +30,7 @@ import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from server.errors import APIError
+from server.metrics import BODY_DEADLINE_EXPIRED
 from server.settings import ServeSettings
 
 logger = logging.getLogger(__name__)
@@ -120,6 +121,8 @@ class DeadlineH11Protocol(H11Protocol):
             # The app may still be waiting for the body: it gets a disconnect, and nothing it
             # sends from now on reaches the socket.
             answer = not cycle.response_started
+            # The metrics count 408, not a client's 499 (an ssrl key in the ASGI scope).
+            cycle.scope[BODY_DEADLINE_EXPIRED] = True  # type: ignore[literal-required]
             cycle.disconnected = True
             cycle.message_event.set()
         else:

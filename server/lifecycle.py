@@ -65,7 +65,9 @@ class DrainMiddleware:
     A request counts only once its whole body is here: the body is read first (bounded by
     BodySizeLimitMiddleware outside, and in time by the transport's body deadline), then the
     request is admitted and the app gets the buffered body. So clients that open a request
-    and stall its body hold no slot; eight of them cannot lock out everyone else.
+    and stall its body hold no slot; eight of them cannot lock out everyone else. It stops
+    counting just before the answer's last piece is sent (`releasing_send`), so a client
+    that has read the answer finds the slot free.
     """
 
     def __init__(self, app: ASGIApp, drainer: Drainer) -> None:
@@ -109,11 +111,73 @@ class DrainMiddleware:
         if error is not None:
             await error.response()(scope, receive, send)
             return
-        self.drainer.in_flight += 1
+        slot = Slot(self.drainer)
         try:
-            await self.app(scope, replay_body(body or b"", receive), send)
+            await self.app(scope, replay_body(body or b"", receive), releasing_send(slot, send))
         finally:
+            slot.release()  # a stream that never reached its end (error, client gone)
+
+
+class Slot:
+    """One admitted request's place under the in-flight cap, given back exactly once."""
+
+    def __init__(self, drainer: Drainer) -> None:
+        self.drainer = drainer
+        self.held = True
+        drainer.in_flight += 1
+
+    def release(self) -> None:
+        if self.held:
+            self.held = False
             self.drainer.in_flight -= 1
+
+
+# The Responses stream events after which nothing follows (OpenAI's `error` event ends a
+# stream too; a `response.failed` after it finds the slot already given back).
+_RESPONSES_TERMINAL_EVENTS = (
+    b"event: response.completed\n",
+    b"event: response.incomplete\n",
+    b"event: response.failed\n",
+    b"event: error\n",
+)
+_SSE_DONE = b"data: [DONE]"
+
+
+def _is_event_stream(message: Message) -> bool:
+    for name, value in message.get("headers", ()):
+        if name.lower() == b"content-type":
+            return bytes(value).lower().startswith(b"text/event-stream")
+    return False
+
+
+def ends_stream(chunk: bytes) -> bool:
+    """Whether a server-sent-events body chunk is the stream's last event: `data: [DONE]`
+    (chat and completions) or a terminal Responses event."""
+    return chunk[-16:].rstrip().endswith(_SSE_DONE) or chunk.startswith(_RESPONSES_TERMINAL_EVENTS)
+
+
+def releasing_send(slot: Slot, send: Send) -> Send:
+    """`send`, giving the slot back just before the response's last piece goes out.
+
+    A client that sends its next request as soon as it has read the answer must find the
+    slot free: released only when the app call returns (after the empty closing body message
+    of a stream), it was still held for tens of milliseconds after `data: [DONE]` had
+    reached the client, who got a spurious 429 at the cap. The app may still be finishing
+    (closing generators, metrics); that work is not the engine's and needs no slot.
+    """
+    event_stream = False
+
+    async def send_releasing(message: Message) -> None:
+        nonlocal event_stream
+        if message["type"] == "http.response.start":
+            event_stream = _is_event_stream(message)
+        elif message["type"] == "http.response.body":
+            last = not message.get("more_body", False)
+            if last or (event_stream and ends_stream(message.get("body", b""))):
+                slot.release()
+        await send(message)
+
+    return send_releasing
 
 
 async def read_body(receive: Receive) -> bytes | None:

@@ -174,6 +174,21 @@ def _route_template(app: ASGIApp, scope: Scope) -> str:
     return partial or "unmatched"
 
 
+# Set (True) in a request's scope by the transport when its body deadline closed the
+# connection (server/http_server.py): the transport itself answered 408, the app only saw a
+# disconnect.
+BODY_DEADLINE_EXPIRED = "ssrl.body_deadline_expired"
+
+
+def unanswered_status(scope: Scope, client_left: bool) -> int:
+    """The status of a request the app returned from without answering: 408 when the body
+    deadline closed it, 499 (client closed request) when the client left first, else 500.
+    A body that stalled and was then dropped is no server error."""
+    if scope.get(BODY_DEADLINE_EXPIRED):
+        return 408
+    return 499 if client_left else 500
+
+
 class MetricsMiddleware:
     """Counts every HTTP request by route template and status, and times it."""
 
@@ -187,8 +202,16 @@ class MetricsMiddleware:
             await self.app(scope, receive, send)
             return
         route = _route_template(self.router_app, scope)
-        status = 500
+        status: int | None = None  # the answer's status once it starts
+        client_left = False
         start = time.perf_counter()
+
+        async def recording_receive() -> Message:
+            nonlocal client_left
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                client_left = True
+            return message
 
         async def recording_send(message: Message) -> None:
             nonlocal status
@@ -198,10 +221,14 @@ class MetricsMiddleware:
 
         gauge = self.metrics.in_flight.labels(route)
         gauge.inc()
+        raised = True
         try:
-            await self.app(scope, receive, recording_send)
+            await self.app(scope, recording_receive, recording_send)
+            raised = False
         finally:
             gauge.dec()
+            if status is None:  # an exception is answered 500 outside (ServerErrorMiddleware)
+                status = 500 if raised else unanswered_status(scope, client_left)
             self.metrics.requests.labels(
                 route, method_label(str(scope.get("method", ""))), status_label(status)
             ).inc()

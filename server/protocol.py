@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import time
 import uuid
 from typing import Annotated, Any, Literal
@@ -33,22 +34,48 @@ def now() -> int:
     return int(time.time())
 
 
+def _surrogate_at(text: str) -> int | None:
+    """Where the first character UTF-8 cannot encode (a lone surrogate) is, else None."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return exc.start
+    return None
+
+
+def _lone_surrogate(value: Any) -> str | None:
+    """Where the first lone surrogate in a JSON value is, else None: "character 3", or under
+    a path ("[1], character 3", "[0].function.description, character 3", "a key of [0]").
+    Iterative: a schema or a tool call's arguments may nest as deep as JSON lets them."""
+    stack: list[tuple[str, Any]] = [("", value)]
+    while stack:
+        path, item = stack.pop()
+        if isinstance(item, str):
+            at = _surrogate_at(item)
+            if at is not None:
+                return f"{path}, character {at}" if path else f"character {at}"
+        elif isinstance(item, dict):
+            children = []
+            for key, child in item.items():
+                if isinstance(key, str) and _surrogate_at(key) is not None:
+                    return f"a key of {path or 'the object'}"
+                children.append((f"{path}.{key}", child))
+            stack.extend(reversed(children))
+        elif isinstance(item, list):
+            stack.extend(reversed([(f"{path}[{i}]", child) for i, child in enumerate(item)]))
+    return None
+
+
 def _encodable(value: Any) -> Any:
     """Text must be valid Unicode: a lone surrogate (JSON allows `"\\ud800"`) cannot be
-    encoded as UTF-8, so no tokenizer, stop check or answer could carry it. Checks a string,
-    or every string of a list (a field typed `str | list[str]` is checked as a whole, so an
-    error names the field, not a branch of its union)."""
-    for i, text in enumerate(value if isinstance(value, list) else [value]):
-        if not isinstance(text, str):
-            continue
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError as exc:
-            where = (
-                f"item {i}, character {exc.start}" if isinstance(value, list) else f"character {exc.start}"
-            )
-            # The message says where, never what: echoing it would be unencodable again.
-            raise ValueError(f"text must be valid Unicode; a lone surrogate is at {where}") from None
+    encoded as UTF-8, so no tokenizer, stop check, engine or answer could carry it. Checks a
+    string, or every string (keys included) of a list or object, however nested (a field
+    typed `str | list[str]` is checked as a whole, so an error names the field, not a branch
+    of its union)."""
+    where = _lone_surrogate(value)
+    if where is not None:
+        # The message says where, never what: echoing it would be unencodable again.
+        raise ValueError(f"text must be valid Unicode; a lone surrogate is at {where}")
     return value
 
 
@@ -84,6 +111,49 @@ class MessageToolCall(BaseModel):
     id: Annotated[str | None, Encodable] = None
     type: Literal["function"] = "function"
     function: ToolCallFunction
+
+
+# OpenAI's documented rule for a function's name. vLLM's protocol checks none, and a name
+# outside it (a lone surrogate, a newline, `</tools>`) would be written into the prompt's
+# tools block and the answer's tool calls.
+FUNCTION_NAME_PATTERN = r"^[a-zA-Z0-9_-]{1,64}$"
+FUNCTION_NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")
+
+
+def _function_name(name: str) -> str:
+    if not FUNCTION_NAME.fullmatch(name):
+        # Never echoed: the name may hold what the answer cannot encode.
+        raise ValueError("a function name must be 1 to 64 letters, digits, underscores or dashes")
+    return name
+
+
+FunctionName = Annotated[
+    str, AfterValidator(_function_name), WithJsonSchema({"type": "string", "pattern": FUNCTION_NAME_PATTERN})
+]
+
+
+class ToolFunction(BaseModel):
+    """A function tool's definition: its name is checked here, the rest by vLLM's protocol."""
+
+    model_config = ConfigDict(extra="allow")
+    name: FunctionName
+    description: Annotated[str | None, Encodable] = None
+    parameters: Annotated[dict[str, Any] | None, Encodable] = None
+
+
+class ChatTool(BaseModel):
+    """A tool of a chat request (vLLM's, as OpenAI's: functions only)."""
+
+    model_config = ConfigDict(extra="allow")
+    type: Literal["function"] = "function"
+    function: ToolFunction
+
+    @model_validator(mode="after")
+    def _encodable_extras(self) -> ChatTool:
+        # Fields beyond the declared ones still reach the prompt's tools block.
+        _encodable(self.model_extra)
+        _encodable(self.function.model_extra)
+        return self
 
 
 class ChatMessage(BaseModel):
@@ -211,11 +281,11 @@ class ChatCompletionRequest(SamplingFields):
     # The agent's own tools and output schema. With self-search they shape the answer turn
     # (server.composition); vLLM's own protocol validates them there. Plain requests that set
     # them are answered by vLLM's serving layer (server.vllm_serving).
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: str | dict[str, Any] | None = None
+    tools: list[ChatTool] | None = None
+    tool_choice: Annotated[str | dict[str, Any] | None, Encodable] = None
     parallel_tool_calls: bool | None = None
-    response_format: dict[str, Any] | None = None
-    structured_outputs: dict[str, Any] | None = None
+    response_format: Annotated[dict[str, Any] | None, Encodable] = None
+    structured_outputs: Annotated[dict[str, Any] | None, Encodable] = None
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
@@ -229,6 +299,11 @@ class ChatCompletionRequest(SamplingFields):
     @property
     def token_limit(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
+
+    @property
+    def token_limit_param(self) -> str:
+        """The field `token_limit` comes from, for errors that name it."""
+        return "max_completion_tokens" if self.max_completion_tokens else "max_tokens"
 
 
 class CompletionRequest(SamplingFields):
@@ -310,6 +385,14 @@ class AssistantMessage(_Response):
     reasoning: str | None = None
     annotations: list[dict[str, Any]] | None = None
     tool_calls: list[dict[str, Any]] | None = None
+
+    @model_serializer(mode="wrap")
+    def _content_always(self, handler: SerializerFunctionWrapHandler):  # type: ignore[no-untyped-def]
+        # As OpenAI: a message that only calls tools says `"content": null`, even under
+        # exclude_none (which keeps unset extension fields out).
+        data = handler(self)
+        data.setdefault("content", None)
+        return data
 
 
 class ChatChoice(_Response):

@@ -43,6 +43,8 @@ class ServingContext:
     max_logprobs: int = 20
     max_n: int | None = None
     max_tokens_limit: int | None = None
+    # --max-request-tokens as set (None: the default, `request_work_cap`'s rule).
+    max_request_tokens: int | None = None
     # Tokenising and chat templating run here, off the event loop: one worker, as vLLM's
     # own async tokenizer, so that big prompts queue rather than take every core.
     tokenizer_pool: ThreadPoolExecutor = field(default_factory=_tokenizer_pool)
@@ -57,10 +59,15 @@ class ServingContext:
         per_token = getattr(self.engine, "max_chars_per_token", None) or DEFAULT_MAX_CHARS_PER_TOKEN
         return self.engine.max_model_len * per_token
 
+    @property
+    def request_work_cap(self) -> int | None:
+        """The most tokens of work one request may ask for (`request_work`)."""
+        return request_work_cap(self.max_request_tokens, self.max_n, self.engine.max_model_len)
 
-def check_caps(ctx: ServingContext, n: int, max_tokens: int | None) -> None:
+
+def check_caps(ctx: ServingContext, n: int, max_tokens: int | None, tokens_param: str = "max_tokens") -> None:
     """Server caps (--max-n, --max-tokens-limit), so one request cannot monopolise the engine."""
-    enforce_caps(ctx.max_n, ctx.max_tokens_limit, n, max_tokens)
+    enforce_caps(ctx.max_n, ctx.max_tokens_limit, n, max_tokens, tokens_param)
 
 
 def enforce_caps(
@@ -81,6 +88,147 @@ def enforce_caps(
             param=tokens_param,
             code="invalid_value",
         )
+
+
+# ----- one request's work ------------------------------------------------------------------
+#
+# What "work" counts. A request makes the engine run sequences: each of its `n` choices (per
+# prompt, for completions), each self-search vote of a choice, and each counterfactual branch
+# of a trajectory. A sequence's work is the context it holds: its prompt plus every token it may
+# generate. The prompt counts once per sequence even where the prefix cache shares its prefill,
+# because every sequence attends over all of it at each token it generates. A trajectory's
+# later engine calls (the loop stops at each search and resumes: one call per stretch of model
+# text, per self-filled <information> and for the answer) re-send what that sequence already
+# holds, prompt and transcript, which the prefix cache serves again: they are not counted
+# again, although a self-search usage's prompt_tokens bills every call and so may exceed this
+# figure several times. The documents a search inserts are not counted either: the request does
+# not size them, and the context bounds them with the rest of the sequence.
+
+
+def request_work(n: int, copies_per_choice: int, prompt_tokens: int, completion_tokens: int) -> int:
+    """Tokens of work of a request: `n` choices, each `copies_per_choice` sequences (votes x
+    (1 + counterfactual branches)), each holding the prompt and generating up to
+    `completion_tokens`. With several prompts (completions), pass the sums over them."""
+    return n * copies_per_choice * (prompt_tokens + completion_tokens)
+
+
+def request_work_cap(max_request_tokens: int | None, max_n: int | None, max_model_len: int) -> int | None:
+    """The per-request cap on work. Unset: --max-n x the context, what `n` plain choices can
+    use anyway, so only amplification (votes, counterfactual branches) meets the default. Set:
+    never below one context, since a single sequence that fits the context is what the context
+    rules on, and a request forwarded untokenised (`forwarded_work_bound`) counts a whole one."""
+    if max_request_tokens is None:
+        return None if max_n is None else max_n * max_model_len
+    return max(max_request_tokens, max_model_len)
+
+
+def work_levers(n: int, votes: int, branches: int, prompts: int, more_completion: bool) -> list[str]:
+    """The fields that multiply or make up the work, the one to lower first leading: the
+    self-search multipliers (what the cap exists for), then n, then the larger part of a
+    sequence. "prompt" stands for the prompt itself (the caller names its field)."""
+    levers = []
+    if votes > 1:
+        levers.append("self_search.votes")
+    if branches > 0:
+        levers.append("self_search.counterfactual")
+    if n > 1:
+        levers.append("n")
+    parts = ["max_tokens", "prompt"] if more_completion and prompts == 1 else ["prompt", "max_tokens"]
+    return [*levers, *parts]
+
+
+def work_formula(n: int, votes: int, branches: int, prompt: str, completion: str) -> str:
+    """The arithmetic as the 400 states it, e.g. `n 16 x votes 8 x (prompt 7,100 + completion 64)`."""
+    factors = [f"n {n}"]
+    if votes > 1:
+        factors.append(f"votes {votes}")
+    if branches > 0:
+        factors.append(f"(1 + {branches} counterfactual branches)")
+    return " x ".join([*factors, f"({prompt} + {completion})"])
+
+
+def work_error(work: int, cap: int, formula: str, levers: Sequence[str], prompt_param: str) -> APIError:
+    """The one 400 of a request over the cap; `param` is the first lever."""
+    switch, prompt = "self_search.counterfactual", "prompt"
+    fields = [lever for lever in levers if lever not in (switch, prompt)]
+    advice = ", ".join(fields[:-1]) + (" or " if len(fields) > 1 else "") + fields[-1]
+    if switch in levers:
+        advice += f", turn {switch} off"
+    if prompt in levers:
+        advice += ", or shorten the prompt"
+    return APIError(
+        400,
+        f"This request may use up to {work:,} tokens of work ({formula}); this server allows "
+        f"{cap:,} per request (--max-request-tokens). Lower {advice}.",
+        param=prompt_param if levers[0] == "prompt" else levers[0],
+        code="request_work_exceeded",
+    )
+
+
+def check_request_work(
+    cap: int | None,
+    n: int,
+    prompt_tokens: int,
+    completion_tokens: int,
+    votes: int = 1,
+    branches: int = 0,
+    prompts: int = 1,
+    prompt_param: str = "messages",
+) -> None:
+    """Refuse, before any engine work, a request whose work (`request_work`) exceeds `cap`.
+
+    `prompt_tokens` and `completion_tokens` are one sequence's, or with several `prompts`
+    (completions) the sums over them; `branches` the counterfactual branches a trajectory
+    may add; `prompt_param` the field holding the prompt."""
+    work = request_work(n, votes * (1 + branches), prompt_tokens, completion_tokens)
+    if cap is None or work <= cap:
+        return
+    if prompts == 1:
+        prompt, completion = f"prompt {prompt_tokens:,}", f"completion {completion_tokens:,}"
+    else:
+        prompt, completion = f"{prompts} prompts {prompt_tokens:,}", f"completions {completion_tokens:,}"
+    formula = work_formula(n, votes, branches, prompt, completion)
+    levers = work_levers(n, votes, branches, prompts, completion_tokens >= prompt_tokens)
+    raise work_error(work, cap, formula, levers, prompt_param)
+
+
+def forwarded_work_bound(
+    n: int | None, max_tokens: int | None, max_model_len: int, prompt_tokens: int | None = None
+) -> int:
+    """`request_work` of a request forwarded to vLLM's serving layer, from its JSON body alone.
+
+    Each of its `n` sequences holds the prompt and its completion within the context; the
+    prompt is not tokenised before forwarding, and may fill whatever `max_tokens` leaves, so a
+    sequence counts a whole context unless the caller knows `prompt_tokens`."""
+    if prompt_tokens is None:
+        per_sequence = max_model_len
+    else:
+        per_sequence = min(max_model_len, prompt_tokens + (max_tokens or max_model_len))
+    return (n or 1) * per_sequence
+
+
+def check_forwarded_work(
+    cap: int | None,
+    n: int | None,
+    max_tokens: int | None,
+    max_model_len: int,
+    tokens_param: str = "max_tokens",
+    prompt_tokens: int | None = None,
+) -> None:
+    """`check_request_work` for a forwarded request (`forwarded_work_bound`): the same 400."""
+    work = forwarded_work_bound(n, max_tokens, max_model_len, prompt_tokens)
+    if cap is None or work <= cap:
+        return
+    count = n or 1
+    if prompt_tokens is None:
+        formula = f"n {count} x (prompt + {tokens_param}, up to the context {max_model_len:,})"
+    else:
+        completion = min(max_tokens or max_model_len, max_model_len - prompt_tokens)
+        formula = work_formula(count, 1, 0, f"prompt {prompt_tokens:,}", f"completion {completion:,}")
+    # An untokenised prompt may fill what max_tokens leaves: then only n lowers the bound.
+    many = ["n"] if count > 1 else []
+    levers = many if prompt_tokens is None and many else [*many, tokens_param, "prompt"]
+    raise work_error(work, cap, formula, levers, "prompt")
 
 
 def check_prompt_chars(ctx: ServingContext, chars: int, param: str) -> None:

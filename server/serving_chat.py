@@ -29,6 +29,7 @@ from server.serving import (
     check_logprobs,
     check_model,
     check_prompt_chars,
+    check_request_work,
     completion_budget,
     openai_finish_reason,
     sampling_options,
@@ -86,6 +87,8 @@ class PlainChat:
         self._prepared = True
         self.prompt = await chat_prompt(self.ctx, self.request)
         self.max_tokens = completion_budget(self.ctx, len(self.prompt), self.request.token_limit)
+        # n choices are n engine sequences, each holding the prompt: one cap on their sum.
+        check_request_work(self.ctx.request_work_cap, self.request.n, len(self.prompt), self.max_tokens)
         self.ctx.metrics.prompt_tokens.labels(ROUTE).inc(len(self.prompt))
 
     def _streams(self) -> list[TimedStream]:

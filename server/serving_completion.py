@@ -25,6 +25,7 @@ from server.serving import (
     check_logprobs,
     check_model,
     check_prompt_chars,
+    check_request_work,
     completion_budget,
     openai_finish_reason,
     sampling_options,
@@ -84,6 +85,15 @@ class Completion:
             completion_budget(self.ctx, len(p), self.request.max_tokens, prompt_param="prompt")
             for p in self.prompts
         ]
+        # Every prompt runs n sequences, each holding that prompt: one cap on their sum.
+        check_request_work(
+            self.ctx.request_work_cap,
+            self.request.n,
+            sum(map(len, self.prompts)),
+            sum(self.max_tokens),
+            prompts=len(self.prompts),
+            prompt_param="prompt",
+        )
         self.ctx.metrics.prompt_tokens.labels(ROUTE).inc(sum(map(len, self.prompts)))
 
     def _streams(self) -> list[TimedStream]:

@@ -32,9 +32,13 @@ from pydantic import ValidationError
 from server import vllm_serving
 from server.composition import CONTEXT_SIZE_DOCS
 from server.errors import APIError
-from server.protocol import ChatCompletionRequest, ChatCompletionResponse
+from server.json_body import parse_json_object
+from server.protocol import FUNCTION_NAME, ChatCompletionRequest, ChatCompletionResponse
+from server.schema_check import check_request_schemas
 from server.serving import ServingContext, check_caps
 from server.serving_self_search import SelfSearchChat, SelfSearchRuntime
+
+ROUTE = "/v1/responses"  # the label of this route's metrics (tokens, TTFT, engine aborts)
 
 # The tool types that mean "search the web": ssrl's self-search loop.
 WEB_SEARCH_TYPES = frozenset(
@@ -298,6 +302,10 @@ def _tools(tools: list[Any]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
                     raise _unsupported(f"{param}.{key}", f"'{key}' of a function tool is not supported.")
             if not isinstance(tool.get("name"), str):
                 raise _invalid(f"{param}.name", "a function tool needs a name.")
+            if not FUNCTION_NAME.fullmatch(tool["name"]):  # OpenAI's rule, as on chat
+                raise _invalid(
+                    f"{param}.name", "a function name must be 1 to 64 letters, digits, underscores or dashes."
+                )
             function = {
                 k: tool[k] for k in ("name", "description", "parameters", "strict") if tool.get(k) is not None
             }
@@ -308,6 +316,24 @@ def _tools(tools: list[Any]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
             )
     assert web_search is not None  # the caller found one
     return web_search, functions
+
+
+def check_tool_shapes(body: dict[str, Any]) -> None:
+    """`tools` a list and `tool_choice` a string or an object whose `type` and `name` are
+    strings, in any Responses body: vLLM's Responses validators read these before pydantic
+    checks them (`len(tools)`, `tool_choice.name` looked up in a set), so `tools: 3` or a
+    list as the name is a TypeError there, a 500."""
+    tools = body.get("tools")
+    if tools is not None and not isinstance(tools, list):
+        raise _invalid("tools", "tools must be a list.")
+    choice = body.get("tool_choice")
+    if choice is None or isinstance(choice, str):
+        return
+    if not isinstance(choice, dict):
+        raise _invalid("tool_choice", "tool_choice must be a string or an object.")
+    for key in ("type", "name"):
+        if choice.get(key) is not None and not isinstance(choice[key], str):
+            raise _invalid(f"tool_choice.{key}", f"tool_choice.{key} must be a string.")
 
 
 def _tool_choice(choice: Any, functions: list[dict[str, Any]]) -> tuple[Any, str | None]:
@@ -327,6 +353,8 @@ def _tool_choice(choice: Any, functions: list[dict[str, Any]]) -> tuple[Any, str
             return ("auto" if functions else None), "always"
         if kind == "function":
             name = choice.get("name")
+            if not isinstance(name, str):  # a list or an object cannot be looked up in a set
+                raise _invalid("tool_choice.name", "tool_choice.name must be a string.")
             if name not in names:
                 raise _invalid("tool_choice.name", f"no function tool named {name!r} in tools.")
             return {"type": "function", "function": {"name": name}}, None
@@ -669,7 +697,7 @@ class WebSearchResponse:
         chat = self.converted.chat
         with responses_params():
             check_caps(ctx, chat.n, chat.token_limit)
-            self.chat = SelfSearchChat(ctx, runtime, chat)
+            self.chat = SelfSearchChat(ctx, runtime, chat, route=ROUTE)
 
     async def prepare(self) -> None:
         with responses_params():
@@ -692,11 +720,13 @@ def web_search_response(
     ctx: ServingContext, runtime: SelfSearchRuntime | None, raw: bytes
 ) -> WebSearchResponse | None:
     """The self-search answer of a `POST /v1/responses` body with a web_search tool; None for
-    any other request (vLLM's Responses API answers it, exactly as without this module)."""
-    try:
-        body = json.loads(raw) if raw else None
-    except ValueError:
+    any other request (vLLM's Responses API answers it, exactly as without this module), once
+    what vLLM's own validation would fail on with a 500 has had its 400 here."""
+    body = parse_json_object(raw)  # 400 for bytes no route could parse (not UTF-8, too deep)
+    if body is None:
         return None
-    if runtime is None or not isinstance(body, dict) or web_search_tool_index(body) is None:
+    check_tool_shapes(body)
+    check_request_schemas(body)
+    if runtime is None or web_search_tool_index(body) is None:
         return None
     return WebSearchResponse(ctx, runtime, body)

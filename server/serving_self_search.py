@@ -42,6 +42,7 @@ from server.protocol import (
 from server.serving import (
     ServingContext,
     check_model,
+    check_request_work,
     completion_budget,
     new_request_id,
 )
@@ -212,26 +213,26 @@ class ChoiceResult:
         return sum(r.completion_tokens for r in self.samples)
 
 
-def check_request_total(ctx: ServingContext, n: int, votes: int, per_trajectory: int) -> None:
-    """One request generates at most what --max-n choices of --max-tokens-limit tokens may:
-    votes multiply the trajectories of every choice, so they count against the total."""
-    if ctx.max_tokens_limit is None or ctx.max_n is None:
-        return
-    total, cap = n * votes * per_trajectory, ctx.max_n * ctx.max_tokens_limit
-    if total > cap:
-        raise _invalid(
-            "votes",
-            f"n x self_search.votes x max_tokens = {n} x {votes} x {per_trajectory} = {total} "
-            f"tokens; this server generates at most {cap} per request (--max-n x "
-            "--max-tokens-limit). Lower self_search.votes, n or max_tokens.",
-        )
+def counterfactual_branches(config: LoopConfig) -> int:
+    """The most counterfactual branches one trajectory may run: one per self-filled search
+    (router.loop), and branches do not branch. Natively the model searches up to max_turns
+    times; guided mode drives min(guided_searches, max_turns) searches."""
+    if not config.counterfactual:
+        return 0
+    if config.mode == "guided":
+        return min(config.guided_searches, config.max_turns)
+    return config.max_turns
 
 
 class SelfSearchChat:
     """One validated self-search chat request: n choices, each of `votes` trajectories."""
 
     def __init__(
-        self, ctx: ServingContext, runtime: SelfSearchRuntime, request: ChatCompletionRequest
+        self,
+        ctx: ServingContext,
+        runtime: SelfSearchRuntime,
+        request: ChatCompletionRequest,
+        route: str = ROUTE,
     ) -> None:
         check_model(ctx, request.model)
         if request.logprobs:
@@ -244,6 +245,7 @@ class SelfSearchChat:
         self.ctx = ctx
         self.runtime = runtime
         self.request = request
+        self.route = route  # the per-route metrics' label: /v1/responses runs this loop too
         self.started = time.perf_counter()
         self._prepared = False
         # A trajectory generates what one plain choice may (`completion_budget`'s rule):
@@ -253,8 +255,6 @@ class SelfSearchChat:
         # The agent's tools, output schema and stop strings shape the answer turn only.
         self.composition: Composition = composition_of(request, runtime.settings)
         self.protocol_prompt_tokens = 0
-        per_trajectory = requested or min(default, ctx.max_tokens_limit or default)
-        check_request_total(ctx, request.n, self.votes, per_trajectory)
         self.prompt: list[int] = []
 
     async def prepare(self) -> None:
@@ -286,7 +286,17 @@ class SelfSearchChat:
         )
         answer_turn = self.composition.answer_turn(max_tokens, self.runtime.settings.max_answer_tokens)
         self.config = replace(self.config, max_tokens=max_tokens, answer_turn=answer_turn)
-        self.ctx.metrics.prompt_tokens.labels(ROUTE).inc(len(self.prompt))
+        # Every trajectory (n x votes) and each of its counterfactual branches holds the whole
+        # prompt and may generate max_tokens: refuse, before any engine call, more than the cap.
+        check_request_work(
+            self.ctx.request_work_cap,
+            request.n,
+            len(self.prompt),
+            max_tokens,
+            votes=self.votes,
+            branches=counterfactual_branches(self.config),
+        )
+        self.ctx.metrics.prompt_tokens.labels(self.route).inc(len(self.prompt))
 
     def _loop(self, choice: int, sample: int) -> SelfSearchLoop:
         config = self.config
@@ -301,7 +311,7 @@ class SelfSearchChat:
             self.prompt,
             new_request_id(),
             vocab_size=getattr(self.ctx.engine, "vocab_size", None),
-            on_abort=self.ctx.metrics.engine_aborts.labels(ROUTE).inc,
+            on_abort=self.ctx.metrics.engine_aborts.labels(self.route).inc,
         )
 
     async def _run_loop(self, loop: SelfSearchLoop) -> LoopResult:
@@ -314,7 +324,7 @@ class SelfSearchChat:
     def _record(self, result: LoopResult) -> None:
         metrics = self.ctx.metrics
         metrics.record_trajectory(result.searches)
-        metrics.completion_tokens.labels(ROUTE).inc(result.completion_tokens)
+        metrics.completion_tokens.labels(self.route).inc(result.completion_tokens)
 
     async def _choice(self, index: int) -> ChoiceResult:
         samples = await asyncio.gather(*(self._run_loop(self._loop(index, s)) for s in range(self.votes)))
@@ -356,8 +366,9 @@ class SelfSearchChat:
 
     @staticmethod
     def _finish_reason(result: ChoiceResult, shaped: ShapedAnswer) -> str:
-        reason = result.chosen.finish_reason
-        return "tool_calls" if shaped.tool_calls and reason != "length" else reason
+        # Parsed tool calls are whole calls (read_answer parses nothing that was cut off), so
+        # the answer ended in them even when the budget ran out just after.
+        return "tool_calls" if shaped.tool_calls else result.chosen.finish_reason
 
     def _usage(self, prompt: int, completion: int) -> Usage:
         usage = Usage.of(prompt, completion)
@@ -402,7 +413,7 @@ class SelfSearchChat:
                 if isinstance(event, TextDelta):
                     if first_token and event.text:
                         first_token = False
-                        self.ctx.metrics.ttft.labels(ROUTE).observe(time.perf_counter() - self.started)
+                        self.ctx.metrics.ttft.labels(self.route).observe(time.perf_counter() - self.started)
                     # A tool-using answer is read whole at the end: it may be a call, not content.
                     content = None if holds_answer else event.answer or None
                     if event.text or content:

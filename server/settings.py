@@ -64,6 +64,14 @@ class ServeSettings(BaseSettings):
     max_tokens_limit: int | None = Field(
         None, ge=1, description="Largest max_tokens a request may ask for (none: the context)."
     )
+    max_request_tokens: int | None = Field(
+        None,
+        ge=1,
+        description="Most tokens of work one request may ask for: prompt + max_tokens of every "
+        "sequence it runs (each of n choices, self-search votes and counterfactual branches), "
+        "checked before generating; past it 400 (none: --max-n x the model's context, what n "
+        "plain choices may use anyway, so only amplification meets it). Never below one context.",
+    )
     shutdown_grace: float = Field(
         30.0, ge=0, description="Seconds requests in flight may take to finish after SIGTERM."
     )

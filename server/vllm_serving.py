@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Awaitable, Callable, Coroutine
+from types import SimpleNamespace
 from typing import Any, Protocol
 
 import httpx
@@ -33,7 +34,10 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from router.engine.base import Engine
 from server.composition import auto_tool_choice, tool_parser_name
 from server.errors import APIError
-from server.serving import enforce_caps
+from server.json_body import parse_json_body, parse_json_object
+from server.protocol import FUNCTION_NAME
+from server.schema_check import check_request_schemas
+from server.serving import check_forwarded_work, enforce_caps, request_work_cap
 from server.settings import ServeSettings
 
 logger = logging.getLogger(__name__)
@@ -81,6 +85,12 @@ SELF_SEARCH_UNSUPPORTED: dict[str, Any] = {
     "reasoning_effort": _ANY,
     "audio": _ANY,
     "modalities": _ANY,
+    # vLLM's own extensions: scheduling priority, disaggregated prefill, prefix-cache salt,
+    # and free-form arguments for its plugins.
+    "priority": 0,
+    "kv_transfer_params": _ANY,
+    "cache_salt": _ANY,
+    "vllm_xargs": _ANY,
 }
 
 
@@ -128,6 +138,81 @@ def check_self_search_fields(body: dict[str, Any]) -> None:
     check_unsupported(body, "self_search", exempt=SELF_SEARCH_COMPOSABLE)
 
 
+# What vLLM's engine can carry: its sampling parameters cross to the engine core as msgpack,
+# which refuses an integer outside 64 bits with an empty error that vLLM answers as a 500.
+_INT64 = range(-(2**63), 2**63)
+
+
+def out_of_range_integer(value: Any) -> str | None:
+    """The dotted path of the first integer in a JSON value outside the 64-bit range, else None.
+
+    Walked with a stack of its own: a body nested as deep as the JSON parser allows would take
+    a recursive walk past Python's recursion limit."""
+    pending: list[tuple[str, Any]] = [("", value)]
+    while pending:
+        path, item = pending.pop()
+        if isinstance(item, int) and not isinstance(item, bool) and item not in _INT64:
+            return path
+        if isinstance(item, dict):
+            children = [(f"{path}.{k}" if path else str(k), v) for k, v in item.items()]
+        elif isinstance(item, list):
+            children = [(f"{path}[{i}]", v) for i, v in enumerate(item)]
+        else:
+            continue
+        pending.extend(reversed(children))  # depth-first, in document order
+    return None
+
+
+def check_forwarded(settings: ServeSettings, body: dict[str, Any], max_model_len: int) -> None:
+    """What ssrl checks of any request it hands to vLLM's serving layer: integers the engine
+    can carry (400 naming the field, where vLLM would answer 500), ssrl's caps, and the one
+    cap on a request's total work (`server.serving.check_forwarded_work`)."""
+    where = out_of_range_integer(body)
+    if where is not None:
+        raise APIError(
+            400,
+            f"'{where}' is outside the 64-bit integer range this server accepts.",
+            param=where,
+            code="invalid_value",
+        )
+    check_tool_names(body)
+    check_request_schemas(body)  # a schema that only refers to itself describes no value
+    check_caps(settings, body)
+    n = _int_or_none(body.get("n"))
+    cap = request_work_cap(settings.max_request_tokens, settings.max_n, max_model_len)
+    for name in ("max_completion_tokens", "max_tokens", "max_output_tokens"):
+        tokens = _int_or_none(body.get(name))
+        if tokens is not None:
+            check_forwarded_work(cap, n, tokens, max_model_len, tokens_param=name)
+            return
+    check_forwarded_work(cap, n, None, max_model_len)
+
+
+def check_tool_names(body: dict[str, Any]) -> None:
+    """OpenAI's rule for a function tool's name (`server.protocol.FUNCTION_NAME`), which ssrl's
+    own serving applies and vLLM's does not: chat's `tools[i].function.name`, Responses'
+    `tools[i].name`."""
+    tools = body.get("tools")
+    if not isinstance(tools, list):
+        return
+    for i, tool in enumerate(tools):
+        if not isinstance(tool, dict) or tool.get("type", "function") != "function":
+            continue
+        function = tool.get("function")
+        name, param = (
+            (function.get("name"), f"tools[{i}].function.name")
+            if isinstance(function, dict)
+            else (tool.get("name"), f"tools[{i}].name")
+        )
+        if isinstance(name, str) and not FUNCTION_NAME.fullmatch(name):
+            raise APIError(
+                400,
+                "A function name must be 1 to 64 letters, digits, underscores or dashes.",
+                param=param,
+                code="invalid_value",
+            )
+
+
 def check_caps(settings: ServeSettings, body: dict[str, Any]) -> None:
     """ssrl's server caps (--max-n, --max-tokens-limit) on a forwarded request."""
     # Only integers are checked: vLLM's own validation answers any other type.
@@ -142,6 +227,9 @@ def _int_or_none(value: Any) -> int | None:
 
 class OpenAIServing(Protocol):
     """Answers a request as vLLM's OpenAI server would (in process, or the remote one)."""
+
+    # The engine's context, for the work cap of the requests it is handed.
+    max_model_len: int
 
     async def forward(self, request: Request, body: bytes) -> Response: ...
 
@@ -170,6 +258,25 @@ class _ASGIForward(Response):
         await self._app(inner, replay, send)
 
 
+def cap_default_max_tokens(model_config: Any, max_tokens_limit: int | None) -> None:
+    """Give vLLM's serving layer --max-tokens-limit as its ceiling for every request's budget.
+
+    vLLM's chat, completions and Responses serving take the token budget as the smallest of
+    the request's own, what the context has left, and `override_generation_config`'s
+    `max_new_tokens` (its `--override-generation-config`). Setting that last one makes an
+    omitted `max_tokens` / `max_completion_tokens` / `max_output_tokens` mean what it means on
+    ssrl's own serving (`completion_budget`): at most the limit, never more than the context
+    has left. An explicit budget over the limit never gets here (`check_caps` answers 400).
+    The engine core never reads this; only the serving classes do, when they are built.
+    """
+    if max_tokens_limit is None:
+        return
+    override = dict(getattr(model_config, "override_generation_config", None) or {})
+    own = override.get("max_new_tokens")
+    override["max_new_tokens"] = max_tokens_limit if own is None else min(own, max_tokens_limit)
+    model_config.override_generation_config = override
+
+
 def vllm_args(settings: ServeSettings, model: str) -> Any:
     """The `Namespace` vLLM's own CLI parser makes for the same model and serving flags."""
     from vllm.entrypoints.launchers.cli_args import make_arg_parser
@@ -187,6 +294,12 @@ def vllm_args(settings: ServeSettings, model: str) -> Any:
         argv += ["--tool-call-parser", tool_parser]
     if settings.chat_template:
         argv += ["--chat-template", settings.chat_template]
+    # vLLM's default (`auto`) constrains a forced or required tool call's envelope only, and
+    # its arguments only for tools marked `strict: true`: a 135M model then writes `"Paris"`
+    # or a list where the schema asks for an object. ssrl pins every tool's arguments to its
+    # `parameters`, as its self-search answer turn does (server.composition), so a forced
+    # call validates on every path.
+    argv += ["--tool-strict-level", "parameter"]
     parser = make_arg_parser(FlexibleArgumentParser())  # type: ignore[no-untyped-call]
     args: Any = parser.parse_args(argv)
     args.api_key = None  # ssrl's AuthMiddleware checks keys before anything is forwarded
@@ -196,8 +309,9 @@ def vllm_args(settings: ServeSettings, model: str) -> Any:
 class InProcessServing:
     """vLLM's FastAPI app (its routers, serving classes and error handlers) over ssrl's AsyncLLM."""
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, max_model_len: int) -> None:
         self.app = app
+        self.max_model_len = max_model_len
 
     @classmethod
     async def build(cls, async_llm: Any, settings: ServeSettings, model: str) -> InProcessServing:
@@ -206,15 +320,47 @@ class InProcessServing:
 
         args = vllm_args(settings, model)
         supported_tasks = await async_llm.get_supported_tasks()
+        cap_default_max_tokens(async_llm.model_config, settings.max_tokens_limit)
         app = build_app(args, supported_tasks, async_llm.model_config)
         await init_app_state(async_llm, app.state, args, supported_tasks)
-        return cls(app)
+        # vLLM's engine-error handler reads `app.state.server` (its uvicorn server, which its
+        # launcher sets) to stop a server whose engine died; without it every engine error
+        # became a 500 about a missing attribute. ssrl's own lifecycle answers a dead engine
+        # (503, /health), so vLLM gets a server object whose exit flag nothing reads.
+        app.state.server = SimpleNamespace(should_exit=False)
+        return cls(app, async_llm.model_config.max_model_len)
 
     async def forward(self, request: Request, body: bytes) -> Response:
         return _ASGIForward(self.app, body)
 
     async def aclose(self) -> None:
         return None
+
+
+# Per route: the fields that set a request's token budget, and vLLM's default when none is set
+# (None: whatever the context has left).
+_BUDGET_FIELDS: dict[str, tuple[tuple[str, ...], int | None]] = {
+    "/v1/chat/completions": (("max_completion_tokens", "max_tokens"), None),
+    "/v1/completions": (("max_tokens",), 16),
+    "/v1/responses": (("max_output_tokens",), None),
+}
+
+
+def with_default_budget(path: str, body: dict[str, Any], max_tokens_limit: int | None) -> dict[str, Any]:
+    """`body` with --max-tokens-limit as its budget when it sets none and vLLM's default would
+    be larger (the remote server's own settings cannot be changed from here); `body` itself
+    when nothing changes. In process, `cap_default_max_tokens` does this inside vLLM instead,
+    which also keeps the budget within what the context has left."""
+    fields, default = _BUDGET_FIELDS.get(path, ((), None))
+    if max_tokens_limit is None or not fields:
+        return body
+    if any(body.get(name) is not None for name in fields):
+        return body
+    # An explicit null means "no budget" to vLLM, even where its default is a number.
+    own_default = None if fields[-1] in body else default
+    if own_default is not None and own_default <= max_tokens_limit:
+        return body
+    return {**body, fields[-1]: max_tokens_limit}
 
 
 _HOP = frozenset({"content-length", "transfer-encoding", "connection", "keep-alive", "host"})
@@ -224,24 +370,35 @@ class RemoteServing:
     """The remote vLLM server: requests passed through (the model renamed), answers streamed back."""
 
     def __init__(
-        self, root_url: str, model: str, served_name: str, api_key: str | None, timeout_s: float
+        self,
+        root_url: str,
+        model: str,
+        served_name: str,
+        api_key: str | None,
+        timeout_s: float,
+        max_model_len: int,
+        max_tokens_limit: int | None = None,
     ) -> None:
         self.model = model
+        self.max_model_len = max_model_len
         self.served_name = served_name
+        self.max_tokens_limit = max_tokens_limit
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._client = httpx.AsyncClient(
             base_url=root_url, headers=headers, timeout=httpx.Timeout(timeout_s, connect=5.0)
         )
 
-    def _body(self, body: bytes) -> bytes:
+    def _body(self, path: str, body: bytes) -> bytes:
         try:
             parsed = json.loads(body)
-        except ValueError:
+        except (ValueError, RecursionError):
             return body
-        if isinstance(parsed, dict) and parsed.get("model") == self.served_name:
-            parsed["model"] = self.model
-            return json.dumps(parsed).encode()
-        return body
+        if not isinstance(parsed, dict):
+            return body
+        changed = with_default_budget(path, parsed, self.max_tokens_limit)
+        if parsed.get("model") == self.served_name:
+            changed = {**changed, "model": self.model}
+        return json.dumps(changed).encode() if changed is not parsed else body
 
     async def forward(self, request: Request, body: bytes) -> Response:
         headers = {
@@ -251,7 +408,7 @@ class RemoteServing:
             request.method,
             request.url.path,
             params=request.query_params,
-            content=self._body(body) if body else None,
+            content=self._body(request.url.path, body) if body else None,
             headers=headers,
         )
         try:
@@ -277,7 +434,13 @@ async def build_openai_serving(engine: Engine, settings: ServeSettings) -> OpenA
     if isinstance(engine, RemoteEngine):
         root = engine.config.base_url.rstrip("/").removesuffix("/v1")
         return RemoteServing(
-            root, engine.model, settings.model_name, engine.config.api_key, engine.config.read_timeout_s
+            root,
+            engine.model,
+            settings.model_name,
+            engine.config.api_key,
+            engine.config.read_timeout_s,
+            engine.max_model_len,
+            settings.max_tokens_limit,
         )
     async_llm = getattr(engine, "async_llm", None)
     config = getattr(engine, "config", None)
@@ -323,10 +486,7 @@ def chat_decision(settings: ServeSettings, serving: Callable[[], OpenAIServing |
     from server.protocol import SelfSearchOptions
 
     async def decide(request: Request, body: bytes) -> Response | None:
-        try:
-            parsed = json.loads(body)
-        except ValueError:
-            parsed = None
+        parsed = parse_json_body(body)
         mode = settings.openai_serving
         target = serving() if mode != "ssrl" else None
         if not isinstance(parsed, dict):
@@ -348,7 +508,7 @@ def chat_decision(settings: ServeSettings, serving: Callable[[], OpenAIServing |
                 return None  # ssrl's validation names the bad self_search field
             del parsed["self_search"]  # ssrl's extension; vLLM would only warn about it
             body = json.dumps(parsed).encode()
-        check_caps(settings, parsed)
+        check_forwarded(settings, parsed, target.max_model_len)
         return await target.forward(request, body)
 
     return decide
@@ -363,10 +523,7 @@ def completion_decision(
     async def decide(request: Request, body: bytes) -> Response | None:
         mode = settings.openai_serving
         target = serving() if mode != "ssrl" else None
-        try:
-            parsed = json.loads(body)
-        except ValueError:
-            parsed = None
+        parsed = parse_json_body(body)
         if mode == "auto" and (
             not isinstance(parsed, dict) or first_unsupported(parsed, exempt=_COMPLETION_HONOURED) is None
         ):
@@ -376,7 +533,7 @@ def completion_decision(
                 check_unsupported(parsed, "plain", exempt=_COMPLETION_HONOURED)  # ssrl's Completion
             return None
         if isinstance(parsed, dict):
-            check_caps(settings, parsed)
+            check_forwarded(settings, parsed, target.max_model_len)
         return await target.forward(request, body)
 
     return decide
@@ -391,10 +548,7 @@ async def forward_always(
             404, "This route needs a vLLM engine (in process or --engine-url).", code="not_available"
         )
     body = await request.body()
-    try:
-        parsed = json.loads(body) if body else None
-    except ValueError:
-        parsed = None
-    if isinstance(parsed, dict):
-        check_caps(settings, parsed)
+    parsed = parse_json_object(body)
+    if parsed is not None:
+        check_forwarded(settings, parsed, serving.max_model_len)
     return await serving.forward(request, body)

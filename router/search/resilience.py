@@ -28,10 +28,14 @@ search that failed three times is three bad answers. Because it is asked before 
 attempt, the retries of a search stop as soon as the breaker opens (another search's
 failures may open it meanwhile).
 
+Every answer is normalised as it arrives (`router.search.normalize.usable_documents`):
+invalid text, markup and non-http(s) URLs never get past this layer, so never into a cache.
+
 What counts as a breaker failure: transport errors (including an attempt cut by the
-deadline), 429, 5xx, malformed answers (`SearchResponseError`), and anything unexpected a
-backend raises. Other 4xx (400, 401, 403, 404...) do not: the provider answered, so for the
-breaker they count as a success (they reset the count and close a half-open breaker).
+deadline), 429, 5xx, malformed answers (`SearchResponseError`; an answer none of whose
+documents is usable is one), and anything unexpected a backend raises. Other 4xx (400,
+401, 403, 404...) do not: the provider answered, so for the breaker they count as a
+success (they reset the count and close a half-open breaker).
 A 401/403 is a configuration error, not ill health: waiting `reset_after_s` never fixes
 it, so opening the breaker would only cycle open/half-open/open forever and replace the
 telling "HTTP 401" in the trace with "circuit open". It is already cheap (one quick
@@ -64,6 +68,7 @@ from router.search.base import (
     SearchResponseError,
     SearchTransportError,
 )
+from router.search.normalize import usable_documents
 
 logger = logging.getLogger(__name__)
 
@@ -459,6 +464,10 @@ class ResilientBackend:
                 notify(self.observer, "on_attempt", self.name, call.stats.attempts)
                 try:
                     docs = await asyncio.wait_for(self.inner.search(query, k), remaining)
+                    # Normalised here, where the provider's answer enters, so nothing above
+                    # (the cache, the loop, the routes) ever holds a raw result; an answer
+                    # with nothing usable is a malformed one (a breaker failure, no retry).
+                    docs = usable_documents(self.name, docs)
                 except TimeoutError:
                     verdict = False
                     raise _Deadline("waiting for the provider") from None

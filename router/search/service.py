@@ -9,7 +9,9 @@ with `SearchService.from_backends(backends, policy, cache, observer)`, which wra
 backend in a `ResilientBackend` (concurrency bound, rate limit, circuit breaker, retries,
 deadline) and, given a cache, a `CachedBackend` outside that. The chain is the same either
 way: the backends are tried in order until one answers; a failure of any kind (an open
-circuit included) moves on to the next.
+circuit included) moves on to the next. Either way, too, every document is normalised as a
+backend's answer arrives (`router.search.normalize`: by `ResilientBackend`, or here for a
+bare backend), before any cache stores it; an answer with nothing usable is a failure.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from dataclasses import dataclass, field
 
 from router.search.base import Document, SearchBackend
 from router.search.cache import CachedBackend, ResultCache
+from router.search.normalize import usable_documents
 from router.search.resilience import (
     CallStats,
     ResiliencePolicy,
@@ -142,7 +145,8 @@ class SearchService:
         if with_stats is not None:
             return list(await with_stats(query, k, stats))
         stats.attempts += 1  # a plain backend: one request per call
-        return list(await backend.search(query, k))
+        # Without the wrappers, this is where the backend's answer enters: normalise it here.
+        return usable_documents(backend.name, await backend.search(query, k))
 
     async def aclose(self) -> None:
         for backend in self.backends:

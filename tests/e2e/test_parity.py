@@ -42,6 +42,8 @@ from tests.conftest import (
     _wait_healthy,
     start_router,
 )
+from tests.e2e.forwarded_fuzz import FIELDS as FUZZED_FIELDS
+from tests.e2e.forwarded_fuzz import fuzz_forwarded
 
 pytestmark = pytest.mark.engine
 
@@ -705,3 +707,11 @@ def test_remote_engine_passes_requests_through(upstream: RunningServer, tmp_path
     finally:
         assert router.process is not None
         _stop(router.process)
+
+
+# ----- property-based requests through vLLM's layer (--openai-serving vllm) -------------------
+
+
+@pytest.mark.parametrize("path", list(FUZZED_FIELDS))
+def test_forwarded_routes_never_answer_5xx(ssrl: httpx.Client, path: str) -> None:
+    fuzz_forwarded(ssrl, M, path)

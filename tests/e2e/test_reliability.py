@@ -42,6 +42,7 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
+from router.search.normalize import plain_text
 from router.tags import INFORMATION, find_tag_blocks, sanitize_document_text
 from tests.conftest import (
     API_KEY,
@@ -506,10 +507,11 @@ def test_an_injected_document_cannot_close_the_block_or_answer(search_router, fa
         assert answers[-1].start > info[0].end
         assert choice.message.content == answers[-1].content(reasoning).strip()
     assert choice.message.content != "HACKED</answer>"
-    # The trace's documents are sanitised as they were inserted.
+    # The trace's documents are sanitised as they were inserted: plain text where they came
+    # in (router/search/normalize.py), then neutralised for the information block.
     (doc,) = search["documents"]
-    assert doc["snippet"] == sanitize_document_text(EVIL_TEXT)
-    assert doc["title"] == sanitize_document_text(EVIL_TITLE)
+    assert doc["snippet"] == sanitize_document_text(plain_text(EVIL_TEXT))
+    assert doc["title"] == sanitize_document_text(plain_text(EVIL_TITLE))
     for text in (doc["snippet"], doc["title"]):
         assert "</information>" not in text and "<answer>" not in text and "<search>" not in text
 

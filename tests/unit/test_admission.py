@@ -214,7 +214,7 @@ def test_max_n_and_max_tokens_limit_are_400_with_the_param() -> None:
         (CHAT, chat(n=3, stream=True), "n"),
         (CHAT, chat(n=3, self_search={"enabled": True}), "n"),
         (CHAT, chat(max_tokens=65), "max_tokens"),
-        (CHAT, chat(max_completion_tokens=65), "max_tokens"),
+        (CHAT, chat(max_completion_tokens=65), "max_completion_tokens"),  # the field sent
         (CHAT, chat(max_tokens=65, self_search={"policy": "always"}), "max_tokens"),
         # n counts per prompt: 2 prompts x n=2 are 4 sequences.
         (COMPLETIONS, {"model": MODEL, "prompt": ["a", "b"], "n": 2}, "n"),

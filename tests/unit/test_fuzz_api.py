@@ -101,7 +101,8 @@ def api_schema(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     app = _build_app(tmp_path_factory.mktemp("fuzz-index"))
     # Whole event streams: the default cuts each stream after 20 events.
     config = schemathesis.Config.from_dict({"max-stream-events": 100_000})
-    loaded = schemathesis.openapi.from_asgi("/openapi.json", app, config=config)
+    # The schema, like every route but the probes, needs the key (docs/security.md).
+    loaded = schemathesis.openapi.from_asgi("/openapi.json", app, config=config, headers=AUTH)
     yield loaded
     # The lifespan schemathesis started (engine, search service) ends with this module.
     asgi.shutdown_lifespans()

@@ -384,9 +384,13 @@ def test_votes_count_against_the_request_total(stream: bool) -> None:
     engine = ScriptedEngine(responder=long_answers)
     over = chat(n=16, stream=stream, self_search={"enabled": True, "votes": 8})
     error = assert_400(post(engine, CHAT, over, max_tokens_limit=32, max_n=16), "self_search.votes")
-    assert "16 x 8 x 32 = 4096" in error["message"] and "512" in error["message"]
+    # The one per-request cap (--max-request-tokens; default --max-n x the context, 16 x 4096)
+    # counts every trajectory's prompt and completion: 128 x (prompt + 32).
+    assert "tokens of work (n 16 x votes 8 x (prompt " in error["message"]
+    assert " + completion 32))" in error["message"]
+    assert "65,536" in error["message"]
     assert engine.calls == []
-    # At the total (8 x 2 x 32 = 512): served, and within it.
+    # Within it (16 trajectories of prompt + 32): served, each within --max-tokens-limit.
     ok = post(
         engine, CHAT, chat(n=8, self_search={"enabled": True, "votes": 2}), max_tokens_limit=32, max_n=16
     )

@@ -159,7 +159,14 @@ def test_slowloris_head_is_answered_408_and_closed() -> None:
     assert b'"code":"request_timeout"' in data.replace(b" ", b"")
 
 
+def _requests_with_status(status: str) -> float:
+    from tests.unit.test_metrics_truth import metric_sum
+
+    return metric_sum("ssrl_requests_total", status=status)
+
+
 def test_stalled_body_is_answered_408_and_closed() -> None:
+    timed_out, client_closed = _requests_with_status("408"), _requests_with_status("499")
     with real_server() as (_, port, app):
         sock = connect(port)
         try:
@@ -171,6 +178,10 @@ def test_stalled_body_is_answered_408_and_closed() -> None:
     assert closed
     assert data.startswith(b"HTTP/1.1 408"), data[:200]
     assert b"connection: close" in data.lower()
+    # The server has stopped, so every request's metrics are in: the deadline's close is a 408
+    # (not the 499 of a client that left).
+    assert _requests_with_status("408") == timed_out + 1
+    assert _requests_with_status("499") == client_closed
 
 
 def test_keep_alive_connection_closes_when_idle_and_serves_before() -> None:

@@ -1027,18 +1027,52 @@ def test_guided_without_room_for_a_search_answers_at_once() -> None:
     _, result = collect(engine, cfg, SearchService([FakeBackend(docs=PWNED_DOCS)]))
     assert result.searches == [] and result.transcript == "\n<answer>Paris</answer>"
     assert (result.answer, result.answered) == ("Paris", True)
-    assert result.finish_reason == "length"
+    # The budget ended the searches, not the answer: a whole answer is a "stop", and the
+    # skipped searches are said in the notes.
+    assert result.finish_reason == "stop"
     assert any(
         n.startswith("searching stopped early: the token budget or the context ran out") for n in result.notes
     )
 
 
-def test_guided_without_room_for_an_answer_has_empty_content_and_says_why() -> None:
+def test_guided_with_a_tiny_budget_answers_what_fits() -> None:
+    # max_tokens 3: no search fits, the answer turn gets all three tokens (the tags are the
+    # loop's, outside the budget), and the cut answer is a "length", as on a plain server.
     engine = ScriptedEngine([script("Paris</answer>")])
     _, result = collect(engine, config("guided", max_tokens=3), SearchService([FakeBackend(docs=PWNED_DOCS)]))
+    (call,) = engine.calls
+    assert call.options.max_tokens == 3
+    assert result.searches == [] and result.transcript == "\n<answer>Par</answer>"
+    assert (result.answer, result.answered, result.finish_reason) == ("Par", True, "length")
+    assert result.completion_tokens == 3 and result.prompt_tokens > 0
+    assert any(n.startswith("searching stopped early") for n in result.notes)
+
+
+def test_guided_without_context_for_an_answer_has_empty_content_and_says_why() -> None:
+    engine = ScriptedEngine([script("Paris</answer>")], max_model_len=len(PROMPT) + 5)
+    _, result = collect(
+        engine, config("guided", max_tokens=50), SearchService([FakeBackend(docs=PWNED_DOCS)])
+    )
     assert engine.calls == [] and result.transcript == ""
     assert (result.answer, result.answered, result.finish_reason) == ("", False, "length")
     assert "no answer turn fitted in the token budget or the context; content is empty" in result.notes
+
+
+def test_a_cut_search_query_is_a_note_and_the_whole_answer_a_stop() -> None:
+    # Guided mode caps the query call at max_query_tokens; a query cut there is said in the
+    # notes, and the answer after it, whole, makes the finish_reason "stop".
+    engine = ScriptedEngine(
+        [
+            script(" a very long query that goes on"),
+            script("Paris is the capital.</information>"),
+            script("Paris</answer>"),
+        ]
+    )
+    cfg = config("guided", NeverPolicy(), max_tokens=400, max_query_tokens=4, guided_searches=1)
+    _, result = collect(engine, cfg, SearchService([FakeBackend()]))
+    assert engine.calls[0].options.max_tokens == 4
+    assert (result.answer, result.finish_reason) == ("Paris", "stop")
+    assert any("cut by the token budget" in n for n in result.notes)
 
 
 def test_guided_no_answer_never_falls_back_to_documents() -> None:
@@ -1091,11 +1125,10 @@ def test_guided_shaped_answer_constrains_only_the_answer_turn() -> None:
     # protocol line stop would cut a JSON value), the shaped cap, and no frequency penalty.
     assert final.options.structured == schema
     assert final.options.stop == ("STOP",)
-    # Its reserve (200) was kept free, and it may use all that is left beyond it.
+    # Its reserve (200) was kept free, and it may use all that is left beyond it (the closing
+    # tag the loop writes takes context, not the completion budget).
     assert final.options.max_tokens >= 200
-    assert final.options.max_tokens == 400 - result.completion_tokens + len('{"city":\n"Paris"}') - len(
-        "</answer>"
-    )
+    assert final.options.max_tokens == 400 - result.completion_tokens + len('{"city":\n"Paris"}')
     assert final.options.frequency_penalty == 0.0
     assert (result.answer, result.answered) == ('{"city":\n"Paris"}', True)
     assert result.transcript.endswith('<answer>{"city":\n"Paris"}</answer>')

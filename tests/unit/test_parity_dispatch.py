@@ -101,6 +101,8 @@ def test_vllm_only_routes_say_they_need_vllm(method: str, path: str) -> None:
 class _Echo:
     """A stand-in for vLLM's serving layer: answers with what it was sent."""
 
+    max_model_len = 2048
+
     def __init__(self) -> None:
         self.bodies: list[Any] = []
 

@@ -116,3 +116,21 @@ def test_name_and_aclose_cover_every_backend() -> None:
     assert service.name == "a,b"
     asyncio.run(service.aclose())
     assert a.closed and b.closed
+
+
+def test_a_plain_backends_documents_are_normalised_as_they_enter() -> None:
+    # Issue 29, item 3: without the wrappers the service is where results enter.
+    hostile = [
+        Document("<b>Paris</b>", "lone \ud800 surrogate", url="javascript:alert(1)", source="fake"),
+        Document("", "\ud800", source="fake"),  # nothing usable left: dropped
+    ]
+    outcome = asyncio.run(SearchService([FakeBackend("one", hostile)]).search("q", 2))
+    assert outcome.error is None
+    assert outcome.documents == [Document("Paris", "lone surrogate", url=None, source="fake")]
+
+
+def test_a_plain_backend_with_nothing_usable_fails_over_to_the_next() -> None:
+    poisoned = FakeBackend("one", [Document("<script>x</script>", "\ud800")])
+    outcome = asyncio.run(SearchService([poisoned, FakeBackend("two", docs(1))]).search("q", 2))
+    assert outcome.error is None and outcome.backend == "two" and outcome.documents == docs(1)
+    assert outcome.errors == ["one: none of the 1 results was usable"]
