@@ -236,6 +236,14 @@ class LoopResult:
     finish_reason: str
     notes: list[str] = field(default_factory=list)
     counterfactuals: list[Counterfactual] = field(default_factory=list)
+    # Completion tokens of the call that wrote the answer (guided: the answer turn; native:
+    # the last free-text call, its thinking included); the rest the model spent on queries,
+    # self-filled information and earlier turns, reported as `reasoning_tokens`.
+    answer_tokens: int = 0
+
+    @property
+    def reasoning_tokens(self) -> int:
+        return max(0, self.completion_tokens - self.answer_tokens)
 
     @property
     def external_calls(self) -> int:
@@ -312,6 +320,7 @@ class SelfSearchLoop:
         self.notes: list[str] = []
         self._calls = 0
         self._finish_reason = "stop"
+        self._answer_tokens = 0
         # Character spans of the transcript holding documents the server inserted: never
         # the answer, never part of the fallback content (they are not the model's words).
         self._inserted: list[tuple[int, int]] = []
@@ -446,6 +455,9 @@ class SelfSearchLoop:
                 yield TextDelta(piece, answer_piece)
         self.prompt_tokens += segment.prompt_tokens
         self.completion_tokens += segment.completion_tokens
+        if answer or final:
+            # The answer turn adds up (it is one call); a native free-text call replaces the last.
+            self._answer_tokens = (self._answer_tokens if answer else 0) + segment.completion_tokens
         if segment.finish_reason == "length":
             if answer or final:
                 self._finish_reason = "length"
@@ -781,6 +793,7 @@ class SelfSearchLoop:
             completion_tokens=self.completion_tokens,
             finish_reason=self._finish_reason,
             notes=self.notes,
+            answer_tokens=self._answer_tokens if answered else 0,
         )
 
 

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from router.loop import AnswerTurn
-from server.errors import APIError, encodable
+from server.errors import APIError, encodable, param_of
 from server.protocol import ChatCompletionRequest
 from server.schema_check import check_request_schemas
 from server.settings import ServeSettings
@@ -144,7 +144,7 @@ def composition_of(request: ChatCompletionRequest, settings: ServeSettings) -> C
     except ValidationError as exc:
         error = exc.errors()[0]
         cause = (error.get("ctx") or {}).get("error")
-        param = getattr(cause, "parameter", None) or ".".join(str(p) for p in error.get("loc", ()) if p)
+        param = getattr(cause, "parameter", None) or param_of(p for p in error.get("loc", ()) if p)
         raise APIError(
             400, str(cause or error.get("msg")), param=param or None, code="invalid_value"
         ) from exc

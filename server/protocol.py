@@ -340,6 +340,8 @@ class Usage(BaseModel):
     # Extension (self-search only): prompt tokens the protocol's system prompt and worked
     # examples add to the conversation, so a user sees what self-search costs.
     protocol_prompt_tokens: int | None = None
+    # OpenAI's breakdown; self-search says how many completion tokens were not the answer.
+    completion_tokens_details: dict[str, int] | None = None
 
     @classmethod
     def of(cls, prompt: int, completion: int) -> Usage:

@@ -31,7 +31,7 @@ from pydantic import ValidationError
 
 from server import vllm_serving
 from server.composition import CONTEXT_SIZE_DOCS
-from server.errors import APIError
+from server.errors import APIError, param_of
 from server.json_body import parse_json_object
 from server.protocol import FUNCTION_NAME, ChatCompletionRequest, ChatCompletionResponse
 from server.schema_check import check_request_schemas
@@ -468,8 +468,8 @@ def to_chat_request(body: dict[str, Any], default_model: str) -> ConvertedReques
         request = ChatCompletionRequest.model_validate(chat)
     except ValidationError as exc:
         error = exc.errors()[0]
-        loc = [str(p) for p in error.get("loc", ())]
-        param = _rename(".".join(loc)) if loc else None
+        loc = param_of(error.get("loc", ()))
+        param = _rename(loc) if loc else None
         raise _invalid(param or "input", f"Invalid value for '{param}': {error.get('msg')}.") from None
     echo = {
         "instructions": body.get("instructions"),
@@ -604,7 +604,9 @@ def to_response(result: ChatCompletionResponse, converted: ConvertedRequest) -> 
             "input_tokens": usage.prompt_tokens,
             "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
             "output_tokens": usage.completion_tokens,
-            "output_tokens_details": {"reasoning_tokens": 0},
+            "output_tokens_details": {
+                "reasoning_tokens": (usage.completion_tokens_details or {}).get("reasoning_tokens", 0)
+            },
             "total_tokens": usage.total_tokens,
         },
         "self_search": trace,

@@ -212,6 +212,10 @@ class ChoiceResult:
     def completion_tokens(self) -> int:
         return sum(r.completion_tokens for r in self.samples)
 
+    @property
+    def reasoning_tokens(self) -> int:
+        return sum(r.reasoning_tokens for r in self.samples)
+
 
 def counterfactual_branches(config: LoopConfig) -> int:
     """The most counterfactual branches one trajectory may run: one per self-filled search
@@ -241,6 +245,7 @@ class SelfSearchChat:
                 "logprobs are not available with self-search; set self_search.enabled "
                 "to false for plain generation with logprobs.",
                 param="logprobs",
+                code="unsupported_parameter",
             )
         self.ctx = ctx
         self.runtime = runtime
@@ -352,7 +357,11 @@ class SelfSearchChat:
                     self_search=r.trace(),
                 )
             )
-        usage = self._usage(sum(r.prompt_tokens for r in results), sum(r.completion_tokens for r in results))
+        usage = self._usage(
+            sum(r.prompt_tokens for r in results),
+            sum(r.completion_tokens for r in results),
+            sum(r.reasoning_tokens for r in results),
+        )
         return ChatCompletionResponse(model=self.ctx.model_name, choices=choices, usage=usage)
 
     def _shaped(self, result: ChoiceResult) -> ShapedAnswer:
@@ -370,9 +379,12 @@ class SelfSearchChat:
         # the answer ended in them even when the budget ran out just after.
         return "tool_calls" if shaped.tool_calls else result.chosen.finish_reason
 
-    def _usage(self, prompt: int, completion: int) -> Usage:
+    def _usage(self, prompt: int, completion: int, reasoning: int) -> Usage:
         usage = Usage.of(prompt, completion)
         usage.protocol_prompt_tokens = self.protocol_prompt_tokens
+        # OpenAI's field for tokens the model wrote that are not the answer: the loop's
+        # queries, self-filled blocks and (with votes) the samples that lost.
+        usage.completion_tokens_details = {"reasoning_tokens": reasoning}
         return usage
 
     async def _choice_events(self, index: int) -> AsyncIterator[Any]:
@@ -403,7 +415,7 @@ class SelfSearchChat:
                 ).with_usage_field(include_usage)
             )
 
-        prompt_tokens = completion_tokens = 0
+        prompt_tokens = completion_tokens = reasoning_tokens = 0
         holds_answer = self.composition.tool_mode != "none"
         try:
             for i in range(self.request.n):
@@ -438,6 +450,7 @@ class SelfSearchChat:
                 elif isinstance(event, ChoiceResult):
                     prompt_tokens += event.prompt_tokens
                     completion_tokens += event.completion_tokens
+                    reasoning_tokens += event.reasoning_tokens
                     shaped = self._shaped(event)
                     if holds_answer and (shaped.content or shaped.tool_calls):
                         calls = [{"index": k, **call} for k, call in enumerate(shaped.tool_calls or [])]
@@ -456,7 +469,7 @@ class SelfSearchChat:
                     )
             options = self.request.stream_options
             if options is not None and options.include_usage:
-                yield chunk([], self._usage(prompt_tokens, completion_tokens))
+                yield chunk([], self._usage(prompt_tokens, completion_tokens, reasoning_tokens))
         except Exception as exc:
             yield sse(error_event(exc, "a self-search completion"))
         yield DONE

@@ -29,13 +29,14 @@ from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
 from fastapi.routing import APIRoute
 from starlette.background import BackgroundTask
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from router.engine.base import Engine
 from server.composition import auto_tool_choice, tool_parser_name
-from server.errors import APIError
+from server.errors import APIError, openai_error_payload
 from server.json_body import parse_json_body, parse_json_object
 from server.protocol import FUNCTION_NAME
+from server.request_fields import check_known_fields, without_openai_only
 from server.schema_check import check_request_schemas
 from server.serving import check_forwarded_work, enforce_caps, request_work_cap
 from server.settings import ServeSettings
@@ -91,6 +92,31 @@ SELF_SEARCH_UNSUPPORTED: dict[str, Any] = {
     "kv_transfer_params": _ANY,
     "cache_salt": _ANY,
     "vllm_xargs": _ANY,
+    # The rest of vLLM 0.32's request fields (server.request_fields), at their defaults.
+    "add_special_tokens": _ANY,  # chat's default is False, completions' True
+    "documents": _ANY,
+    "ec_transfer_params": _ANY,
+    "include_reasoning": True,
+    "logprob_token_ids": _ANY,
+    "media_io_kwargs": _ANY,
+    "mm_payload": "tensors",
+    "mm_processor_kwargs": _ANY,
+    "prompt_embeds": _ANY,
+    "repetition_detection": _ANY,
+    "request_id": _ANY,
+    "return_mm_kwargs": _ANY,
+    "return_prompt_text": _ANY,
+    "return_token_ids": _ANY,
+    "return_token_offsets": False,
+    "return_tokens_as_token_ids": _ANY,
+    "routed_experts_prompt_start": 0,
+    "session_id": _ANY,
+    "stream_interval": _ANY,
+    "suffix": _ANY,
+    "thinking_token_budget": _ANY,
+    "truncation_side": _ANY,
+    "use_beam_search": False,
+    "watermarking": _ANY,
 }
 
 
@@ -103,7 +129,10 @@ _WHY = {
 
 
 # What ssrl's own Completion honours of that list.
-_COMPLETION_HONOURED = frozenset({"echo"})
+_COMPLETION_HONOURED = frozenset({"echo", "return_tokens_as_token_ids"})
+
+CHAT_ROUTE = "/v1/chat/completions"
+COMPLETION_ROUTE = "/v1/completions"
 
 
 def first_unsupported(body: dict[str, Any], exempt: frozenset[str] = frozenset()) -> str | None:
@@ -255,7 +284,47 @@ class _ASGIForward(Response):
             return dict(await receive())  # then the client's disconnect, as it comes
 
         inner = {k: v for k, v in scope.items() if k not in ("router", "route", "endpoint", "path_params")}
-        await self._app(inner, replay, send)
+        await self._app(inner, replay, openai_errors(send))
+
+
+def openai_errors(send: Send) -> Send:
+    """A send channel that puts vLLM's JSON error answers in OpenAI's shape (as ssrl's own
+    routes answer, `server.errors.openai_error_payload`); everything else passes as it is."""
+    held: dict[str, Any] | None = None
+    chunks: list[bytes] = []
+
+    async def rewriting_send(message: Message) -> None:
+        nonlocal held
+        if message["type"] == "http.response.start":
+            content_type = dict(message.get("headers") or ()).get(b"content-type", b"")
+            if message["status"] >= 400 and content_type.startswith(b"application/json"):
+                held = dict(message)
+                return
+        elif held is not None and message["type"] == "http.response.body":
+            chunks.append(message.get("body", b""))
+            if message.get("more_body", False):
+                return
+            start, held = held, None
+            await _send_json(send, start, openai_error_body(start["status"], b"".join(chunks)))
+            return
+        await send(message)
+
+    return rewriting_send
+
+
+def openai_error_body(status: int, body: bytes) -> bytes:
+    try:
+        payload = json.loads(body)
+    except ValueError:
+        return body
+    return json.dumps(openai_error_payload(status, payload)).encode()
+
+
+async def _send_json(send: Send, start: dict[str, Any], body: bytes) -> None:
+    headers = [(k, v) for k, v in start.get("headers") or () if k.lower() != b"content-length"]
+    headers.append((b"content-length", str(len(body)).encode()))
+    await send({**start, "headers": headers})
+    await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
 def cap_default_max_tokens(model_config: Any, max_tokens_limit: int | None) -> None:
@@ -416,6 +485,19 @@ class RemoteServing:
         except httpx.TransportError as exc:
             raise APIError(503, "The engine is not available.", code="engine_unavailable") from exc
         kept = {k: v for k, v in upstream.headers.items() if k.lower() not in _HOP}
+        if upstream.status_code >= 400 and upstream.headers.get("content-type", "").startswith(
+            "application/json"
+        ):
+            # An error is small and whole: answered in OpenAI's shape, as in process.
+            try:
+                body = await upstream.aread()
+            finally:
+                await upstream.aclose()
+            return Response(
+                openai_error_body(upstream.status_code, body),
+                status_code=upstream.status_code,
+                media_type="application/json",
+            )
         return StreamingResponse(
             upstream.aiter_raw(),
             status_code=upstream.status_code,
@@ -493,6 +575,7 @@ def chat_decision(settings: ServeSettings, serving: Callable[[], OpenAIServing |
             # Not a JSON object: whoever would have answered it reports the error.
             forwards = mode == "vllm" and not settings.self_search and target is not None
             return await target.forward(request, body) if forwards and target is not None else None
+        check_known_fields(CHAT_ROUTE, parsed)
         if _self_search_wanted(settings, parsed):
             check_self_search_fields(parsed)
             return None
@@ -506,9 +589,11 @@ def chat_decision(settings: ServeSettings, serving: Callable[[], OpenAIServing |
                 SelfSearchOptions.model_validate(parsed["self_search"])
             except ValidationError:
                 return None  # ssrl's validation names the bad self_search field
-            del parsed["self_search"]  # ssrl's extension; vLLM would only warn about it
-            body = json.dumps(parsed).encode()
         check_forwarded(settings, parsed, target.max_model_len)
+        # ssrl's extension and what is honoured by doing nothing: vLLM would only warn.
+        forwarded = without_openai_only({k: v for k, v in parsed.items() if k != "self_search"})
+        if forwarded.keys() != parsed.keys():
+            body = json.dumps(forwarded).encode()
         return await target.forward(request, body)
 
     return decide
@@ -524,6 +609,8 @@ def completion_decision(
         mode = settings.openai_serving
         target = serving() if mode != "ssrl" else None
         parsed = parse_json_body(body)
+        if isinstance(parsed, dict):
+            check_known_fields(COMPLETION_ROUTE, parsed)
         if mode == "auto" and (
             not isinstance(parsed, dict) or first_unsupported(parsed, exempt=_COMPLETION_HONOURED) is None
         ):
@@ -534,6 +621,9 @@ def completion_decision(
             return None
         if isinstance(parsed, dict):
             check_forwarded(settings, parsed, target.max_model_len)
+            forwarded = without_openai_only(parsed)
+            if forwarded is not parsed:
+                body = json.dumps(forwarded).encode()
         return await target.forward(request, body)
 
     return decide

@@ -295,3 +295,59 @@ def test_forwarded_chat_meets_ssrl_s_tool_and_schema_rules(fields: dict[str, Any
     error = error_of(_drive_with(serving, body, openai_serving="vllm"), 400)
     assert error["param"] == param
     assert serving.bodies == []
+
+
+# ----- fields nobody defines: one 400, on every path ------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["auto", "vllm", "ssrl"])
+@pytest.mark.parametrize("self_search", [False, True])
+def test_an_unknown_field_is_400_naming_it_on_every_path(mode: str, self_search: bool) -> None:
+    serving = _Echo()
+
+    async def body(client: httpx.AsyncClient) -> list[httpx.Response]:
+        return [
+            await client.post(CHAT, json=chat(totally_unknown_param=1, self_search={"enabled": self_search})),
+            await client.post(COMPLETIONS, json={"model": MODEL, "prompt": "x", "totally_unknown_param": 1}),
+        ]
+
+    for response in _drive_with(serving, body, openai_serving=mode):
+        error = error_of(response, 400)
+        assert (error["param"], error["code"]) == ("totally_unknown_param", "unknown_parameter")
+        assert error["message"] == "Unrecognized request argument supplied: totally_unknown_param"
+    assert serving.bodies == []
+
+
+def test_identifying_fields_are_honoured_by_doing_nothing() -> None:
+    serving = _Echo()
+    ids = {"metadata": {"run": "1"}, "safety_identifier": "u1", "prompt_cache_key": "k", "store": False}
+
+    async def body(client: httpx.AsyncClient) -> list[httpx.Response]:
+        return [
+            await client.post(CHAT, json=chat(**ids, top_k=3)),  # forwarded: vLLM never sees them
+            await client.post(CHAT, json=chat(**ids)),  # ssrl's plain chat
+            await client.post(CHAT, json=chat(store=True)),
+        ]
+
+    forwarded, plain, stored = _drive_with(serving, body, openai_serving="auto")
+    assert forwarded.json() == {"forwarded": CHAT} and serving.bodies == [chat(top_k=3)]
+    assert plain.status_code == 200, plain.text
+    assert (error_of(stored, 400)["param"], error_of(stored, 400)["code"]) == (
+        "store",
+        "unsupported_parameter",
+    )
+
+
+def test_vllm_s_other_fields_are_forwarded_not_dropped() -> None:
+    serving = _Echo()
+
+    async def body(client: httpx.AsyncClient) -> list[httpx.Response]:
+        return [
+            await client.post(CHAT, json=chat(use_beam_search=True)),
+            await client.post(CHAT, json=chat(return_token_ids=True)),
+        ]
+
+    for response in _drive_with(serving, body, openai_serving="auto"):
+        assert response.json() == {"forwarded": CHAT}
+    plain = error_of(post(engine(), CHAT, chat(use_beam_search=True)), 400)
+    assert (plain["param"], plain["code"]) == ("use_beam_search", "unsupported_parameter")

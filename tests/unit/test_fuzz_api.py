@@ -99,8 +99,10 @@ def api_schema(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     from schemathesis.python import asgi
 
     app = _build_app(tmp_path_factory.mktemp("fuzz-index"))
-    # Whole event streams: the default cuts each stream after 20 events.
-    config = schemathesis.Config.from_dict({"max-stream-events": 100_000})
+    # Whole event streams: the default cuts each stream after 20 events. The default 10 s
+    # read timeout failed a large generated body on a loaded 2-core machine (a flaky bound,
+    # not an answer): the in-process app gets 60 s.
+    config = schemathesis.Config.from_dict({"max-stream-events": 100_000, "request-timeout": 60})
     # The schema, like every route but the probes, needs the key (docs/security.md).
     loaded = schemathesis.openapi.from_asgi("/openapi.json", app, config=config, headers=AUTH)
     yield loaded

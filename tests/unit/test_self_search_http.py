@@ -195,7 +195,11 @@ def loop_usage(usage: dict[str, int]) -> dict[str, int]:
     """The standard usage fields; the protocol's own prompt tokens (an extension) are
     reported beside them, a positive share of the first engine call's prompt."""
     assert 0 < usage["protocol_prompt_tokens"] < usage["prompt_tokens"]
-    return {k: v for k, v in usage.items() if k != "protocol_prompt_tokens"}
+    # OpenAI's breakdown: the completion tokens that were not the answer's call.
+    assert 0 <= usage["completion_tokens_details"]["reasoning_tokens"] <= usage["completion_tokens"]
+    return {
+        k: v for k, v in usage.items() if k not in ("protocol_prompt_tokens", "completion_tokens_details")
+    }
 
 
 def assert_error(response: httpx.Response, status: int, param: str | None) -> dict[str, Any]:
@@ -266,6 +270,8 @@ def test_response_shape_with_an_external_search(monkeypatch: pytest.MonkeyPatch)
     # Usage: every engine call's prompt, every generated token.
     assert len(engine.calls) == 2
     assert loop_usage(body["usage"]) == usage_of(engine.calls, len(SEARCH_TURN) + len(ANSWER_TURN))
+    # The search turn was the model's reasoning; the call that wrote the answer was not.
+    assert body["usage"]["completion_tokens_details"] == {"reasoning_tokens": len(SEARCH_TURN)}
     # The second call continues the first: its prompt ends with the inserted block.
     assert engine.calls[1].prompt_text == engine.calls[0].prompt_text + transcript[: -len(ANSWER_TURN)]
 

@@ -67,3 +67,29 @@ def test_the_parser_takes_ssrl_s_serving_flags() -> None:
     assert args.tool_call_parser == "hermes"
     assert args.api_key is None
     assert args.chat_template is None
+
+
+def test_the_known_request_fields_are_vllm_s() -> None:
+    # server/request_fields.py writes vLLM's field sets out (remote mode has no vLLM); a field
+    # vLLM adds would be refused as unknown until it is listed.
+    from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+    from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+
+    from server.request_fields import VLLM_CHAT_FIELDS, VLLM_COMPLETION_FIELDS
+
+    assert set(ChatCompletionRequest.model_fields) == VLLM_CHAT_FIELDS
+    assert set(CompletionRequest.model_fields) == VLLM_COMPLETION_FIELDS
+
+
+def test_every_vllm_field_ssrl_does_not_serve_has_a_rule() -> None:
+    # A vLLM field outside ssrl's own request models is forwarded or refused, never dropped.
+    from server.protocol import ChatCompletionRequest, CompletionRequest
+    from server.request_fields import VLLM_CHAT_FIELDS, VLLM_COMPLETION_FIELDS
+    from server.vllm_serving import SELF_SEARCH_UNSUPPORTED
+
+    for vllm_fields, own in (
+        (VLLM_CHAT_FIELDS, ChatCompletionRequest),
+        (VLLM_COMPLETION_FIELDS, CompletionRequest),
+    ):
+        unserved = vllm_fields - set(own.model_fields) - set(SELF_SEARCH_UNSUPPORTED)
+        assert unserved == set(), unserved
