@@ -17,6 +17,11 @@ temperature 0, under these conditions:
   identical prefix (same query, same entropy), scored as `branched:never` and
   `branched:always`, and the accuracy of every entropy threshold on them.
 
+A `~tX` suffix samples the condition at temperature X (a seed per question) instead of
+greedily: `off~t1.0,default~t1.0` is what a client that omits `temperature` got before the
+served model's defaults (docs/benchmarks.md "First answer"). `--repeat fi-002x10:default`
+asks one question ten times, each run with its own seed.
+
 Guided conditions send the search backend the user's question after the model's query when
 the server does by default (`ServeSettings.search_with_question`); a `+q` / `-q` suffix forces
 it on / off (`always+q`, `branched-q`). An `@variant` suffix runs the condition with one of
@@ -49,7 +54,7 @@ from typing import Any
 
 from bench.common import ROOT, machine_info
 from clients.files import atomic_write_json
-from router.scoring import best_exact_match, is_repetitive, normalize_answer
+from router.scoring import best_exact_match, bootstrap_mean, is_repetitive, normalize_answer
 
 DATA = ROOT / "tests" / "data" / "first_impression.jsonl"
 CONDITIONS = ("off", "direct", "never", "always", "default")
@@ -76,10 +81,16 @@ def score(rows: list[dict[str, Any]], responses: list[dict[str, Any]]) -> dict[s
         answer_in_response(r["response"], q["answers"]) for q, r in zip(rows, responses, strict=True)
     )
     repeats = sum(is_repetitive(r["response"]) for r in responses)
+    inside_each = [
+        float(answer_in_response(r["response"], q["answers"])) for q, r in zip(rows, responses, strict=True)
+    ]
+    interval = bootstrap_mean(inside_each)
     summary: dict[str, Any] = {
         "questions": n,
         "exact_match": em,
         "answer_in_response": inside,
+        # Percentile-bootstrap 95 % interval of the answer-in-response count, over questions.
+        "answer_in_response_95": [round(interval.low * n), round(interval.high * n)] if interval else None,
         "repetitive": repeats,
         "empty": sum(1 for r in responses if not r["response"].strip()),
         "mean_chars": round(sum(len(r["response"]) for r in responses) / max(n, 1), 1),
@@ -92,12 +103,15 @@ def score(rows: list[dict[str, Any]], responses: list[dict[str, Any]]) -> dict[s
     return summary
 
 
-async def run_off(engine: Any, rows: list[dict[str, Any]], max_tokens: int) -> list[dict[str, Any]]:
+async def run_off(
+    engine: Any, rows: list[dict[str, Any]], max_tokens: int, temperature: float = 0.0
+) -> list[dict[str, Any]]:
     from router.engine.base import SamplingOptions
 
     async def one(i: int, row: dict[str, Any]) -> dict[str, Any]:
         prompt = engine.apply_chat_template([{"role": "user", "content": row["question"]}])
-        options = SamplingOptions(max_tokens=max_tokens, temperature=0.0, seed=0)
+        # A seed per question: sampled runs are reproducible, and no two questions share draws.
+        options = SamplingOptions(max_tokens=max_tokens, temperature=temperature, seed=i)
         text = ""
         async for delta in engine.generate(prompt, options, f"fi-off-{i}"):
             text += delta.text
@@ -130,9 +144,15 @@ def split_variant(condition: str) -> tuple[str, dict[tuple[str, str], Any]]:
     return name, patches
 
 
+def split_temperature(condition: str) -> tuple[str, float]:
+    """`default~t0.7` -> ("default", 0.7); without `~t`, temperature 0 (greedy)."""
+    name, _, value = condition.partition("~t")
+    return name, float(value) if value else 0.0
+
+
 def split_condition(condition: str) -> tuple[str, bool | None]:
     """`always+q` -> ("always", True); `always-q` -> ("always", False); `always` -> (.., None)."""
-    condition = condition.partition("@")[0]
+    condition = condition.partition("~t")[0].partition("@")[0]
     for suffix, value in (("+q", True), ("-q", False)):
         if condition.endswith(suffix):
             return condition[: -len(suffix)], value
@@ -201,7 +221,7 @@ async def run_loop(
             {"role": "user", "content": row["question"]},
         ]
         prompt = engine.apply_chat_template(messages)
-        row_config = replace(config, question=row["question"])
+        row_config = replace(config, question=row["question"], seed=config.seed + i)
         if with_question:
             row_config = replace(row_config, search_context=row["question"])
         # The vocabulary size sizes the entropy estimate's unseen tail, as the server passes it.
@@ -311,14 +331,16 @@ def threshold_table(paired: dict[str, Any], tau: float, aggregate: str) -> dict[
 
 def markdown(report: dict[str, Any]) -> str:
     lines = [
-        "| condition | exact match | answer in response | repetitive | empty | mean chars | "
+        "| condition | exact match | answer in response [95 %] | repetitive | empty | mean chars | "
         "external calls | gold article inserted |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for name, s in report["conditions"].items():
         n = s["questions"]
+        ci = s.get("answer_in_response_95")
+        within = f" [{ci[0]}, {ci[1]}]" if ci else ""
         lines.append(
-            f"| {name} | {s['exact_match']}/{n} | {s['answer_in_response']}/{n} | {s['repetitive']} | "
+            f"| {name} | {s['exact_match']}/{n} | {s['answer_in_response']}/{n}{within} | {s['repetitive']} | "
             f"{s['empty']} | {s['mean_chars']} | {s.get('external_calls', '—')} | "
             f"{s.get('gold_article_inserted', '—')} |"
         )
@@ -342,6 +364,27 @@ def markdown(report: dict[str, Any]) -> str:
                 f"{r['tau']}: {r['calls']}, {r['exact_match']}, {r['answer_in_response']} |"
             )
     return "\n".join(lines)
+
+
+async def repeat_question(engine: Any, search: Any, rows: list[dict[str, Any]], spec: str) -> dict[str, Any]:
+    """`fi-002x10:default~t0.7`: one question asked N times under one condition, each run with
+    its own seed (what N newcomers asking the same first question would get)."""
+    head, _, condition = spec.partition(":")
+    question_id, _, times = head.partition("x")
+    row = next(r for r in rows if r["id"] == question_id)
+    named, temperature = split_temperature(condition or "default")
+    answers = []
+    for k in range(int(times or 10)):
+        # Each run is the only question of its batch, seeded apart from the others.
+        (out,) = await run_loop(engine, search, [row], named, temperature=temperature, seed=1000 + k)
+        answers.append(out["response"])
+    right = sum(answer_in_response(a, row["answers"]) for a in answers)
+    return {
+        "question": row["question"],
+        "condition": condition,
+        "answers": answers,
+        "right": f"{right}/{len(answers)}",
+    }
 
 
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
@@ -368,13 +411,14 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         await run_off(engine, rows[:2], 4)  # warm-up
         for condition in args.conditions.split(","):
             started = time.perf_counter()
-            base, patches = split_variant(condition)
+            named, temperature = split_temperature(condition)
+            base, patches = split_variant(named)
             saved = {key: getattr(importlib.import_module(key[0]), key[1]) for key in patches}
             for (module, name), value in patches.items():
                 setattr(importlib.import_module(module), name, value)
             try:
                 if base == "off":
-                    responses = await run_off(engine, rows, args.off_max_tokens)
+                    responses = await run_off(engine, rows, args.off_max_tokens, temperature)
                 else:
                     responses = await run_loop(
                         engine,
@@ -383,6 +427,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                         base,
                         docs_per_search=args.docs_per_search,
                         max_doc_chars=args.max_doc_chars,
+                        temperature=temperature,
                     )
             finally:
                 for (module, name), value in saved.items():
@@ -404,6 +449,10 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                 report["conditions"][name] = summary
                 print(name, json.dumps(summary), flush=True)
             atomic_write_json(Path(args.out), report)  # a crash later keeps what ran
+        for spec in filter(None, (args.repeat or "").split(",")):
+            report.setdefault("repeats", {})[spec] = await repeat_question(engine, search, rows, spec)
+            print(spec, json.dumps(report["repeats"][spec]["right"]), flush=True)
+            atomic_write_json(Path(args.out), report)
     finally:
         await engine.shutdown()
     from server.settings import ServeSettings
@@ -426,6 +475,11 @@ def main() -> None:
     parser.add_argument("--docs-per-search", type=int, default=None, help="default: the loop's")
     parser.add_argument("--max-doc-chars", type=int, default=None, help="default: the loop's")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "first_impression.json"))
+    parser.add_argument(
+        "--repeat",
+        default=None,
+        help="ID xN:CONDITION[,...]: ask one question N times, e.g. fi-002x10:default~t0.7",
+    )
     args = parser.parse_args()
     report = asyncio.run(main_async(args))
     atomic_write_json(Path(args.out), report)

@@ -39,6 +39,7 @@ from router.tags import (
     SEARCH_CLOSE,
     SEARCH_OPEN,
     TAG_NAMES,
+    clean_answer,
     close_tag,
     extract_last_answer,
     format_documents,
@@ -240,6 +241,8 @@ class LoopResult:
     # the last free-text call, its thinking included); the rest the model spent on queries,
     # self-filled information and earlier turns, reported as `reasoning_tokens`.
     answer_tokens: int = 0
+    # What was taken out of a free-text answer (invented markup, URLs): `tags.clean_answer`.
+    removed_from_answer: list[str] = field(default_factory=list)
 
     @property
     def reasoning_tokens(self) -> int:
@@ -262,6 +265,7 @@ class LoopResult:
             "turns": len(self.searches),
             "answered": self.answered,
             "notes": list(self.notes),
+            **({"removed_from_answer": list(self.removed_from_answer)} if self.removed_from_answer else {}),
             **(
                 {"counterfactuals": [c.to_dict() for c in self.counterfactuals]}
                 if self.counterfactuals
@@ -784,7 +788,13 @@ class SelfSearchLoop:
         elif answer is None:
             self.notes.append("the model produced no <answer>; content is its final text")
             answer = _final_text(view)
+        removed: list[str] = []
+        turn = self.config.answer_turn
+        if turn.structured is None and not turn.multiline:
+            # JSON and tool calls are the grammar's; a free-text answer loses invented markup.
+            answer, removed = clean_answer(answer)
         return LoopResult(
+            removed_from_answer=removed,
             answer=answer,
             answered=answered,
             transcript=self.transcript,

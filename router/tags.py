@@ -263,6 +263,32 @@ def extract_last_answer(text: str) -> str | None:
     return None
 
 
+# What a small model invents around an answer that is no part of it: markup (`<source=...`,
+# `<b>`, a tag it never closed, cut at the end of the text), and URLs or their fragments.
+_INVENTED_MARKUP = re.compile(r"</?[A-Za-z!][^<>\n]*(?:>|$)")
+_URL = re.compile(r"(?:https?://|www\.)\S+", re.IGNORECASE)
+_SPACE_RUN = re.compile(r"[ \t]{2,}")
+_SPACE_BEFORE_PUNCTUATION = re.compile(r"[ \t]+([,.;:!?])")
+
+
+def clean_answer(answer: str) -> tuple[str, list[str]]:
+    """A free-text answer without the markup and URLs the model invented, and what was removed
+    (for the trace). `a < b` and `x<3` stay: only `<` before a letter, `/` or `!` starts markup."""
+    removed: list[str] = []
+
+    def drop(match: re.Match[str]) -> str:
+        removed.append(match.group(0))
+        return ""
+
+    def drop_url(match: re.Match[str]) -> str:
+        removed.append(match.group(0))
+        return " "
+
+    text = _URL.sub(drop_url, _INVENTED_MARKUP.sub(drop, answer))
+    cleaned = _SPACE_BEFORE_PUNCTUATION.sub(r"\1", _SPACE_RUN.sub(" ", text)).strip()
+    return (cleaned, removed) if removed else (answer, [])
+
+
 def strip_tags(text: str) -> str:
     """`text` with every exact protocol tag removed, blank-line runs folded, ends stripped.
 

@@ -41,6 +41,7 @@ from server.protocol import (
     RetrieveResponse,
     SearchResult,
 )
+from server.sampling import SamplingDefaults, sampling_defaults_for
 from server.search_config import build_search_service
 from server.serving import ServingContext, check_caps
 from server.serving_chat import PlainChat
@@ -135,6 +136,12 @@ def shared_metrics() -> HTTPMetrics:
     return _metrics
 
 
+def engine_model_config(engine: Engine) -> Any | None:
+    """vLLM's model config of an in-process engine (its generation config), else None."""
+    async_llm = getattr(engine, "async_llm", None)
+    return getattr(async_llm, "model_config", None)
+
+
 def start_engine(settings: ServeSettings) -> Engine:
     """The remote engine when --engine-url is set, else vLLM in this process."""
     if settings.engine_url:
@@ -205,10 +212,11 @@ def start_vllm_engine(settings: ServeSettings) -> Engine:
     return VLLMEngine.start(config)
 
 
-def build_self_search(settings: ServeSettings) -> SelfSearchRuntime:
+def build_self_search(settings: ServeSettings, sampling: SamplingDefaults | None = None) -> SelfSearchRuntime:
     mode = settings.resolved_search_mode
     override = settings.system_prompt_file.read_text() if settings.system_prompt_file else None
     return SelfSearchRuntime(
+        sampling=sampling or SamplingDefaults(),
         settings=settings,
         search=build_search_service(settings, SearchMetricsObserver(shared_metrics())),
         system_prompts={m: system_prompt(m, override if m == mode else None) for m in ("guided", "native")},
@@ -272,9 +280,13 @@ def create_app(settings: ServeSettings, engine_factory: EngineFactory = start_en
             await engine.shutdown()
             raise
         drainer.startup_phase = "building the serving layers"
-        state["self_search"] = build_self_search(settings)
-        state["openai"] = await build_openai_serving(engine, settings)
+        # Read before vLLM's layer is given them (it would then report them as the model's).
+        sampling = sampling_defaults_for(settings, engine_model_config(engine))
+        logger.info("sampling defaults for requests that set none: %s", sampling.to_dict())
+        state["self_search"] = build_self_search(settings, sampling)
+        state["openai"] = await build_openai_serving(engine, settings, sampling=sampling)
         state["ctx"] = ServingContext(
+            sampling=sampling,
             engine=engine,
             model_name=settings.model_name,
             metrics=metrics,
@@ -342,7 +354,10 @@ def create_app(settings: ServeSettings, engine_factory: EngineFactory = start_en
         return ModelList(
             data=[
                 ModelCard(
-                    id=c.model_name, root=settings.model or c.model_name, max_model_len=c.engine.max_model_len
+                    id=c.model_name,
+                    root=settings.model or c.model_name,
+                    max_model_len=c.engine.max_model_len,
+                    sampling_defaults=c.sampling.to_dict(),
                 )
             ]
         )
@@ -355,7 +370,10 @@ def create_app(settings: ServeSettings, engine_factory: EngineFactory = start_en
                 404, f"The model `{model_id}` does not exist.", param="model", code="model_not_found"
             )
         return ModelCard(
-            id=c.model_name, root=settings.model or c.model_name, max_model_len=c.engine.max_model_len
+            id=c.model_name,
+            root=settings.model or c.model_name,
+            max_model_len=c.engine.max_model_len,
+            sampling_defaults=c.sampling.to_dict(),
         )
 
     def openai_serving() -> OpenAIServing | None:

@@ -369,6 +369,8 @@ class ModelCard(BaseModel):
     owned_by: str = "ssrl"
     root: str | None = None
     max_model_len: int | None = None
+    # Extension: the temperature and top_p a request that sets none gets, and their source.
+    sampling_defaults: dict[str, Any] | None = None
 
 
 class ModelList(BaseModel):

@@ -21,6 +21,7 @@ from router.engine.guard import generate_or_abort
 from server.errors import APIError
 from server.metrics import HTTPMetrics
 from server.protocol import SamplingFields, TopLogprob
+from server.sampling import SamplingDefaults
 
 T = TypeVar("T")
 
@@ -45,6 +46,8 @@ class ServingContext:
     max_tokens_limit: int | None = None
     # --max-request-tokens as set (None: the default, `request_work_cap`'s rule).
     max_request_tokens: int | None = None
+    # What a request that sets no temperature / top_p gets (server.sampling).
+    sampling: SamplingDefaults = field(default_factory=SamplingDefaults)
     # Tokenising and chat templating run here, off the event loop: one worker, as vLLM's
     # own async tokenizer, so that big prompts queue rather than take every core.
     tokenizer_pool: ThreadPoolExecutor = field(default_factory=_tokenizer_pool)
@@ -289,14 +292,19 @@ def completion_budget(
 
 
 def sampling_options(
-    request: SamplingFields, max_tokens: int, logprobs: int | None, choice: int
+    request: SamplingFields,
+    max_tokens: int,
+    logprobs: int | None,
+    choice: int,
+    defaults: SamplingDefaults | None = None,
 ) -> SamplingOptions:
     # n choices run as n engine requests; a fixed seed is offset per choice so that the
     # choices differ, as they do when vLLM samples n sequences from one seed.
+    defaults = defaults or SamplingDefaults()
     return SamplingOptions(
         max_tokens=max_tokens,
-        temperature=1.0 if request.temperature is None else request.temperature,
-        top_p=1.0 if request.top_p is None else request.top_p,
+        temperature=defaults.temperature_for(request.temperature),
+        top_p=defaults.top_p_for(request.top_p),
         seed=offset_seed(request.seed, choice),
         stop=request.stop_list(),
         logprobs=logprobs,

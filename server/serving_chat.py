@@ -97,7 +97,7 @@ class PlainChat:
                 self.ctx,
                 ROUTE,
                 self.prompt,
-                sampling_options(self.request, self.max_tokens, self.logprobs, i),
+                sampling_options(self.request, self.max_tokens, self.logprobs, i, self.ctx.sampling),
                 self.started,
             )
             for i in range(self.request.n)

@@ -104,7 +104,9 @@ class Completion:
                 self.ctx,
                 ROUTE,
                 self.prompts[p],
-                sampling_options(self.request, self.max_tokens[p], self.request.logprobs, s),
+                sampling_options(
+                    self.request, self.max_tokens[p], self.request.logprobs, s, self.ctx.sampling
+                ),
                 self.started,
             )
             for p in range(len(self.prompts))

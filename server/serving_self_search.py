@@ -13,7 +13,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
 from router.engine.base import offset_seed
@@ -39,6 +39,7 @@ from server.protocol import (
     new_id,
     now,
 )
+from server.sampling import SamplingDefaults
 from server.serving import (
     ServingContext,
     check_model,
@@ -62,6 +63,8 @@ class SelfSearchRuntime:
     # The system prompt of each protocol mode (a request may switch modes).
     system_prompts: dict[str, str]
     mode: Mode
+    # What a request that sets no temperature / top_p gets (server.sampling).
+    sampling: SamplingDefaults = field(default_factory=SamplingDefaults)
 
 
 T = TypeVar("T")
@@ -141,8 +144,8 @@ def loop_config(
         max_answer_tokens=s.max_answer_tokens,
         guided_searches=s.guided_searches,
         max_tokens=max_tokens,
-        temperature=1.0 if request.temperature is None else request.temperature,
-        top_p=1.0 if request.top_p is None else request.top_p,
+        temperature=runtime.sampling.temperature_for(request.temperature),
+        top_p=runtime.sampling.top_p_for(request.top_p),
         seed=request.seed,
         counterfactual=bool(o.counterfactual),
         search_context=question if s.search_with_question else "",
@@ -354,7 +357,7 @@ class SelfSearchChat:
                     index=i,
                     message=message,
                     finish_reason=self._finish_reason(r, shaped),
-                    self_search=r.trace(),
+                    self_search=self._trace(r),
                 )
             )
         usage = self._usage(
@@ -372,6 +375,17 @@ class SelfSearchChat:
         if shaped.note and shaped.note not in result.chosen.notes:
             result.chosen.notes.append(shaped.note)
         return shaped
+
+    def _trace(self, result: ChoiceResult) -> dict[str, Any]:
+        """The choice's trace, with the sampling it ran at and whether the server chose it."""
+        sampling = {
+            "temperature": self.config.temperature,
+            "top_p": self.config.top_p,
+            "defaults": None
+            if self.request.temperature is not None and self.request.top_p is not None
+            else self.runtime.sampling.source,
+        }
+        return {**result.trace(), "sampling": sampling}
 
     @staticmethod
     def _finish_reason(result: ChoiceResult, shaped: ShapedAnswer) -> str:
@@ -463,7 +477,7 @@ class SelfSearchChat:
                                 delta=DeltaMessage(),
                                 finish_reason=self._finish_reason(event, shaped),
                                 annotations=citations(event.chosen) or None,
-                                self_search={"type": "trace", **event.trace()},
+                                self_search={"type": "trace", **self._trace(event)},
                             )
                         ]
                     )

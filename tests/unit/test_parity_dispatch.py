@@ -121,7 +121,7 @@ def _drive_with(
 
     real = app_module.build_openai_serving
 
-    async def fake(engine: Any, settings_: Any) -> _Echo:
+    async def fake(engine: Any, settings_: Any, **_: Any) -> _Echo:
         return serving
 
     app_module.build_openai_serving = fake  # type: ignore[assignment]

@@ -385,3 +385,24 @@ def test_sentence_slack_finishes_a_sentence_just_past_the_limit(monkeypatch: pyt
     assert format_documents([Doc("T", text)], 60).endswith("Capital Territory.")
     monkeypatch.setattr(tags, "SENTENCE_SLACK", 0.0)
     assert format_documents([Doc("T", text)], 60).endswith("\u2026")
+
+
+# ----- answers lose what the model invented (issue 30) ------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("answer", "clean", "removed"),
+    [
+        ("1912 French Muslim artist<source=wiki", "1912 French Muslim artist", ["<source=wiki"]),
+        ("Leonardo da Vinci <b>painter</b>", "Leonardo da Vinci painter", ["<b>", "</b>"]),
+        ("Paris https://en.wikipedia.org/wiki/Paris", "Paris", ["https://en.wikipedia.org/wiki/Paris"]),
+        ("see www.example.org/x now", "see now", ["www.example.org/x"]),
+        ("Shakespeare </", "Shakespeare </", []),
+        ("a < b and x<3", "a < b and x<3", []),
+        ("Leonardo da Vinci", "Leonardo da Vinci", []),
+    ],
+)
+def test_a_free_text_answer_loses_invented_markup(answer: str, clean: str, removed: list[str]) -> None:
+    from router.tags import clean_answer
+
+    assert clean_answer(answer) == (clean, removed)
