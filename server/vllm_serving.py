@@ -293,14 +293,23 @@ def openai_errors(send: Send) -> Send:
     routes answer, `server.errors.openai_error_payload`); everything else passes as it is."""
     held: dict[str, Any] | None = None
     chunks: list[bytes] = []
+    event_stream = False
 
     async def rewriting_send(message: Message) -> None:
-        nonlocal held
+        nonlocal held, event_stream
         if message["type"] == "http.response.start":
             content_type = dict(message.get("headers") or ()).get(b"content-type", b"")
+            event_stream = content_type.startswith(b"text/event-stream")
             if message["status"] >= 400 and content_type.startswith(b"application/json"):
                 held = dict(message)
                 return
+        elif (
+            event_stream
+            and message["type"] == "http.response.body"
+            and b'"error"' in message.get("body", b"")
+        ):
+            await send({**message, "body": openai_error_events(message["body"])})
+            return
         elif held is not None and message["type"] == "http.response.body":
             chunks.append(message.get("body", b""))
             if message.get("more_body", False):
@@ -311,6 +320,26 @@ def openai_errors(send: Send) -> Send:
         await send(message)
 
     return rewriting_send
+
+
+def openai_error_events(chunk: bytes) -> bytes:
+    """A chunk of a chat or completions event stream with its error events (`data: {"error":
+    ...}`, which end a stream that failed after it began) in OpenAI's shape; the status is
+    the numeric code vLLM puts in them."""
+    lines = chunk.split(b"\n")
+    for i, line in enumerate(lines):
+        if not line.startswith(b"data: {"):
+            continue
+        try:
+            payload = json.loads(line[len(b"data: ") :])
+        except ValueError:
+            continue
+        error = payload.get("error") if isinstance(payload, dict) else None
+        if isinstance(error, dict):
+            code = error.get("code")
+            status = code if isinstance(code, int) and not isinstance(code, bool) else 500
+            lines[i] = b"data: " + json.dumps(openai_error_payload(status, payload)).encode()
+    return b"\n".join(lines)
 
 
 def openai_error_body(status: int, body: bytes) -> bytes:

@@ -59,6 +59,18 @@ def cpu_engine_env(environ: Mapping[str, str], cores: int) -> dict[str, str]:
     return {RESERVED_CPU_ENV: "0"}
 
 
+def compact_structured_outputs() -> Any:
+    """Structured outputs without free whitespace: JSON the engine writes under a schema is
+    compact (a small model otherwise spends its budget on newlines and indents, and a forced
+    tool call or a schema answer runs out of tokens before it closes). vLLM reads this flag
+    per engine only (its xgrammar backend ignores a request's own), and only for an explicit
+    xgrammar or guidance backend; xgrammar is the one its `auto` picks for what ssrl sends.
+    `--engine-arg structured_outputs_config=...` replaces it."""
+    from vllm.config import StructuredOutputsConfig
+
+    return StructuredOutputsConfig(backend="xgrammar", disable_any_whitespace=True)
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     """vLLM engine options, with vLLM's own names (`AsyncEngineArgs` fields)."""
@@ -94,6 +106,7 @@ class EngineConfig:
         }
         if on_cpu:
             args["block_size"] = CPU_BLOCK_SIZE
+        args["structured_outputs_config"] = compact_structured_outputs()
         args.update(self.extra)
         return {k: v for k, v in args.items() if v is not None}
 

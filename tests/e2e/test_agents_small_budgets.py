@@ -30,6 +30,11 @@ from tests.conftest import RunningServer
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
 BUDGET = 48
+# vLLM 0.32's layer generates a forced tool call inside a structural tag, whose JSON may carry
+# any whitespace (its disable_any_whitespace covers response_format schemas, not tool calls):
+# the 135M model spends a 48-token budget on newlines and indents inside the arguments. Tool
+# calls answered by vLLM's layer get twice the budget; self-search's answer turn is compact.
+TOOL_BUDGET = {"on": BUDGET, "off": 2 * BUDGET}
 TIMEOUT_S = 300
 MODES = {"on": {"self_search": {"enabled": True}}, "off": {"self_search": {"enabled": False}}}
 FACT_QUESTION = "Which country is Paris the capital of? Give the city and the country."
@@ -120,7 +125,7 @@ def test_a_forced_tool_call_validates_against_its_parameters(
         messages=[{"role": "user", "content": WEATHER_QUESTION}],
         tools=[WEATHER_TOOL],
         tool_choice=choice_value,
-        max_tokens=BUDGET,
+        max_tokens=TOOL_BUDGET[mode],
         temperature=0,
         extra_body=MODES[mode],
     )
@@ -141,7 +146,7 @@ def test_a_forced_streamed_tool_call_validates_too(sdk: openai.OpenAI, model_nam
         messages=[{"role": "user", "content": WEATHER_QUESTION}],
         tools=[WEATHER_TOOL],
         tool_choice={"type": "function", "function": {"name": "get_weather"}},
-        max_tokens=BUDGET,
+        max_tokens=TOOL_BUDGET[mode],
         temperature=0,
         stream=True,
         extra_body=MODES[mode],
@@ -209,7 +214,7 @@ def test_langchain_structured_output_at_48_tokens(
         api_key=server.api_key,
         model=model_name,
         temperature=0,
-        max_tokens=BUDGET,
+        max_tokens=BUDGET if method == "json_schema" else TOOL_BUDGET[mode],
         max_retries=0,
         timeout=TIMEOUT_S,
         extra_body=MODES[mode],
@@ -236,7 +241,7 @@ def test_instructor_at_48_tokens(
         response_model=ShortFact,
         messages=[{"role": "user", "content": FACT_QUESTION}],
         max_retries=0,
-        max_tokens=BUDGET,
+        max_tokens=BUDGET if instructor_mode == "JSON_SCHEMA" else TOOL_BUDGET[mode],
         temperature=0,
         extra_body=MODES[mode],
     )
@@ -262,7 +267,8 @@ def test_pydantic_ai_structured_output_at_48_tokens(
             model_class(model_name, provider=provider),
             output_type=ShortFact,
             retries=0,
-            model_settings={"temperature": 0, "max_tokens": BUDGET, "extra_body": MODES[mode]},
+            # pydantic-ai asks for its output as a tool call.
+            model_settings={"temperature": 0, "max_tokens": TOOL_BUDGET[mode], "extra_body": MODES[mode]},
         )
         return await agent.run(FACT_QUESTION)
 
@@ -290,7 +296,7 @@ def test_litellm_required_tool_call_says_tool_calls(
         messages=[{"role": "user", "content": WEATHER_QUESTION}],
         tools=[WEATHER_TOOL],
         tool_choice="required",
-        max_tokens=BUDGET,
+        max_tokens=TOOL_BUDGET[mode],
         temperature=0,
         timeout=TIMEOUT_S,
         num_retries=0,
@@ -318,7 +324,7 @@ def test_a_forced_responses_function_call_validates(
         input=WEATHER_QUESTION,
         tools=tools,
         tool_choice={"type": "function", "name": "get_weather"},
-        max_output_tokens=BUDGET if not web_search else 256,
+        max_output_tokens=TOOL_BUDGET["on" if web_search else "off"],
         temperature=0,
     )
     calls = [item for item in response.output if item.type == "function_call"]

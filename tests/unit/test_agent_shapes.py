@@ -139,3 +139,42 @@ def test_validation_params_name_the_field_not_the_validator() -> None:
         error = error_of(response, 400)
         assert error["param"] is not None and error["param"].startswith("response_format"), error
         assert "function-" not in error["param"], error
+
+
+@pytest.mark.parametrize(
+    ("loop_finish", "calls", "expected"),
+    [
+        # A whole parsed call is a tool call even when the budget ran out right after it.
+        (
+            "length",
+            [{"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{}"}}],
+            "tool_calls",
+        ),
+        (
+            "stop",
+            [{"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{}"}}],
+            "tool_calls",
+        ),
+        ("length", None, "length"),
+        ("stop", None, "stop"),
+    ],
+)
+def test_finish_reason_is_the_answer_s_own(loop_finish: str, calls: Any, expected: str) -> None:
+    from router.loop import LoopResult
+    from server.composition import ShapedAnswer
+    from server.serving_self_search import ChoiceResult, SelfSearchChat
+
+    result = LoopResult("x", True, "", [], 1, 1, loop_finish)
+    choice = ChoiceResult(result, [result])
+    assert SelfSearchChat._finish_reason(choice, ShapedAnswer(None, calls)) == expected
+
+
+def test_a_stream_s_error_event_gets_openai_s_shape_too() -> None:
+    from server.vllm_serving import openai_error_events
+
+    chunk = b'data: {"error": {"message": "bad", "type": "BadRequestError", "param": null, "code": 400}}\n\n'
+    line = openai_error_events(chunk).split(b"\n")[0]
+    error = json.loads(line[len(b"data: ") :])["error"]
+    assert (error["type"], error["code"]) == ("invalid_request_error", "invalid_value")
+    ordinary = b'data: {"choices": [{"delta": {"content": "\\"error\\""}}]}\n\n'
+    assert openai_error_events(ordinary) == ordinary

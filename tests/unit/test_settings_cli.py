@@ -378,3 +378,14 @@ def test_cpu_engine_shares_the_reserved_core_only_on_a_two_core_machine() -> Non
     assert cpu_engine_env({RESERVED_CPU_ENV: "1"}, cores=2) == {}
     assert cpu_engine_env({"VLLM_CPU_OMP_THREADS_BIND": "0-1"}, cores=2) == {}
     assert cpu_engine_env({"VLLM_CPU_OMP_THREADS_BIND": "auto"}, cores=2) == {RESERVED_CPU_ENV: "0"}
+
+
+def test_the_engine_writes_compact_json_unless_told_otherwise() -> None:
+    pytest.importorskip("vllm")
+    from router.engine.vllm_engine import EngineConfig
+
+    config = EngineConfig(model="m", served_model_name="m")
+    structured = config.engine_args()["structured_outputs_config"]
+    assert (structured.backend, structured.disable_any_whitespace) == ("xgrammar", True)
+    own = EngineConfig(model="m", served_model_name="m", extra={"structured_outputs_config": "mine"})
+    assert own.engine_args()["structured_outputs_config"] == "mine"
