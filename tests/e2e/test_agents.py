@@ -418,14 +418,19 @@ def test_langchain_structured_output_json_schema(
 # ----- 3. litellm ----------------------------------------------------------------------------
 
 
-def test_litellm_named_tool_call(server: RunningServer, model_name: str) -> None:
-    # litellm quiets other libraries' loggers (httpx) when imported: keep the suite's as they were.
+def import_litellm() -> Any:
+    """litellm, imported without the side effect on the suite's loggers: it quiets other
+    libraries' loggers (httpx) when imported, so their levels are put back as they were."""
     levels = {name: logging.getLogger(name).level for name in ("httpx", "httpcore", "openai")}
     try:
-        litellm = importlib.import_module("litellm")
+        return importlib.import_module("litellm")
     finally:
         for name, level in levels.items():
             logging.getLogger(name).setLevel(level)
+
+
+def test_litellm_named_tool_call(server: RunningServer, model_name: str) -> None:
+    litellm = import_litellm()
     response = litellm.completion(
         model=f"openai/{model_name}",
         api_base=server.base_url + "/v1",

@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import importlib
 import json
-import logging
 import os
 from collections.abc import Iterator
 from typing import Any
@@ -26,6 +25,7 @@ import pytest
 from pydantic import BaseModel, Field
 
 from tests.conftest import RunningServer
+from tests.e2e.test_agents import import_litellm
 
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
@@ -283,12 +283,7 @@ def test_pydantic_ai_structured_output_at_48_tokens(
 def test_litellm_required_tool_call_says_tool_calls(
     server: RunningServer, model_name: str, mode: str
 ) -> None:
-    levels = {name: logging.getLogger(name).level for name in ("httpx", "httpcore", "openai")}
-    try:
-        litellm = importlib.import_module("litellm")
-    finally:
-        for name, level in levels.items():
-            logging.getLogger(name).setLevel(level)
+    litellm = import_litellm()
     response = litellm.completion(
         model=f"openai/{model_name}",
         api_base=server.base_url + "/v1",

@@ -14,7 +14,6 @@ ssrl's own serving and some by vLLM's serving layer in process.
 from __future__ import annotations
 
 import json
-import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -24,12 +23,12 @@ import pytest
 from tests.conftest import (
     API_KEY,
     ENV,
-    MAX_MODEL_LEN,
     RunningServer,
     _free_port,
     _start,
     _stop,
     _wait_healthy,
+    server_command,
 )
 from tests.e2e.forwarded_fuzz import FIELDS, fuzz_forwarded
 
@@ -45,25 +44,8 @@ CHAT = "/v1/chat/completions"
 def capped(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
     port = _free_port()
     log = tmp_path_factory.mktemp("ssrl-capped") / "server.log"
-    argv = [
-        sys.executable,
-        "-m",
-        "clients.cli",
-        "serve",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--enforce-eager",
-        "--max-model-len",
-        str(MAX_MODEL_LEN),
-        "--api-key",
-        API_KEY,
-        "--served-model-name",
-        M,
-        "--max-tokens-limit",
-        str(LIMIT),
-    ]
+    # The session server's flags (keys, body limit, context), under its own name and a cap.
+    argv = [*server_command(port), "--served-model-name", M, "--max-tokens-limit", str(LIMIT)]
     process = _start(argv, log, ENV)
     running = RunningServer(f"http://127.0.0.1:{port}", API_KEY, log, process)
     try:
@@ -174,7 +156,7 @@ def test_engine_and_tokenizer_routes_need_the_key(
 
 
 def test_a_tokenize_body_has_its_own_limit(client: httpx.Client) -> None:
-    huge = {"model": M, "prompt": "word " * 100_000}  # 500 KB: under --max-request-bytes' 4 MiB
+    huge = {"model": M, "prompt": "word " * 100_000}  # 500 KB: under the server's --max-request-bytes
     response = client.post("/tokenize", json=huge)
     assert response.status_code == 413, response.text
     assert response.json()["error"]["code"] == "request_too_large"
