@@ -22,6 +22,7 @@ import uvicorn
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from server.auth import PROBE_PATHS
 from server.errors import APIError
 from server.settings import ServeSettings
 
@@ -29,8 +30,8 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-# Probes and scrapes keep answering while the server drains.
-UNCOUNTED_PATHS = ("/health", "/ready", "/metrics")
+# Probes and scrapes keep answering while the server drains: the same paths that need no key.
+UNCOUNTED_PATHS = PROBE_PATHS
 
 
 class Drainer:

@@ -26,6 +26,7 @@ from server.metrics import BODY_DEADLINE_EXPIRED, HTTPMetrics, MetricsMiddleware
 from server.settings import ServeSettings
 from tests.scripted_engine import Call, ScriptedEngine
 from tests.unit.test_admission_release import http_scope, one_body
+from tests.unit.test_http_layer import metric_value
 from tests.unit.test_self_search_http import Responder
 
 MODEL = DEFAULT_MODEL_NAME
@@ -40,12 +41,7 @@ WEB_SEARCH = {
 
 
 def metric(name: str, **labels: str) -> float:
-    text = shared_metrics().exposition().decode()
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
-                return sample.value
-    return 0.0
+    return metric_value(name, labels)
 
 
 def metric_sum(name: str, **labels: str) -> float:
