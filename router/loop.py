@@ -28,6 +28,7 @@ from router.engine.guard import generate_or_abort
 from router.entropy import DEFAULT_ESTIMATOR, QueryEntropy, query_entropy
 from router.policies import Decision, Policy, SearchContext
 from router.prompts import answer_cue
+from router.search.allowance import BUDGET_FALLBACK, BUDGET_NOTE, SearchAllowance
 from router.search.base import Document
 from router.search.service import SearchService
 from router.segments import Segment, continuation_ids, query_positions
@@ -127,6 +128,11 @@ class LoopConfig:
     # The user's question (guided mode), written again before `<answer>` when
     # `router.prompts.GUIDED_RESTATE_QUESTION` is on.
     question: str = ""
+    # Who pays for external searches (the API key's daily budget): asked before each one,
+    # counterfactual branches included; None: searches are not counted.
+    allowance: SearchAllowance | None = None
+    # The LoRA adapter every engine call of this trajectory runs on (None: the base model).
+    adapter: str | None = None
 
     @property
     def answer_cap(self) -> int:
@@ -349,12 +355,14 @@ class SelfSearchLoop:
         return TextDelta(text)
 
     def _encode_inserted(self, text: str) -> list[int]:
-        """The ids of a server-written piece. In guided mode a piece ending in newlines is
-        always followed by a tag the loop writes; encode the newlines as they tokenise before
-        that tag (`\n`, `\n`, `<`: what the worked examples show), not as the lone `\n\n`
-        token a piece encoded alone gets, which the model never saw before an `<answer>`."""
+        """The ids of a server-written piece. A piece ending in newlines is always followed by
+        a tag (the loop's in guided mode, the model's own `<answer>` or `<search>` in native
+        mode); encode the newlines as they tokenise before that tag (`\n`, `\n`, `<`: what
+        the worked examples show and what a model trained on whole transcripts saw), not as
+        the lone `\n\n` token a piece encoded alone gets, which such a model never saw before
+        a tag (the native adapter then wrote a stray newline, or no `<answer>` at all)."""
         ids = self._encode(text)
-        if self.config.mode == "guided" and text.endswith("\n"):
+        if text.endswith("\n"):
             joined = self._encode(text + "<")
             if joined and self._decode(joined[-1:]) == "<" and self._decode(joined[:-1]) == text:
                 return joined[:-1]
@@ -426,6 +434,7 @@ class SelfSearchLoop:
             repetition_penalty=repetition_penalty,
             frequency_penalty=frequency_penalty,
             structured=structured,
+            adapter=self.config.adapter,
         )
         self._calls += 1
         holdback = max((len(s) for s in stop), default=1) - 1
@@ -529,7 +538,17 @@ class SelfSearchLoop:
         context = self.config.search_context.strip()
         sent = f"{record.query} {context}" if context and context not in record.query else record.query
         record.sent_query = sent if sent != record.query else None
+        allowance = self.config.allowance
+        if allowance is not None and not await allowance.take():
+            # The key's budget is spent: the model fills the information, the request goes on.
+            record.fallback = BUDGET_FALLBACK
+            if BUDGET_NOTE not in self.notes:
+                self.notes.append(BUDGET_NOTE)
+            return
         outcome = await self.search.search(sent, self.config.docs_per_search)
+        if allowance is not None and outcome.attempts == 0:
+            # Answered from the cache (or nothing was sent): no provider call to pay for.
+            await allowance.refund()
         record.backend = outcome.backend
         record.latency_s = outcome.latency_s
         record.errors = list(outcome.errors)

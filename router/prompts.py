@@ -16,6 +16,15 @@ NATIVE = (
     "illustrations. For example, <answer> Beijing </answer>."
 )
 
+# The embedded native model's (smollm2-135m-ssrl, trained by `train/`): the same protocol in a
+# third of the tokens. It was trained with this prompt, so it is served with it; a prompt of a
+# few dozen tokens halves the training time of a 150-token example and every request's prefill.
+NATIVE_COMPACT = (
+    "Answer the question. First write a search query inside <search> and </search>. The "
+    "information it finds follows inside <information> and </information>. Then give the short "
+    "answer inside <answer> and </answer>."
+)
+
 # For any instruct model: the server writes each opening tag and the model fills it, so the
 # prompt only has to explain what goes inside each tag.
 GUIDED = (

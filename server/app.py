@@ -18,12 +18,14 @@ from router.engine.base import Engine, EngineDeadError, SamplingOptions
 from router.prompts import system_prompt
 from server.auth import AuthMiddleware, KeyChecker
 from server.errors import APIError, install_error_handlers
+from server.key_overrides import load_key_overrides
 from server.lifecycle import Drainer, DrainMiddleware, StartupInterrupted, until_draining
 from server.limits import (
     TOKENIZER_PATHS,
     BodySizeLimitMiddleware,
     HeaderSizeLimitMiddleware,
     RateLimitMiddleware,
+    client_identity,
     tokenizer_body_limit,
 )
 from server.metrics import HTTPMetrics, MetricsMiddleware, SearchMetricsObserver
@@ -39,9 +41,11 @@ from server.protocol import (
     ModelList,
     RetrieveRequest,
     RetrieveResponse,
+    SearchBudgetUsage,
     SearchResult,
 )
 from server.sampling import SamplingDefaults, sampling_defaults_for
+from server.search_budget import SearchBudget
 from server.search_config import build_search_service
 from server.serving import ServingContext, check_caps
 from server.serving_chat import PlainChat
@@ -50,6 +54,7 @@ from server.serving_responses import web_search_response
 from server.serving_search import retrieve, search_once
 from server.serving_self_search import SelfSearchChat, SelfSearchRuntime, wants_self_search
 from server.settings import ServeSettings
+from server.shared_state import SharedState
 from server.vllm_serving import (
     OpenAIServing,
     build_openai_serving,
@@ -207,18 +212,28 @@ def start_vllm_engine(settings: ServeSettings) -> Engine:
         enforce_eager=enforce_eager,
         max_num_seqs=settings.max_num_seqs,
         seed=settings.seed,
+        adapters=tuple(settings.adapters()),
         extra=settings.extra_engine_args(),
     )
     return VLLMEngine.start(config)
 
 
-def build_self_search(settings: ServeSettings, sampling: SamplingDefaults | None = None) -> SelfSearchRuntime:
+def build_self_search(
+    settings: ServeSettings,
+    sampling: SamplingDefaults | None = None,
+    shared: SharedState | None = None,
+    budget: SearchBudget | None = None,
+) -> SelfSearchRuntime:
     mode = settings.resolved_search_mode
     override = settings.system_prompt_file.read_text() if settings.system_prompt_file else None
+    observer = SearchMetricsObserver(shared_metrics())
+    # The search cache rides on the connection the limits use: one Redis, one pool.
+    redis = {"redis_client": shared.client} if shared is not None else {}
     return SelfSearchRuntime(
         sampling=sampling or SamplingDefaults(),
         settings=settings,
-        search=build_search_service(settings, SearchMetricsObserver(shared_metrics())),
+        search=build_search_service(settings, observer, **redis),
+        budget=budget,
         system_prompts={m: system_prompt(m, override if m == mode else None) for m in ("guided", "native")},
         mode=mode,
     )
@@ -258,6 +273,11 @@ async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
 def create_app(settings: ServeSettings, engine_factory: EngineFactory = start_engine) -> FastAPI:
     metrics = shared_metrics()
     state: dict[str, Any] = {}
+    # What replicas share (--redis-url): rate buckets, search budgets, the search cache.
+    overrides = load_key_overrides(settings.keys_file)
+    redis_url = settings.shared_redis_url
+    shared = SharedState.connect(redis_url, metrics) if redis_url else None
+    budget = SearchBudget.configured(settings.search_budget_per_day, overrides, shared, metrics)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -283,7 +303,7 @@ def create_app(settings: ServeSettings, engine_factory: EngineFactory = start_en
         # Read before vLLM's layer is given them (it would then report them as the model's).
         sampling = sampling_defaults_for(settings, engine_model_config(engine))
         logger.info("sampling defaults for requests that set none: %s", sampling.to_dict())
-        state["self_search"] = build_self_search(settings, sampling)
+        state["self_search"] = build_self_search(settings, sampling, shared, budget)
         state["openai"] = await build_openai_serving(engine, settings, sampling=sampling)
         state["ctx"] = ServingContext(
             sampling=sampling,
@@ -294,6 +314,7 @@ def create_app(settings: ServeSettings, engine_factory: EngineFactory = start_en
             max_n=settings.max_n,
             max_tokens_limit=settings.max_tokens_limit,
             max_request_tokens=settings.max_request_tokens,
+            adapters={a.name: a for a in settings.adapters()},
         )
         logger.info("serving %s on http://%s:%d", settings.model_name, settings.host, settings.port)
         try:
@@ -303,6 +324,8 @@ def create_app(settings: ServeSettings, engine_factory: EngineFactory = start_en
             if state["openai"] is not None:
                 await state["openai"].aclose()
             await engine.shutdown()
+            if shared is not None:
+                await shared.aclose()
 
     app = FastAPI(title="ssrl", version=_version(), lifespan=lifespan)
 
@@ -331,11 +354,14 @@ def create_app(settings: ServeSettings, engine_factory: EngineFactory = start_en
 
     @app.get("/health", response_model=HealthStatus, responses=_PROBE)
     async def health() -> Response:
+        # Redis out is no reason to restart or drain a replica (it serves on with its own
+        # limits); it is said here, and in ssrl_shared_state_up.
+        detail = {"shared_state": await shared.probe()} if shared is not None else {}
         try:
             await ctx().engine.check_health()
         except (EngineDeadError, KeyError):
-            return JSONResponse({"status": "unavailable"}, status_code=503)
-        return JSONResponse({"status": "ok"})
+            return JSONResponse({"status": "unavailable", **detail}, status_code=503)
+        return JSONResponse({"status": "ok", **detail})
 
     @app.get("/ready", response_model=HealthStatus, responses=_PROBE)
     async def ready() -> Response:
@@ -348,33 +374,39 @@ def create_app(settings: ServeSettings, engine_factory: EngineFactory = start_en
     async def prometheus_metrics() -> Response:
         return Response(metrics.exposition(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
-    @app.get("/v1/models", response_model=ModelList, responses=_API_ERRORS)
-    async def list_models() -> ModelList:
-        c = ctx()
-        return ModelList(
-            data=[
-                ModelCard(
-                    id=c.model_name,
-                    root=settings.model or c.model_name,
-                    max_model_len=c.engine.max_model_len,
-                    sampling_defaults=c.sampling.to_dict(),
-                )
-            ]
-        )
-
-    @app.get("/v1/models/{model_id:path}", response_model=ModelCard, responses=_MODEL_ERRORS)
-    async def get_model(model_id: str) -> ModelCard:
-        c = ctx()
-        if model_id != c.model_name:
-            raise APIError(
-                404, f"The model `{model_id}` does not exist.", param="model", code="model_not_found"
-            )
-        return ModelCard(
+    def model_cards(c: ServingContext) -> list[ModelCard]:
+        # vLLM's listing: the base model, then each adapter with its path as `root` and the
+        # base as `parent`; ssrl adds the context and the sampling defaults in force.
+        base = ModelCard(
             id=c.model_name,
             root=settings.model or c.model_name,
             max_model_len=c.engine.max_model_len,
             sampling_defaults=c.sampling.to_dict(),
         )
+        adapters = [
+            ModelCard(
+                id=a.name,
+                root=a.path,
+                parent=c.model_name,
+                max_model_len=c.engine.max_model_len,
+                sampling_defaults=c.sampling.to_dict(),
+            )
+            for a in c.adapters.values()
+        ]
+        return [base, *adapters]
+
+    @app.get("/v1/models", response_model=ModelList, responses=_API_ERRORS)
+    async def list_models() -> ModelList:
+        return ModelList(data=model_cards(ctx()))
+
+    @app.get("/v1/models/{model_id:path}", response_model=ModelCard, responses=_MODEL_ERRORS)
+    async def get_model(model_id: str) -> ModelCard:
+        card = next((m for m in model_cards(ctx()) if m.id == model_id), None)
+        if card is None:
+            raise APIError(
+                404, f"The model `{model_id}` does not exist.", param="model", code="model_not_found"
+            )
+        return card
 
     def openai_serving() -> OpenAIServing | None:
         serving: OpenAIServing | None = state.get("openai")
@@ -399,7 +431,9 @@ def create_app(settings: ServeSettings, engine_factory: EngineFactory = start_en
         check_caps(ctx(), body.n, body.token_limit, body.token_limit_param)
         runtime: SelfSearchRuntime | None = state.get("self_search")
         if runtime is not None and wants_self_search(runtime, body):
-            chat: PlainChat | SelfSearchChat = SelfSearchChat(ctx(), runtime, body)
+            chat: PlainChat | SelfSearchChat = SelfSearchChat(
+                ctx(), runtime, body, client=client_identity(request.scope)
+            )
         else:
             chat = PlainChat(ctx(), body)
         await chat.prepare()  # tokenising runs off the event loop
@@ -433,7 +467,9 @@ def create_app(settings: ServeSettings, engine_factory: EngineFactory = start_en
     @app.post("/v1/responses", responses=_MODEL_ERRORS, include_in_schema=False)
     async def responses(request: Request) -> Response:
         # With OpenAI's web_search tool, ssrl's self-search loop answers (server/serving_responses.py).
-        web_search = web_search_response(ctx(), state.get("self_search"), await request.body())
+        web_search = web_search_response(
+            ctx(), state.get("self_search"), await request.body(), client_identity(request.scope)
+        )
         if web_search is not None:
             await web_search.prepare()  # tokenising runs off the event loop
             return web_search.http_response(await until_disconnect(request, web_search.complete()))
@@ -459,22 +495,33 @@ def create_app(settings: ServeSettings, engine_factory: EngineFactory = start_en
     async def version(request: Request) -> Response:
         return await forward_always(openai_serving(), settings, request)
 
+    def spender(request: Request) -> tuple[SearchBudget, bytes] | None:
+        return (budget, client_identity(request.scope)) if budget is not None else None
+
     @app.post("/retrieve", response_model=RetrieveResponse, responses=_SEARCH_ERRORS)
-    async def retrieve_documents(body: RetrieveRequest) -> JSONResponse:
-        return JSONResponse(await retrieve(state["self_search"].search, body))
+    async def retrieve_documents(body: RetrieveRequest, request: Request) -> JSONResponse:
+        return JSONResponse(await retrieve(state["self_search"].search, body, spender(request)))
 
     @app.get("/v1/search", response_model=SearchResult, responses=_SEARCH_ERRORS)
     async def search_documents(
-        q: str = Query(..., max_length=2000), k: int = Query(5, ge=1, le=50)
+        request: Request, q: str = Query(..., max_length=2000), k: int = Query(5, ge=1, le=50)
     ) -> SearchResult:
-        return await search_once(state["self_search"].search, q, k)
+        return await search_once(state["self_search"].search, q, k, spender(request))
+
+    @app.get("/v1/search_budget", response_model=SearchBudgetUsage, responses=_API_ERRORS)
+    async def search_budget_usage(request: Request) -> JSONResponse:
+        """The calling key's own search budget today: its limit, what it used, when it resets."""
+        counter = budget if budget is not None else SearchBudget(None, overrides)
+        return JSONResponse(await counter.usage(client_identity(request.scope)))
 
     # Innermost first (each add wraps the ones before): metrics see every answer; the size
     # caps run before auth reads nothing; the limiter keys on the key auth accepted; the
     # admission (drain, in-flight cap) reads the body before it counts a request.
     app.add_middleware(DrainMiddleware, drainer=drainer)
-    if settings.rate_limit is not None:
-        app.add_middleware(RateLimitMiddleware, per_minute=settings.rate_limit)
+    if settings.rate_limit is not None or overrides.any_rate_limit():
+        app.add_middleware(
+            RateLimitMiddleware, per_minute=settings.rate_limit, overrides=overrides, shared=shared
+        )
     app.add_middleware(AuthMiddleware, checker=KeyChecker(settings.api_key))
 
     def body_limit(path: str) -> int | None:

@@ -58,10 +58,12 @@ def add_settings_flags(parser: argparse.ArgumentParser, fields: dict[str, FieldI
                 help=help_text,
             )
         elif typing.get_origin(kind) is list:
+            # `--flag a b` (vLLM's form, as in --lora-modules) and `--flag a --flag b` alike.
             parser.add_argument(
                 _flag(name),
                 dest=name,
-                action="append",
+                action="extend",
+                nargs="+",
                 default=argparse.SUPPRESS,
                 help=help_text + " (repeatable)",
             )

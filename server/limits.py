@@ -1,5 +1,5 @@
 """Request limits: head size (431 past it), body size (413 past it) and a per-key request
-rate (429 past it)."""
+rate (429 past it; shared between replicas through Redis with --redis-url)."""
 
 from __future__ import annotations
 
@@ -14,6 +14,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.auth import KEY_DIGEST_SCOPE, needs_key
 from server.errors import APIError
+from server.key_overrides import KeyOverrides
+from server.shared_state import SharedState, SharedStateUnavailable
+from server.token_bucket import RateLimit, take
 
 
 class BodySizeLimitMiddleware:
@@ -96,52 +99,75 @@ class HeaderSizeLimitMiddleware:
         await self.app(scope, receive, send)
 
 
+def client_identity(scope: Scope) -> bytes:
+    """Who a request counts against: the authenticated key as AuthMiddleware parsed it (a
+    digest), so `bearer  KEY` and `BEARER KEY` are one client. Without keys configured, a
+    presented token proves nothing (any string passes), so the client address is the key."""
+    digest = scope.get(KEY_DIGEST_SCOPE)
+    if isinstance(digest, bytes):
+        return digest
+    client = scope.get("client") or ("?", 0)
+    return hashlib.sha256(str(client[0]).encode()).digest()
+
+
 class RateLimitMiddleware:
     """A token bucket per authenticated API key (per client address when there are no keys).
 
     Runs inside AuthMiddleware, which leaves the accepted key's digest in the scope.
-    Buckets are keyed by a digest of the key, never the key itself, and kept in an LRU of
-    bounded size so that a flood of distinct keys cannot grow memory without bound.
+    Buckets are keyed by a digest of the key, never the key itself. With `shared` (Redis,
+    --redis-url) every replica drains the same bucket; without it, or while Redis is out,
+    each process keeps its own, in an LRU of bounded size so that a flood of distinct keys
+    cannot grow memory without bound. `overrides` (--keys-file) give a key its own rate.
     """
 
     def __init__(
         self,
         app: ASGIApp,
-        per_minute: float,
+        per_minute: float | None,
         burst: float | None = None,
         clock: Callable[[], float] = time.monotonic,
         max_clients: int = 10_000,
+        overrides: KeyOverrides | None = None,
+        shared: SharedState | None = None,
     ) -> None:
         self.app = app
-        self.rate = per_minute / 60.0
-        self.burst = burst if burst is not None else max(1.0, per_minute / 6.0)
+        self.default = RateLimit.of(per_minute, burst) if per_minute is not None else None
         self.clock = clock
+        self.overrides = overrides or KeyOverrides()
+        self.shared = shared
         self.buckets: LRUCache[bytes, tuple[float, float]] = LRUCache(maxsize=max_clients)
 
-    def _client(self, scope: Scope) -> bytes:
-        # The authenticated key as AuthMiddleware parsed it (a digest): `bearer  KEY` and
-        # `BEARER KEY` share one bucket. Without keys configured, a presented token proves
-        # nothing (any string passes), so the client address is the key.
-        digest = scope.get(KEY_DIGEST_SCOPE)
-        if isinstance(digest, bytes):
-            return digest
-        client = scope.get("client") or ("?", 0)
-        return hashlib.sha256(str(client[0]).encode()).digest()
+    def limit_for(self, client: bytes) -> RateLimit | None:
+        default = self.default.per_minute if self.default is not None else None
+        per_minute = self.overrides.get(client).rate_limit_or(default)
+        if per_minute is None:
+            return None
+        if self.default is not None and per_minute == self.default.per_minute:
+            return self.default
+        return RateLimit.of(per_minute)
 
-    def _take(self, client: bytes) -> float:
-        """0 when a token was taken, else the seconds until one is available."""
+    def _take(self, client: bytes, limit: RateLimit) -> float:
+        """This process's bucket: 0 when a token was taken, else the seconds until one is."""
         now = self.clock()
-        tokens, last = self.buckets.get(client, (self.burst, now))
-        tokens = min(self.burst, tokens + (now - last) * self.rate)
-        if tokens >= 1.0:
-            self.buckets[client] = (tokens - 1.0, now)
+        tokens, updated = self.buckets.get(client, (None, now))
+        left, wait = take(tokens, updated, now, limit)
+        self.buckets[client] = (left, now)
+        return wait
+
+    async def _admit(self, client: bytes) -> float:
+        limit = self.limit_for(client)
+        if limit is None:
             return 0.0
-        self.buckets[client] = (tokens, now)
-        return (1.0 - tokens) / self.rate
+        if self.shared is not None:
+            try:
+                return await self.shared.take_token(client, limit)
+            except SharedStateUnavailable:
+                pass  # fail open to this replica's own bucket (never to no limit)
+        return self._take(client, limit)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and needs_key(scope["path"]):
-            wait = self._take(self._client(scope))
+            wait = await self._admit(client_identity(scope))
             if wait > 0:
                 error = APIError(
                     429,

@@ -10,6 +10,8 @@ from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histo
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from router.search.allowance import BUDGET_FALLBACK
+
 _LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300)
 _ENTROPY_BUCKETS = (0.1, 0.25, 0.5, 0.75, 1, 1.25, 1.5, 2, 2.5, 3, 4, 5, 7.5, 10)
 _TOKEN_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
@@ -65,8 +67,9 @@ class HTTPMetrics:
 
         self.searches = Counter(
             "ssrl_searches",
-            "Searches by decision, backend and outcome "
-            "(ok, fallback: external failed and the model filled in, self_filled, skipped).",
+            "Searches by decision, backend and outcome (ok, fallback: external failed and the "
+            "model filled in, budget: the key's search budget was spent and the model filled in, "
+            "self_filled, skipped).",
             ["decision", "backend", "outcome"],
             registry=registry,
         )
@@ -121,6 +124,38 @@ class HTTPMetrics:
             ["backend", "result"],
             registry=registry,
         )
+        # Over all keys: a label per key would be a time series per key forever
+        # (per-key figures: GET /v1/search_budget, and the log line when a key runs out).
+        self.search_budget = Counter(
+            "ssrl_search_budget",
+            "Per-key search budget checks over all keys, by result (spent: an external search "
+            "counted; refunded: given back, it cost no provider call; denied: self-filled or "
+            "429 because the key's budget was spent).",
+            ["result"],
+            registry=registry,
+        )
+
+        # What replicas share through Redis (--redis-url); absent without it.
+        self.shared_state_up = Gauge(
+            "ssrl_shared_state_up",
+            "1 while Redis answers (rate limits and search budgets shared between replicas), "
+            "0 while this replica uses its own.",
+            ["store"],
+            registry=registry,
+        )
+        self.shared_state_errors = Counter(
+            "ssrl_shared_state_errors",
+            "Redis calls that failed, by operation (rate_limit, budget, ping).",
+            ["operation"],
+            registry=registry,
+        )
+        self.shared_state_local = Counter(
+            "ssrl_shared_state_local",
+            "Checks this replica answered from its own state because Redis was out, by "
+            "operation (rate_limit, budget).",
+            ["operation"],
+            registry=registry,
+        )
 
     def record_trajectory(self, searches: Sequence[Any]) -> None:
         """Count one finished trajectory's searches (router.loop.SearchRecord objects)."""
@@ -131,6 +166,8 @@ class HTTPMetrics:
                 outcome = "skipped"
             elif record.route == "internal":
                 outcome = "self_filled"
+            elif record.fallback == BUDGET_FALLBACK:
+                outcome = "budget"  # nothing was sent: no latency to observe
             else:
                 outcome = "fallback" if record.fallback else "ok"
                 self.search_seconds.labels(backend).observe(record.latency_s)

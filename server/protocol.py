@@ -368,6 +368,8 @@ class ModelCard(BaseModel):
     created: int = Field(default_factory=now)
     owned_by: str = "ssrl"
     root: str | None = None
+    # vLLM's field: the base model of a LoRA adapter (None for a base model).
+    parent: str | None = None
     max_model_len: int | None = None
     # Extension: the temperature and top_p a request that sets none gets, and their source.
     sampling_defaults: dict[str, Any] | None = None
@@ -536,6 +538,21 @@ class ErrorResponse(BaseModel):
 
 class HealthStatus(BaseModel):
     status: str
+    # With --redis-url: whether Redis answers ({"redis": "up"}), else how long it has not.
+    shared_state: dict[str, Any] | None = None
+
+
+class SearchBudgetUsage(BaseModel):
+    """`GET /v1/search_budget`: the calling key's budget of external searches today (UTC)."""
+
+    object: Literal["search_budget"] = "search_budget"
+    name: str | None = Field(None, description="The key's name in --keys-file, if it has one.")
+    limit: int | None = Field(None, description="Searches a day; null: unlimited.")
+    used: int = Field(description="Searches counted today (cache hits are not).")
+    remaining: int | None = None
+    day: str = Field(description="The UTC day counted, YYYY-MM-DD.")
+    resets_at: int = Field(description="Unix time of the next UTC midnight.")
+    shared: bool = Field(description="Counted in Redis for every replica (false: this replica's own count).")
 
 
 class RetrieveResponse(BaseModel):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections import defaultdict
+from typing import Any
 
 from router.search.base import SearchBackend
 from router.search.cache import ResultCache, SearchCache
@@ -56,13 +57,19 @@ def build_backends(settings: ServeSettings) -> list[SearchBackend]:
     return backends
 
 
-def build_search_service(settings: ServeSettings, observer: SearchObserver | None = None) -> SearchService:
-    """Each backend wrapped in retries, a breaker and limits; one shared result cache."""
+def build_search_service(
+    settings: ServeSettings, observer: SearchObserver | None = None, redis_client: Any = None
+) -> SearchService:
+    """Each backend wrapped in retries, a breaker and limits; one shared result cache.
+
+    With --redis-url the cache is in Redis, over `redis_client` when given (the connection
+    the rate limits and budgets use); --search-cache-size 0 turns it off there too."""
     cache: ResultCache | None = None
-    if settings.search_cache_url:
+    url = settings.shared_redis_url
+    if url and settings.search_cache_size > 0:
         from router.search.redis_cache import RedisSearchCache
 
-        cache = RedisSearchCache(settings.search_cache_url, ttl_s=settings.search_cache_ttl)
+        cache = RedisSearchCache(url, ttl_s=settings.search_cache_ttl, client=redis_client)
     elif settings.search_cache_size > 0:
         cache = SearchCache(maxsize=settings.search_cache_size, ttl_s=settings.search_cache_ttl)
     return SearchService.from_backends(build_backends(settings), resilience_policy(settings), cache, observer)

@@ -5,11 +5,12 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TypeVar
 
+from router.engine.adapters import Adapter
 from router.engine.base import (
     Engine,
     GenerationDelta,
@@ -48,6 +49,8 @@ class ServingContext:
     max_request_tokens: int | None = None
     # What a request that sets no temperature / top_p gets (server.sampling).
     sampling: SamplingDefaults = field(default_factory=SamplingDefaults)
+    # LoRA adapters served beside the base model, by served name (router.engine.adapters).
+    adapters: Mapping[str, Adapter] = field(default_factory=dict)
     # Tokenising and chat templating run here, off the event loop: one worker, as vLLM's
     # own async tokenizer, so that big prompts queue rather than take every core.
     tokenizer_pool: ThreadPoolExecutor = field(default_factory=_tokenizer_pool)
@@ -55,6 +58,11 @@ class ServingContext:
     async def off_loop(self, work: Callable[[], T]) -> T:
         """Run CPU-bound prompt work (tokenising, templating) without blocking the loop."""
         return await asyncio.get_running_loop().run_in_executor(self.tokenizer_pool, work)
+
+    @property
+    def served_names(self) -> list[str]:
+        """Every model name requests may send: the base model's, then each adapter's."""
+        return [self.model_name, *self.adapters]
 
     @property
     def max_prompt_chars(self) -> int:
@@ -247,14 +255,20 @@ def check_prompt_chars(ctx: ServingContext, chars: int, param: str) -> None:
         )
 
 
-def check_model(ctx: ServingContext, requested: str) -> None:
-    if requested != ctx.model_name:
+def check_model(ctx: ServingContext, requested: str) -> Adapter | None:
+    """The adapter a request names (None: the base model); 404 for a name this server lacks."""
+    if requested == ctx.model_name:
+        return None
+    adapter = ctx.adapters.get(requested)
+    if adapter is None:
+        served = ", ".join(f"`{name}`" for name in ctx.served_names)
         raise APIError(
             404,
-            f"The model `{requested}` does not exist. This server serves `{ctx.model_name}`.",
+            f"The model `{requested}` does not exist. This server serves {served}.",
             param="model",
             code="model_not_found",
         )
+    return adapter
 
 
 def completion_budget(
@@ -297,6 +311,7 @@ def sampling_options(
     logprobs: int | None,
     choice: int,
     defaults: SamplingDefaults | None = None,
+    adapter: Adapter | None = None,
 ) -> SamplingOptions:
     # n choices run as n engine requests; a fixed seed is offset per choice so that the
     # choices differ, as they do when vLLM samples n sequences from one seed.
@@ -309,6 +324,7 @@ def sampling_options(
         stop=request.stop_list(),
         logprobs=logprobs,
         include_stop_str_in_output=False,
+        adapter=adapter.name if adapter is not None else None,
     )
 
 

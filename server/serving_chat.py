@@ -68,7 +68,7 @@ class PlainChat:
     """One validated chat request, ready to run as n engine requests once `prepare`d."""
 
     def __init__(self, ctx: ServingContext, request: ChatCompletionRequest) -> None:
-        check_model(ctx, request.model)
+        self.adapter = check_model(ctx, request.model)
         top = request.top_logprobs or 0
         check_logprobs(ctx, top if request.logprobs else None, "top_logprobs")
         self.ctx = ctx
@@ -97,7 +97,9 @@ class PlainChat:
                 self.ctx,
                 ROUTE,
                 self.prompt,
-                sampling_options(self.request, self.max_tokens, self.logprobs, i, self.ctx.sampling),
+                sampling_options(
+                    self.request, self.max_tokens, self.logprobs, i, self.ctx.sampling, self.adapter
+                ),
                 self.started,
             )
             for i in range(self.request.n)
@@ -136,12 +138,12 @@ class PlainChat:
         ]
         completion = sum(len(o.token_ids) for o in outcomes)
         return ChatCompletionResponse(
-            model=self.ctx.model_name, choices=choices, usage=Usage.of(len(self.prompt), completion)
+            model=self.request.model, choices=choices, usage=Usage.of(len(self.prompt), completion)
         )
 
     async def stream(self) -> AsyncIterator[str]:
         await self.prepare()
-        chunk_id, created, model = new_id("chatcmpl"), now(), self.ctx.model_name
+        chunk_id, created, model = new_id("chatcmpl"), now(), self.request.model
 
         include_usage = self.request.stream_options is not None and self.request.stream_options.include_usage
 

@@ -41,7 +41,7 @@ class Completion:
     """One validated completions request: every prompt times n samples, once `prepare`d."""
 
     def __init__(self, ctx: ServingContext, request: CompletionRequest) -> None:
-        check_model(ctx, request.model)
+        self.adapter = check_model(ctx, request.model)
         check_logprobs(ctx, request.logprobs, "logprobs")
         self.ctx = ctx
         self.request = request
@@ -105,7 +105,12 @@ class Completion:
                 ROUTE,
                 self.prompts[p],
                 sampling_options(
-                    self.request, self.max_tokens[p], self.request.logprobs, s, self.ctx.sampling
+                    self.request,
+                    self.max_tokens[p],
+                    self.request.logprobs,
+                    s,
+                    self.ctx.sampling,
+                    self.adapter,
                 ),
                 self.started,
             )
@@ -154,14 +159,14 @@ class Completion:
                 )
             )
         return CompletionResponse(
-            model=self.ctx.model_name,
+            model=self.request.model,
             choices=choices,
             usage=self._usage(sum(len(o.token_ids) for o in outcomes)),
         )
 
     async def stream(self) -> AsyncIterator[str]:
         await self.prepare()
-        chunk_id, created, model = new_id("cmpl"), now(), self.ctx.model_name
+        chunk_id, created, model = new_id("cmpl"), now(), self.request.model
 
         def chunk(choices: list[CompletionChoice], usage: Usage | None = None) -> str:
             return sse(

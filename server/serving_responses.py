@@ -694,12 +694,18 @@ def sse_stream(response: dict[str, Any]) -> Iterator[str]:
 class WebSearchResponse:
     """One web_search Responses request, answered by ssrl's self-search chat."""
 
-    def __init__(self, ctx: ServingContext, runtime: SelfSearchRuntime, body: dict[str, Any]) -> None:
+    def __init__(
+        self,
+        ctx: ServingContext,
+        runtime: SelfSearchRuntime,
+        body: dict[str, Any],
+        client: bytes | None = None,
+    ) -> None:
         self.converted = to_chat_request(body, ctx.model_name)
         chat = self.converted.chat
         with responses_params():
             check_caps(ctx, chat.n, chat.token_limit)
-            self.chat = SelfSearchChat(ctx, runtime, chat, route=ROUTE)
+            self.chat = SelfSearchChat(ctx, runtime, chat, route=ROUTE, client=client)
 
     async def prepare(self) -> None:
         with responses_params():
@@ -719,7 +725,7 @@ class WebSearchResponse:
 
 
 def web_search_response(
-    ctx: ServingContext, runtime: SelfSearchRuntime | None, raw: bytes
+    ctx: ServingContext, runtime: SelfSearchRuntime | None, raw: bytes, client: bytes | None = None
 ) -> WebSearchResponse | None:
     """The self-search answer of a `POST /v1/responses` body with a web_search tool; None for
     any other request (vLLM's Responses API answers it, exactly as without this module), once
@@ -731,4 +737,4 @@ def web_search_response(
     check_request_schemas(body)
     if runtime is None or web_search_tool_index(body) is None:
         return None
-    return WebSearchResponse(ctx, runtime, body)
+    return WebSearchResponse(ctx, runtime, body, client)

@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
+from router.engine.adapters import Adapter
 from router.engine.base import offset_seed
 from router.loop import LoopConfig, LoopFinished, LoopResult, Mode, SearchDecided, SelfSearchLoop, TextDelta
 from router.policies import make_policy
@@ -40,6 +41,7 @@ from server.protocol import (
     now,
 )
 from server.sampling import SamplingDefaults
+from server.search_budget import SearchBudget
 from server.serving import (
     ServingContext,
     check_model,
@@ -65,6 +67,8 @@ class SelfSearchRuntime:
     mode: Mode
     # What a request that sets no temperature / top_p gets (server.sampling).
     sampling: SamplingDefaults = field(default_factory=SamplingDefaults)
+    # Each key's daily budget of external searches (None: no key has one).
+    budget: SearchBudget | None = None
 
 
 T = TypeVar("T")
@@ -96,10 +100,20 @@ def _invalid(param: str, message: str) -> APIError:
     return APIError(400, message, param=f"self_search.{param}", code="invalid_value")
 
 
+def _operator_set(settings: Any, name: str) -> bool:
+    return name in settings.model_fields_set
+
+
 def loop_config(
-    runtime: SelfSearchRuntime, request: ChatCompletionRequest, max_tokens: int
+    runtime: SelfSearchRuntime,
+    request: ChatCompletionRequest,
+    max_tokens: int,
+    adapter: Adapter | None = None,
 ) -> tuple[LoopConfig, int]:
-    """The trajectory's config and the number of votes, from server defaults + request."""
+    """The trajectory's config and the number of votes, from server defaults + request.
+
+    An adapter (a LoRA of an SSRL model) self-searches in native mode, with the documents and
+    threshold it was made for where the operator did not set them."""
     s = runtime.settings
     o = request.self_search or SelfSearchOptions()
     policy_name = pick(o.policy, s.search_policy)
@@ -111,14 +125,21 @@ def loop_config(
     if votes > s.max_votes:
         raise _invalid("votes", f"votes must be at most {s.max_votes} on this server.")
     # The budget policy is a pure top-k rule unless the request also sets a threshold.
-    tau = o.threshold if policy_name == "budget" else pick(o.threshold, s.search_threshold)
+    threshold = s.search_threshold
+    if (
+        adapter is not None
+        and adapter.search_threshold is not None
+        and not _operator_set(s, "search_threshold")
+    ):
+        threshold = adapter.search_threshold
+    tau = o.threshold if policy_name == "budget" else pick(o.threshold, threshold)
     try:
         policy = make_policy(
             policy_name, tau=tau, aggregate=aggregate, budget=pick(o.budget, s.search_budget)
         )
     except ValueError as exc:
         raise _invalid("policy", str(exc)) from exc
-    mode = pick(o.mode, runtime.mode)
+    mode = pick(o.mode, "native" if adapter is not None else runtime.mode)
     # Guided mode (small instruct models) reads one short document far better than three long
     # ones (bench/first_impression.py); a value the operator or the request set still wins.
     docs_default, chars = s.docs_per_search, s.max_doc_chars
@@ -127,6 +148,11 @@ def loop_config(
             docs_default = GUIDED_DOCS_PER_SEARCH
         if "max_doc_chars" not in s.model_fields_set:
             chars = GUIDED_MAX_DOC_CHARS
+    if adapter is not None and mode == "native":
+        if adapter.docs_per_search is not None and not _operator_set(s, "docs_per_search"):
+            docs_default = adapter.docs_per_search
+        if adapter.max_doc_chars is not None and not _operator_set(s, "max_doc_chars"):
+            chars = adapter.max_doc_chars
     size = request.web_search_options.search_context_size if request.web_search_options else None
     docs_default = CONTEXT_SIZE_DOCS.get(size or "medium") or docs_default
     # Guided mode reads the user's question twice: search context, and the line before <answer>.
@@ -150,6 +176,7 @@ def loop_config(
         counterfactual=bool(o.counterfactual),
         search_context=question if s.search_with_question else "",
         question=question,
+        adapter=adapter.name if adapter is not None else None,
     )
     return config, votes
 
@@ -240,8 +267,9 @@ class SelfSearchChat:
         runtime: SelfSearchRuntime,
         request: ChatCompletionRequest,
         route: str = ROUTE,
+        client: bytes | None = None,
     ) -> None:
-        check_model(ctx, request.model)
+        self.adapter = check_model(ctx, request.model)
         if request.logprobs:
             raise APIError(
                 400,
@@ -259,7 +287,10 @@ class SelfSearchChat:
         # A trajectory generates what one plain choice may (`completion_budget`'s rule):
         # max_tokens if given, else --max-loop-tokens, both within --max-tokens-limit.
         requested, default = request.token_limit, runtime.settings.max_loop_tokens
-        self.config, self.votes = loop_config(runtime, request, requested or default)
+        self.config, self.votes = loop_config(runtime, request, requested or default, self.adapter)
+        if runtime.budget is not None and client is not None:
+            # Every trajectory of the request (votes, branches) spends from the key's budget.
+            self.config = replace(self.config, allowance=runtime.budget.allowance(client))
         # The agent's tools, output schema and stop strings shape the answer turn only.
         self.composition: Composition = composition_of(request, runtime.settings)
         self.protocol_prompt_tokens = 0
@@ -278,7 +309,10 @@ class SelfSearchChat:
         except ValueError as exc:  # a non-text content part: the same 400 as plain chat's
             raise APIError(400, str(exc), param="messages", code="invalid_value") from exc
         tools = self.composition.tools_prompt()
-        system = "\n\n".join([self.runtime.system_prompts[mode], *own_text, *([tools] if tools else [])])
+        protocol = self.runtime.system_prompts[mode]
+        if self.adapter is not None and mode == "native" and self.adapter.system_prompt:
+            protocol = self.adapter.system_prompt  # the prompt the adapter was trained with
+        system = "\n\n".join([protocol, *own_text, *([tools] if tools else [])])
         examples = [ChatMessage(**m) for m in example_messages(mode)]
         turns = [m for m in request.messages if m.role not in ("system", "developer")]
         conversation = [ChatMessage(role="system", content=system), *examples, *turns]
@@ -365,7 +399,7 @@ class SelfSearchChat:
             sum(r.completion_tokens for r in results),
             sum(r.reasoning_tokens for r in results),
         )
-        return ChatCompletionResponse(model=self.ctx.model_name, choices=choices, usage=usage)
+        return ChatCompletionResponse(model=self.request.model, choices=choices, usage=usage)
 
     def _shaped(self, result: ChoiceResult) -> ShapedAnswer:
         """The chosen answer as the request's shape reads it (content, or tool calls)."""
@@ -417,7 +451,7 @@ class SelfSearchChat:
 
     async def stream(self) -> AsyncIterator[str]:
         await self.prepare()
-        chunk_id, created, model = new_id("chatcmpl"), now(), self.ctx.model_name
+        chunk_id, created, model = new_id("chatcmpl"), now(), self.request.model
         first_token = True
 
         include_usage = self.request.stream_options is not None and self.request.stream_options.include_usage

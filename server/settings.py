@@ -15,6 +15,7 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from router.engine.adapters import Adapter, embedded_adapter, numbered, parse_lora_modules
 from router.engine.base import SEED_MAX, SEED_MIN
 from router.engine.default_model import DEFAULT_MODEL_NAME, default_cache_dir
 from router.loop import LoopConfig, Mode
@@ -52,7 +53,19 @@ class ServeSettings(BaseSettings):
         None,
         gt=0,
         description="Requests per minute per API key (per client address without "
-        "keys); past it 429 with Retry-After (none: unlimited).",
+        "keys); past it 429 with Retry-After (none: unlimited). Shared by all replicas with "
+        "--redis-url.",
+    )
+    redis_url: str | None = Field(
+        None,
+        description="redis://host:port/db that replicas share: per-key rate limits, search "
+        "budgets and the search cache (none: each process keeps its own). Redis out: each "
+        "replica goes on with its own state (docs/deploy.md).",
+    )
+    keys_file: Path | None = Field(
+        None,
+        description="JSON file of per-API-key overrides of --rate-limit and "
+        "--search-budget-per-day (format: docs/deploy.md, server/key_overrides.py).",
     )
     max_header_bytes: int = Field(16384, ge=1024, description="Largest request head accepted (bytes).")
     http_parser: Literal["h11", "httptools"] = Field(
@@ -111,6 +124,16 @@ class ServeSettings(BaseSettings):
     )
     cache_dir: Path = Field(
         default_factory=default_cache_dir, description="Where the converted default model lives."
+    )
+    lora_modules: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="LoRA adapters of the model, each served under its own name in native mode: "
+        "name=path or a JSON object with name and path (vLLM's flag and formats).",
+    )
+    native_adapter: bool = Field(
+        True,
+        description="With the embedded model, also serve its native self-search adapter "
+        "(smollm2-135m-ssrl, trained by train/).",
     )
 
     # Remote engine mode: route in front of an existing vLLM OpenAI server instead.
@@ -198,6 +221,13 @@ class ServeSettings(BaseSettings):
     search_budget: int | None = Field(
         None, ge=0, description="External calls per trajectory for the budget policy."
     )
+    search_budget_per_day: int | None = Field(
+        None,
+        ge=0,
+        description="External searches one API key (client address without keys) may cause per "
+        "UTC day, over all replicas with --redis-url; past it searches are self-filled (trace: "
+        'fallback "budget") and /v1/search, /retrieve answer 429 (none: unlimited).',
+    )
     max_turns: int = Field(
         LOOP_DEFAULTS["max_turns"], ge=1, le=16, description="Most searches per trajectory (as in SSRL)."
     )
@@ -283,8 +313,7 @@ class ServeSettings(BaseSettings):
     search_cache_ttl: float = Field(600.0, gt=0, description="Seconds a cached result lives.")
     search_cache_url: str | None = Field(
         None,
-        description="redis://host:port/db to share the search cache between replicas "
-        "(default: in memory, per process).",
+        description="The former name of --redis-url, kept as its alias (both set: they must be equal).",
     )
     index_dir: Path | None = Field(
         None, description="Local BM25 index directory; default: the offline Wikipedia summaries index."
@@ -295,9 +324,76 @@ class ServeSettings(BaseSettings):
 
     _split_keys = field_validator("api_key", "engine_arg", "search_option", mode="before")(_split_csv)
 
+    @field_validator("lora_modules", mode="before")
+    @classmethod
+    def _split_lora_modules(cls, value: Any) -> Any:
+        # SSRL_LORA_MODULES: space-separated items (a JSON item holds commas), or a JSON list.
+        if isinstance(value, str):
+            import json
+
+            text = value.strip()
+            return json.loads(text) if text.startswith("[") else text.split()
+        return value
+
+    @field_validator("lora_modules")
+    @classmethod
+    def _valid_lora_modules(cls, value: list[str]) -> list[str]:
+        numbered(parse_lora_modules(value))  # raises ValueError naming the bad item
+        return value
+
     @property
     def uses_default_model(self) -> bool:
         return self.model is None
+
+    def adapters(self) -> list[Adapter]:
+        """The LoRA adapters this server serves, numbered as vLLM numbers them: the embedded
+        native adapter first (with the embedded model, unless --no-native-adapter), then
+        --lora-modules. Remote engine mode serves none of its own: the upstream lists its own."""
+        if self.engine_url:
+            return []
+        listed: list[Adapter] = []
+        if self.uses_default_model and self.native_adapter and (shipped := embedded_adapter()):
+            listed.append(shipped)
+        listed += parse_lora_modules(self.lora_modules)
+        return numbered(listed)
+
+    @property
+    def shared_redis_url(self) -> str | None:
+        """The one Redis replicas share: --redis-url, or its alias --search-cache-url."""
+        return self.redis_url or self.search_cache_url
+
+    @model_validator(mode="after")
+    def _adapters_need_an_engine(self) -> ServeSettings:
+        if self.engine_url and self.lora_modules:
+            raise ValueError(
+                "--lora-modules needs the in-process engine; with --engine-url, give the adapters "
+                "to the remote vLLM server (its own --lora-modules) and request them by name"
+            )
+        names = [a.name for a in self.adapters()]
+        if self.model_name in names:
+            raise ValueError(f"--lora-modules: {self.model_name!r} is the base model's own name")
+        return self
+
+    @model_validator(mode="after")
+    def _one_redis(self) -> ServeSettings:
+        if self.redis_url and self.search_cache_url and self.redis_url != self.search_cache_url:
+            raise ValueError(
+                "--search-cache-url is an alias of --redis-url; set one of them (or both the same)"
+            )
+        if self.shared_redis_url:
+            import importlib.util
+
+            if importlib.util.find_spec("redis") is None:
+                raise ValueError("--redis-url needs the redis package: pip install 'ssrl[redis]'")
+        return self
+
+    @model_validator(mode="after")
+    def _keys_file_reads(self) -> ServeSettings:
+        # A keys file that cannot be read would leave keys without the limits they were given.
+        from server.key_overrides import load_key_overrides
+
+        load_key_overrides(self.keys_file)
+        return self
 
     @model_validator(mode="after")
     def _top_k_within_engine_limit(self) -> ServeSettings:

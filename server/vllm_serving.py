@@ -404,6 +404,11 @@ def vllm_args(settings: ServeSettings, model: str) -> Any:
         argv += ["--tool-call-parser", tool_parser]
     if settings.chat_template:
         argv += ["--chat-template", settings.chat_template]
+    # The same adapters, in the same order, as the engine (so vLLM's ids match ssrl's): vLLM's
+    # layer lists them in /v1/models and answers forwarded requests that name one.
+    adapters = settings.adapters()
+    if adapters:
+        argv += ["--lora-modules", *(f"{a.name}={a.path}" for a in adapters)]
     # vLLM's default (`auto`) constrains a forced or required tool call's envelope only, and
     # its arguments only for tools marked `strict: true`: a 135M model then writes `"Paris"`
     # or a list where the schema asks for an object. ssrl pins every tool's arguments to its

@@ -39,6 +39,9 @@ class SamplingOptions:
     # `json_object`, `regex`, `choice`, `grammar`, ...): the answer turn under a request's
     # response_format or forced tool choice. None: free text.
     structured: Mapping[str, Any] | None = None
+    # The LoRA adapter (its served name, router.engine.adapters) this call runs on; None: the
+    # base model.
+    adapter: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

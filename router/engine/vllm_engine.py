@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from router.engine.adapters import Adapter, adapter_rank
 from router.engine.base import (
     EngineDeadError,
     EngineRequestError,
@@ -86,6 +87,8 @@ class EngineConfig:
     enforce_eager: bool = False
     max_num_seqs: int | None = None
     seed: int | None = None
+    # LoRA adapters served beside the base model (router.engine.adapters), numbered.
+    adapters: tuple[Adapter, ...] = ()
     # Any other `AsyncEngineArgs` field, passed through untouched.
     extra: Mapping[str, Any] = field(default_factory=dict)
 
@@ -106,9 +109,28 @@ class EngineConfig:
         }
         if on_cpu:
             args["block_size"] = CPU_BLOCK_SIZE
+        if self.adapters:
+            args.update(lora_engine_args(self.adapters))
         args["structured_outputs_config"] = compact_structured_outputs()
         args.update(self.extra)
         return {k: v for k, v in args.items() if v is not None}
+
+
+# The ranks vLLM accepts for --max-lora-rank (vllm.config.lora.MaxLoRARanks).
+_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
+
+
+def lora_engine_args(adapters: Sequence[Adapter]) -> dict[str, Any]:
+    """vLLM's LoRA settings for these adapters: the smallest allowed rank that holds the largest
+    adapter, and every adapter resident at once (they are few and small)."""
+    rank = max((adapter_rank(a.path) or 16 for a in adapters), default=16)
+    max_rank = next((r for r in _LORA_RANKS if r >= rank), _LORA_RANKS[-1])
+    return {
+        "enable_lora": True,
+        "max_lora_rank": max_rank,
+        "max_loras": len(adapters),
+        "max_cpu_loras": len(adapters),
+    }
 
 
 class VLLMEngine(HFTokenizerEngine):
@@ -120,6 +142,7 @@ class VLLMEngine(HFTokenizerEngine):
         self._tokenizer = llm.get_tokenizer()
         self._max_model_len: int = llm.model_config.max_model_len
         self.vocab_size: int = llm.model_config.get_vocab_size()
+        self._adapters = {a.name: a for a in config.adapters}
 
     @property
     def async_llm(self) -> Any:
@@ -160,10 +183,11 @@ class VLLMEngine(HFTokenizerEngine):
             params = _sampling_params(SamplingParams, RequestOutputKind.DELTA, options)
         except refused as exc:
             raise _request_error(exc) from exc
+        lora = self._lora_request(options.adapter)
         first = True
         try:
             async for out in self._llm.generate(
-                TokensPrompt(prompt_token_ids=prompt_ids), params, request_id
+                TokensPrompt(prompt_token_ids=prompt_ids), params, request_id, lora_request=lora
             ):
                 completion = out.outputs[0]
                 yield GenerationDelta(
@@ -179,6 +203,18 @@ class VLLMEngine(HFTokenizerEngine):
             raise EngineDeadError(str(exc)) from exc
         except refused as exc:
             raise _request_error(exc) from exc
+
+    def _lora_request(self, name: str | None) -> Any:
+        if name is None:
+            return None
+        from vllm.lora.request import LoRARequest
+
+        adapter = self._adapters.get(name)
+        if adapter is None:
+            raise EngineRequestError(
+                f"The model `{name}` does not exist.", status=404, code="model_not_found"
+            )
+        return LoRARequest(lora_name=adapter.name, lora_int_id=adapter.lora_int_id, lora_path=adapter.path)
 
     async def abort(self, request_id: str) -> None:
         await self._llm.abort(request_id)

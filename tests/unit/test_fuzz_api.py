@@ -144,6 +144,7 @@ OPERATIONS = [
     ("POST", "/v1/completions"),
     ("POST", "/retrieve"),
     ("GET", "/v1/search"),
+    ("GET", "/v1/search_budget"),
 ]
 
 
