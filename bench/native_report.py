@@ -32,7 +32,7 @@ from train.render import well_formed
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs" / "benchmarks.md"
 GUIDED_TAU = 4.85  # the server's default threshold (max aggregate), derived for guided mode
-SETS = {"first": "first-impression (100)", "dev": "dev set (300)"}
+SETS = {"first": "first-impression", "dev": "dev set"}
 
 
 def _rows(run: Path) -> list[dict[str, Any]]:
@@ -130,7 +130,7 @@ def markdown(summary: dict[str, Any]) -> str:
                 continue
             wf = f"{s['well_formed']}/{s['n']}" if model == "native" else "(server-written)"
             lines.append(
-                f"| {label} | {model} | {wf} | {_cell(s['never'])} | {_cell(s['always'])} | "
+                f"| {label} ({s['n']}) | {model} | {wf} | {_cell(s['never'])} | {_cell(s['always'])} | "
                 f"{_cell(s['threshold'])} (tau {s['tau']}, {s['call_rate']:.2f}) | {s['prompt_tokens_mean']:.0f} | "
                 f"{s['auroc_max']} ({s['auroc_counts']['wrong']} / {s['auroc_counts']['right']}) |"
             )
@@ -165,7 +165,7 @@ def main(argv: list[str] | None = None) -> None:
         for key, items in loaded.items()
     }
     summary = {
-        "runs": str(args.runs.relative_to(ROOT) if args.runs.resolve().is_relative_to(ROOT) else args.runs),
+        "runs": str(runs.relative_to(ROOT) if (runs := args.runs.resolve()).is_relative_to(ROOT) else runs),
         "native_tau": native_tau,
         "results": results,
         "machine": machine_info(),

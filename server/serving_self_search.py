@@ -157,6 +157,11 @@ def loop_config(
     docs_default = CONTEXT_SIZE_DOCS.get(size or "medium") or docs_default
     # Guided mode reads the user's question twice: search context, and the line before <answer>.
     question = _question(request) if mode == "guided" else ""
+    # The backend gets the user's question after the model's query where the model was made
+    # for it: guided mode, and the embedded native adapter (a 135M model's query alone often
+    # finds the wrong article; it was trained on documents found that way).
+    with_question = mode == "guided" or (adapter is not None and adapter.search_with_question)
+    search_context = _question(request) if with_question and s.search_with_question else ""
     config = LoopConfig(
         mode=mode,
         policy=policy,
@@ -174,7 +179,7 @@ def loop_config(
         top_p=runtime.sampling.top_p_for(request.top_p),
         seed=request.seed,
         counterfactual=bool(o.counterfactual),
-        search_context=question if s.search_with_question else "",
+        search_context=search_context,
         question=question,
         adapter=adapter.name if adapter is not None else None,
     )

@@ -261,9 +261,10 @@ class ServeSettings(BaseSettings):
     )
     search_with_question: bool = Field(
         True,
-        description="Guided mode: send the search backend the model's query followed by the user's "
-        "question (a short query then still finds its article); the entropy and the routing decision "
-        "stay the query's. The trace's sent_query shows what was sent.",
+        description="Guided mode and the embedded native adapter: send the search backend the "
+        "model's query followed by the user's question (a short query then still finds its "
+        "article); the entropy and the routing decision stay the query's. The trace's sent_query "
+        "shows what was sent.",
     )
     guided_searches: int = Field(
         LOOP_DEFAULTS["guided_searches"],

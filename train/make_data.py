@@ -238,7 +238,7 @@ def make_trajectories(questions: list[dict[str, Any]], size: int, inserted_share
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m train.make_data", description=__doc__.split("\n")[0])
     parser.add_argument("--questions", type=int, default=1600, help="held-out questions to write")
-    parser.add_argument("--guided", type=int, default=800, help="questions the server answers in guided mode")
+    parser.add_argument("--guided", type=int, default=200, help="questions the server answers in guided mode")
     parser.add_argument("--size", type=int, default=1000, help="training trajectories to keep")
     parser.add_argument(
         "--inserted-share", type=float, default=0.4, help="corpus rows with inserted documents"

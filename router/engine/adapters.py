@@ -32,6 +32,12 @@ __all__ = [
 
 EMBEDDED_ADAPTER_NAME = "smollm2-135m-ssrl"
 _EMBEDDED_DIR = Path(__file__).parent / "weights" / EMBEDDED_ADAPTER_NAME
+# The embedded adapter's routing threshold (max aggregate, nats): a model trained on the format
+# writes its queries far more confidently than guided mode's instruct model (whose 4.85 would
+# never search). Re-derived on the dev set from exact counterfactuals (`python -m
+# bench.native_report`): the fewest external calls whose accuracy reaches the lower end of
+# always-search's 95 % interval; docs/native-model.md.
+EMBEDDED_ADAPTER_TAU = 0.66
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,6 +52,9 @@ class Adapter:
     # embedded adapter was trained on one document of 150 characters, as guided mode inserts.
     docs_per_search: int | None = None
     max_doc_chars: int | None = None
+    # Send the search backend the user's question after the model's query, as guided mode
+    # does (--search-with-question), for a model whose queries alone find too little.
+    search_with_question: bool = False
     # The routing threshold measured for this model (None: the server's --search-threshold).
     search_threshold: float | None = None
     # Set by the server: vLLM's id of this adapter (1-based, in listing order).
@@ -65,6 +74,8 @@ def embedded_adapter() -> Adapter | None:
         system_prompt=NATIVE_COMPACT,
         docs_per_search=GUIDED_DOCS_PER_SEARCH,
         max_doc_chars=GUIDED_MAX_DOC_CHARS,
+        search_with_question=True,
+        search_threshold=EMBEDDED_ADAPTER_TAU,
     )
 
 

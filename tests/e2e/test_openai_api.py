@@ -444,8 +444,10 @@ def test_completion_token_id_out_of_vocab(http, server, model_name) -> None:
 
 def test_models(openai_client, model_name) -> None:
     models = openai_client.models.list().data
-    assert [m.id for m in models] == [model_name]
-    assert models[0].object == "model"
+    # The embedded model first (what clients that take "the first model" get), then the
+    # native adapter served beside it, as vLLM lists LoRA adapters after their base.
+    assert [m.id for m in models] == [model_name, "smollm2-135m-ssrl"]
+    assert all(m.object == "model" for m in models)
     card = openai_client.models.retrieve(model_name)
     assert card.id == model_name
     assert card.model_extra.get("max_model_len") == MAX_MODEL_LEN

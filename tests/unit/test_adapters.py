@@ -27,7 +27,7 @@ from router.engine.vllm_engine import EngineConfig, lora_engine_args
 from router.prompts import NATIVE_COMPACT
 from server.settings import ServeSettings
 from tests.scripted_engine import ScriptedEngine
-from tests.unit.test_self_search_http import MODEL, USER, Responder, run_app
+from tests.unit.test_self_search_http import MODEL, USER, FakeBackend, Responder, run_app
 
 
 def _adapter_dir(tmp_path: Path, rank: int = 16) -> Path:
@@ -166,3 +166,57 @@ def test_models_lists_each_adapter_with_the_base_as_parent_and_unknown_names_404
     assert unknown.status_code == 404
     error = unknown.json()["error"]
     assert error["code"] == "model_not_found" and "`mine`" in error["message"]
+
+
+def _searched_query(
+    engine: ScriptedEngine, monkeypatch: pytest.MonkeyPatch, model: str, tmp_path: Path
+) -> str:
+    backend = FakeBackend()
+
+    async def body(client: httpx.AsyncClient) -> httpx.Response:
+        payload = {"model": model, "messages": USER, "self_search": {"policy": "always"}}
+        return await client.post("/v1/chat/completions", json=payload)
+
+    response = run_app(
+        engine,
+        body,
+        backend=backend,
+        monkeypatch=monkeypatch,
+        search_mode="guided",
+        lora_modules=[f"mine={_adapter_dir(tmp_path)}"],
+    )
+    assert response.status_code == 200, response.text
+    (query,) = backend.queries
+    return query
+
+
+def test_the_embedded_adapter_searches_with_the_question_as_it_was_trained(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    question = USER[0]["content"]
+    embedded = _searched_query(
+        ScriptedEngine(responder=Responder()), monkeypatch, EMBEDDED_ADAPTER_NAME, tmp_path
+    )
+    assert embedded == f"capital of France {question}"
+    # A user's adapter is an SSRL model: its query goes out as it wrote it.
+    (tmp_path / "x").mkdir()
+    own = _searched_query(ScriptedEngine(responder=Responder()), monkeypatch, "mine", tmp_path / "x")
+    assert own == "capital of France"
+
+
+def test_the_embedded_adapter_routes_at_its_own_threshold_unless_the_operator_sets_one() -> None:
+    from server.protocol import ChatCompletionRequest
+    from server.serving_self_search import SelfSearchRuntime, loop_config
+
+    shipped = embedded_adapter()
+    assert shipped is not None and shipped.search_threshold is not None
+    request = ChatCompletionRequest.model_validate({"model": EMBEDDED_ADAPTER_NAME, "messages": USER})
+
+    def tau(settings: ServeSettings, adapter: Adapter | None) -> float | None:
+        runtime = SelfSearchRuntime(settings=settings, search=None, system_prompts={}, mode="guided")  # type: ignore[arg-type]
+        config, _ = loop_config(runtime, request, 64, adapter)
+        return getattr(config.policy, "tau", None)
+
+    assert tau(ServeSettings(), shipped) == shipped.search_threshold
+    assert tau(ServeSettings(), None) == ServeSettings().search_threshold
+    assert tau(ServeSettings(search_threshold=2.5), shipped) == 2.5
