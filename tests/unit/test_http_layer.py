@@ -509,8 +509,10 @@ def test_models_routes() -> None:
 
     listing, card, missing = drive(ScriptedEngine(max_model_len=321), body)
     assert listing.status_code == 200
-    [entry] = listing.json()["data"]
+    # The embedded model first, then the native adapter served beside it (its base as parent).
+    entry, adapter = listing.json()["data"]
     assert entry["id"] == MODEL and entry["object"] == "model" and entry["max_model_len"] == 321
+    assert adapter["id"] == "smollm2-135m-ssrl" and adapter["parent"] == MODEL
     assert card.status_code == 200 and card.json()["id"] == MODEL
     assert_error(missing, 404, code="model_not_found")
 
