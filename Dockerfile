@@ -72,10 +72,11 @@ COPY server ./server
 COPY router ./router
 COPY clients ./clients
 
-# 3. The default model and index, baked in (root-owned: the server only reads them). The
+# 3. The default model (and its native adapter merged, for SSRL_MODEL=smollm2-135m-ssrl) and
+# the index, baked in (root-owned: the server only reads them). The
 # corpus download and its JSONL are dropped once the index holds them.
 RUN /opt/ssrl/venv/bin/python -m compileall -q server router clients \
-    && /opt/ssrl/venv/bin/ssrl model prepare \
+    && /opt/ssrl/venv/bin/ssrl model prepare --native \
     && /opt/ssrl/venv/bin/ssrl index build --preset wiki-summaries --no-progress \
     && rm -rf /opt/ssrl/cache/downloads /opt/ssrl/cache/corpora /root/.cache /tmp/* \
     && chmod -R a+rX /opt/ssrl/cache

@@ -11,7 +11,13 @@ Runs the real default model in process (no HTTP: the loop's own overhead is meas
 2. Logprobs cost: concurrency 8, 64 tokens each, top-k logprobs at k = none, 0, 5, 20,
    interleaved rounds; output tokens/s and the ratio against no logprobs (target >= 0.90).
 
-    .venv/bin/python -m bench.loop [--questions 16] [--rounds 3]
+3. With ``--native``: the loop overhead alone, in native mode on the native model (the
+   shipped adapter merged, `ssrl serve --model smollm2-135m-ssrl`'s weights) with its prompt:
+   one engine request per trajectory (the single pass: the loop reads the stream, decides at
+   `</search>` on the logprobs in it, and reads on), against single passes of the same tokens
+   (target <= 1.02x, issue 34). Writes its own section.
+
+    .venv/bin/python -m bench.loop [--questions 16] [--rounds 3] [--native]
 """
 
 from __future__ import annotations
@@ -38,6 +44,8 @@ from router.scoring import percentile
 QA = ROOT.parent / "shared" / "data" / "qa" / "nq_open_dev.jsonl"
 # A model-filled trajectory against one single pass of the same tokens (issue 18).
 LOOP_OVERHEAD_TARGET = 1.05
+# The same in native mode, one request per trajectory (issue 34).
+NATIVE_OVERHEAD_TARGET = 1.02
 
 
 def load_questions(n: int) -> list[str]:
@@ -45,21 +53,26 @@ def load_questions(n: int) -> list[str]:
         return [json.loads(line)["question"] for _, line in zip(range(n), f, strict=False)]
 
 
-async def _overhead_row(engine: Any, i: int, question: str) -> dict[str, Any]:
+async def _overhead_row(engine: Any, i: int, question: str, native: bool = False) -> dict[str, Any]:
     """One question's three timed runs: the loop, then (in turns) the two single passes."""
     from router.engine.base import SamplingOptions
     from router.loop import LoopConfig, LoopFinished, SelfSearchLoop
     from router.policies import NeverPolicy
-    from router.prompts import GUIDED, example_messages
+    from router.prompts import GUIDED, NATIVE_COMPACT, example_messages
     from router.search.service import SearchService
 
-    # The server's guided defaults, the question line before <answer> included.
-    config = LoopConfig(mode="guided", policy=NeverPolicy(), temperature=0.0, question=question)
-    messages = [
-        {"role": "system", "content": GUIDED},
-        *example_messages("guided"),
-        {"role": "user", "content": question},
-    ]
+    if native:
+        # The native model's own prompt (no examples), the server's native defaults.
+        config = LoopConfig(mode="native", policy=NeverPolicy(), temperature=0.0, max_tokens=256)
+        messages = [{"role": "system", "content": NATIVE_COMPACT}, {"role": "user", "content": question}]
+    else:
+        # The server's guided defaults, the question line before <answer> included.
+        config = LoopConfig(mode="guided", policy=NeverPolicy(), temperature=0.0, question=question)
+        messages = [
+            {"role": "system", "content": GUIDED},
+            *example_messages("guided"),
+            {"role": "user", "content": question},
+        ]
     prompt = engine.apply_chat_template(messages)
     row: dict[str, Any] = {"question": question}
 
@@ -71,6 +84,7 @@ async def _overhead_row(engine: Any, i: int, question: str) -> dict[str, Any]:
                 result = event.result
         assert result is not None
         row["tokens"] = result.completion_tokens
+        row["engine_requests"] = result.engine_requests
         row["inserted_tokens"] = len(loop.ids) - len(prompt) - result.completion_tokens
 
     async def single(key: str, tokens: int) -> None:
@@ -98,12 +112,12 @@ async def _overhead_row(engine: Any, i: int, question: str) -> dict[str, Any]:
     return row
 
 
-async def loop_overhead(engine: Any, questions: list[str]) -> dict[str, Any]:
+async def loop_overhead(engine: Any, questions: list[str], native: bool = False) -> dict[str, Any]:
     """Per question, three timed runs: the loop, and two single passes from the same prompt,
     one of the tokens the model generated in the loop, one of the whole trajectory (generated
     plus the tags and the question line the loop inserted, which a model writing the
     trajectory alone would have generated too)."""
-    rows = [await _overhead_row(engine, i, question) for i, question in enumerate(questions)]
+    rows = [await _overhead_row(engine, i, question, native) for i, question in enumerate(questions)]
     loop_total = sum(r["loop_s"] for r in rows)
     single_total = sum(r["single_s"] for r in rows)
     transcript_total = sum(r["single_transcript_s"] for r in rows)
@@ -118,6 +132,7 @@ async def loop_overhead(engine: Any, questions: list[str]) -> dict[str, Any]:
         "ratio": loop_total / single_total,
         "ratio_transcript": loop_total / transcript_total,
         "per_question_ratio_p50": percentile([r["loop_s"] / r["single_s"] for r in rows], 50),
+        "engine_requests": sum(r["engine_requests"] for r in rows),
         "rows": rows,
     }
 
@@ -195,12 +210,47 @@ def markdown(result: dict[str, Any], command: str) -> str:
     return "\n".join(lines)
 
 
+def native_markdown(result: dict[str, Any], command: str) -> str:
+    lo = result["loop_overhead"]
+    ok = "✓" if lo["ratio"] <= NATIVE_OVERHEAD_TARGET else "✗"
+    return "\n".join(
+        [
+            "## Native single pass: loop overhead on the native model",
+            "",
+            machine_markdown(result["machine"]),
+            f"Command: `{command}` (in-process engine on the merged native model, `--enforce-eager`, "
+            "prefix caching on).",
+            "",
+            f"{lo['questions']} NQ-open questions, native mode with the native model's prompt, policy "
+            "`never`, temperature 0, top-20 logprobs on every token: the model writes its query, its "
+            "own `<information>` and its answer while the loop reads one stream and decides at each "
+            "`</search>`. Against one single pass of the same number of tokens from the same prompt "
+            "(`ignore_eos`, no logprobs); the loop runs first (it sizes the passes), then the passes "
+            "take turns.",
+            "",
+            "| questions | engine requests | generated tokens (loop / single) | loop wall (s) | "
+            "single pass wall (s) | ratio | whole-trajectory pass wall (s) | ratio | target |",
+            "|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+            f"| {lo['questions']} | {lo['engine_requests']} | {lo['tokens']} / {lo['single_tokens']} | "
+            f"{lo['loop_s']:.2f} | {lo['single_s']:.2f} | {lo['ratio']:.3f} {ok} | "
+            f"{number(lo.get('single_transcript_s'))} | {number(lo.get('ratio_transcript'), 3)} | "
+            f"<= {NATIVE_OVERHEAD_TARGET} |",
+            "",
+        ]
+    )
+
+
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     from router.engine.default_model import ensure_default_checkpoint
     from router.engine.vllm_engine import EngineConfig, VLLMEngine
 
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
-    model = args.model or str(ensure_default_checkpoint())
+    if args.native:
+        from router.engine.merge import ensure_native_checkpoint
+
+        model = args.model or str(ensure_native_checkpoint())
+    else:
+        model = args.model or str(ensure_default_checkpoint())
     engine = VLLMEngine.start(
         EngineConfig(
             model=model,
@@ -213,8 +263,10 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     try:
         questions = load_questions(args.questions)
         # Warm-up: the first requests of a fresh engine pay for one-off initialisation.
-        await loop_overhead(engine, questions[:2])
-        overhead = await loop_overhead(engine, questions)
+        await loop_overhead(engine, questions[:2], args.native)
+        overhead = await loop_overhead(engine, questions, args.native)
+        if args.native:
+            return {"machine": machine_info(), "loop_overhead": overhead}
         logprobs = await logprobs_cost(engine, questions, args.rounds)
     finally:
         await engine.shutdown()
@@ -228,8 +280,16 @@ def main() -> None:
     parser.add_argument("--model", default=None)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "loop.json")
     parser.add_argument("--markdown", type=Path, default=ROOT / "docs" / "benchmarks.md")
+    parser.add_argument("--native", action="store_true", help="native mode on the native model (issue 34)")
     args = parser.parse_args()
     result = asyncio.run(main_async(args))
+    if args.native:
+        out = args.out.with_name("loop-native.json") if args.out.name == "loop.json" else args.out
+        atomic_write_json(out, result)
+        command = f"python -m bench.loop --native --questions {args.questions}"
+        replace_markdown_section(args.markdown, "loop-native", native_markdown(result, command))
+        print(native_markdown(result, command))
+        return
     atomic_write_json(args.out, result)
     command = f"python -m bench.loop --questions {args.questions} --rounds {args.rounds}"
     replace_markdown_section(args.markdown, "loop", markdown(result, command))

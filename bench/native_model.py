@@ -1,13 +1,16 @@
-"""Native against guided, side by side on one server: `python -m bench.native_model`.
+"""Native against guided, side by side: `python -m bench.native_model`.
 
 The same self-search chats (the first-impression questions) go to the embedded instruct model
-in guided mode and to the native adapter (`smollm2-135m-ssrl`) in native mode, on one running
-server, in alternating rounds so both see the same machine. Per model: requests per second
-at the given concurrency, prompt and completion tokens per answer, how many trajectories
-were well formed (a one-line query, a closed information block, an answer), external calls.
-Writes JSON (`--out`) and the "Native model" section of docs/benchmarks.md.
+in guided mode and to the native adapter (`smollm2-135m-ssrl`) in native mode through vLLM's
+LoRA, both on the default server (``--base-url``), and, with ``--merged-url``, to a second
+server serving the adapter merged into a model of its own (``ssrl serve --model
+smollm2-135m-ssrl``), in alternating rounds so all see the same machine (the idle server
+waits). Per model: requests per second at the given concurrency, prompt and completion tokens
+per answer, how many trajectories were well formed (a one-line query, a closed information
+block, an answer), external calls. Writes JSON (`--out`) and the "Native model" section of
+docs/benchmarks.md.
 
-    python -m bench.native_model --base-url http://127.0.0.1:8000 --rounds 2
+    python -m bench.native_model --base-url http://127.0.0.1:8000 --merged-url http://127.0.0.1:8001 --rounds 2
 """
 
 from __future__ import annotations
@@ -24,26 +27,17 @@ from typing import Any
 import httpx
 
 from bench.common import machine_info, machine_markdown, replace_markdown_section
+from train.render import well_formed
 
 ROOT = Path(__file__).resolve().parent.parent
 QUESTIONS = ROOT / "tests" / "data" / "first_impression.jsonl"
 DOCS = ROOT / "docs" / "benchmarks.md"
-MODELS = {"guided": "smollm2-135m-instruct", "native": "smollm2-135m-ssrl"}
-
-
-def well_formed_trace(trace: dict[str, Any]) -> bool:
-    """The trace of a well-formed trajectory: a search with a one-line query whose information
-    block was closed (not cut by its budget), then an answer the model closed."""
-    searches = trace.get("searches") or []
-    if not searches or not trace.get("answered"):
-        return False
-    first = searches[0]
-    query = str(first.get("query") or "")
-    notes = trace.get("notes") or []
-    # A block cut by its budget was never closed by the model; an answer the loop had to ask
-    # for (max_turns reached) is not one the model chose to write.
-    cut = any(("information" in n and "budget" in n) or "made to answer" in n for n in notes)
-    return bool(query.strip()) and "\n" not in query.strip() and not cut
+# Key -> (served model, which server: "base" or "merged", mode).
+MODELS = {
+    "guided": ("smollm2-135m-instruct", "base", "guided"),
+    "native": ("smollm2-135m-ssrl", "base", "native, LoRA"),
+    "native-merged": ("smollm2-135m-ssrl", "merged", "native, merged"),
+}
 
 
 async def _one(client: httpx.AsyncClient, model: str, question: str, policy: str | None) -> dict[str, Any]:
@@ -64,7 +58,8 @@ async def _one(client: httpx.AsyncClient, model: str, question: str, policy: str
         "latency_s": time.perf_counter() - started,
         "prompt_tokens": data["usage"]["prompt_tokens"],
         "completion_tokens": data["usage"]["completion_tokens"],
-        "well_formed": well_formed_trace(trace),
+        # The transcript (`message.reasoning`) by the rule the eval report uses.
+        "well_formed": well_formed(choice["message"].get("reasoning") or ""),
         "external_calls": trace.get("external_calls", 0),
         "answer": choice["message"].get("content") or "",
     }
@@ -109,24 +104,33 @@ def markdown(report: dict[str, Any]) -> str:
         "Written by `bench/native_model.py`; raw figures in `docs/reports/native-model/throughput.json`. "
         f"Command: `{report['command']}`; {report['questions']} first-impression questions per round, "
         f"concurrency {report['concurrency']}, {report['rounds']} rounds per model, alternating; "
-        f"policy: {report['policy'] or 'the server default'}; one server serving both models.",
+        f"policy: {report['policy'] or 'the server default'}; the instruct model and the adapter (LoRA) on one "
+        "server, the merged native model on a second (`--model smollm2-135m-ssrl`) that waits while the "
+        "first is measured.",
         "",
         "| model | mode | requests/s (per round) | prompt tokens per answer | completion tokens | well formed | external calls |",
         "|---|---|---|---:|---:|---:|---:|",
     ]
-    for key, name in MODELS.items():
-        rounds = report["rounds_by_model"][key]
+    for key, (name, _, mode) in MODELS.items():
+        rounds = report["rounds_by_model"].get(key)
+        if not rounds:
+            continue
         rates = ", ".join(f"{r['requests_per_s']:.2f}" for r in rounds)
         last = rounds[-1]
+        # Guided mode's tags are the server's (and its question line sits before `<answer>`):
+        # the model's format is only measured where the model writes the tags.
+        formed = "(server-written)" if key == "guided" else f"{last['well_formed']}/{last['requests']}"
         lines.append(
-            f"| `{name}` | {key} | {rates} | {last['prompt_tokens_mean']:.0f} | {last['completion_tokens_mean']:.0f} | "
-            f"{last['well_formed']}/{last['requests']} | {last['external_calls']} |"
+            f"| `{name}` | {mode} | {rates} | {last['prompt_tokens_mean']:.0f} | {last['completion_tokens_mean']:.0f} | "
+            f"{formed} | {last['external_calls']} |"
         )
-    ratio = report["throughput_ratio"]
     prompt = report["prompt_token_ratio"]
+    ratios = "; ".join(
+        f"{MODELS[key][2]} / guided **{value:.2f}x**" for key, value in report["throughput_ratios"].items()
+    )
     lines += [
         "",
-        f"Native / guided requests per second (mean of rounds): **{ratio:.2f}x**; prompt tokens per "
+        f"Requests per second against guided mode (mean of rounds): {ratios}. Prompt tokens per "
         f"answer, native / guided: **{prompt:.2f}**.",
         "",
         machine_markdown(report["machine"]),
@@ -137,6 +141,9 @@ def markdown(report: dict[str, Any]) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(prog="python -m bench.native_model", description=__doc__.split("\n")[0])
     p.add_argument("--base-url", default="http://127.0.0.1:8000")
+    p.add_argument(
+        "--merged-url", default=None, help="a server run with --model smollm2-135m-ssrl (merged weights)"
+    )
     p.add_argument("--api-key", default=os.environ.get("SSRL_API_KEY", "").split(",")[0] or None)
     p.add_argument("--questions", type=Path, default=QUESTIONS)
     p.add_argument("--limit", type=int, default=48)
@@ -149,15 +156,18 @@ def main() -> None:
     rows = [json.loads(line) for line in args.questions.read_text().splitlines() if line.strip()]
     questions = [r["question"] for r in rows[: args.limit]]
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
-    by_model: dict[str, list[dict[str, Any]]] = {k: [] for k in MODELS}
+    urls = {"base": args.base_url, "merged": args.merged_url}
+    keys = [k for k, (_, server, _) in MODELS.items() if urls[server]]
+    by_model: dict[str, list[dict[str, Any]]] = {k: [] for k in keys}
     for round_index in range(args.rounds):
-        order = list(MODELS) if round_index % 2 == 0 else list(reversed(MODELS))
+        order = keys if round_index % 2 == 0 else list(reversed(keys))
         for key in order:
+            model, server, _ = MODELS[key]
             result = asyncio.run(
                 run_model(
-                    args.base_url.rstrip("/").removesuffix("/v1"),
+                    str(urls[server]).rstrip("/").removesuffix("/v1"),
                     headers,
-                    MODELS[key],
+                    model,
                     questions,
                     args.concurrency,
                     args.policy,
@@ -167,16 +177,22 @@ def main() -> None:
             by_model[key].append(result)
 
     def mean_of(key: str, field: str) -> float:
-        return statistics.mean(r[field] for r in by_model[key])
+        return float(statistics.mean(r[field] for r in by_model[key]))
 
     report = {
-        "command": "python -m bench.native_model " + " ".join(f"--rounds {args.rounds}".split()),
+        "command": "python -m bench.native_model "
+        + (f"--merged-url {args.merged_url} " if args.merged_url else "")
+        + f"--rounds {args.rounds}",
         "questions": len(questions),
         "concurrency": args.concurrency,
         "rounds": args.rounds,
         "policy": args.policy,
         "rounds_by_model": by_model,
-        "throughput_ratio": mean_of("native", "requests_per_s") / mean_of("guided", "requests_per_s"),
+        "throughput_ratios": {
+            key: mean_of(key, "requests_per_s") / mean_of("guided", "requests_per_s")
+            for key in keys
+            if key != "guided"
+        },
         "prompt_token_ratio": mean_of("native", "prompt_tokens_mean")
         / mean_of("guided", "prompt_tokens_mean"),
         "machine": machine_info(),

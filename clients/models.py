@@ -69,6 +69,8 @@ class _TraceFields(_Model):
     internal_fills: int = 0
     fallbacks: int = 0
     turns: int = 0
+    # Engine requests the trajectory made (native mode's single pass: 1 + external searches).
+    engine_requests: int = 0
     answered: bool = False
     notes: list[str] = Field(default_factory=list)
 

@@ -5,8 +5,11 @@ prompt plus every token of the transcript so far), so each engine call continues
 where the last one stopped and the prefix cache makes the resumption cheap.
 
 Two protocol modes:
-- native: the model writes the tags itself (a model trained with SSRL); the loop only
-  stops at `</search>` / `</answer>`, decides, inserts the information, and resumes.
+- native: the model writes the tags itself (a model trained with SSRL) in one engine request
+  (the single pass): the loop reads the stream, decides at each `</search>` from the query's
+  logprobs (already in the stream), and either reads on while the model writes its own
+  `<information>`, or aborts the request, inserts the search's documents and resumes with a
+  new one. Text the engine wrote past an aborted `</search>` never reaches the client.
 - guided: for any instruct model; the loop writes each opening tag (`<search>`,
   `<information>`, `<answer>`) and lets the model fill it up to the closing tag, so that
   even a model that ignores the protocol yields a well-formed trace.
@@ -18,12 +21,13 @@ is decided, and the final result), which serves streaming and non-streaming alik
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
-from router.engine.base import Engine, SamplingOptions, offset_seed
+from router.engine.base import Engine, GenerationDelta, SamplingOptions, TokenLogprobs, offset_seed
 from router.engine.guard import generate_or_abort
 from router.entropy import DEFAULT_ESTIMATOR, QueryEntropy, query_entropy
 from router.policies import Decision, Policy, SearchContext
@@ -31,7 +35,7 @@ from router.prompts import answer_cue
 from router.search.allowance import BUDGET_FALLBACK, BUDGET_NOTE, SearchAllowance
 from router.search.base import Document
 from router.search.service import SearchService
-from router.segments import Segment, continuation_ids, query_positions
+from router.segments import Segment, continuation_ids, query_positions, token_offsets
 from router.tags import (
     ANSWER_CLOSE,
     ANSWER_OPEN,
@@ -217,6 +221,8 @@ class Counterfactual:
     finish_reason: str = "stop"
     # Why no branch was made (the search failed, so it would have self-filled too).
     error: str | None = None
+    # Engine requests the branch made (its own, beside the trajectory's).
+    engine_requests: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -227,6 +233,7 @@ class Counterfactual:
             "error": self.error,
             "finish_reason": self.finish_reason,
             "completion_tokens": self.completion_tokens,
+            "engine_requests": self.engine_requests,
             "search": self.search.to_dict() if self.search is not None else None,
             "transcript": self.transcript,
         }
@@ -249,6 +256,8 @@ class LoopResult:
     answer_tokens: int = 0
     # What was taken out of a free-text answer (invented markup, URLs): `tags.clean_answer`.
     removed_from_answer: list[str] = field(default_factory=list)
+    # Engine requests the trajectory made (counterfactual branches count their own).
+    engine_requests: int = 0
 
     @property
     def reasoning_tokens(self) -> int:
@@ -269,6 +278,7 @@ class LoopResult:
             "internal_fills": self.internal_fills,
             "fallbacks": sum(1 for s in self.searches if s.fallback is not None),
             "turns": len(self.searches),
+            "engine_requests": self.engine_requests,
             "answered": self.answered,
             "notes": list(self.notes),
             **({"removed_from_answer": list(self.removed_from_answer)} if self.removed_from_answer else {}),
@@ -305,6 +315,39 @@ class _OutOfBudget(Exception):
     """The trajectory has no tokens (or context) left for another engine call."""
 
 
+@dataclass
+class _Live:
+    """An engine request a native trajectory reads on past a cut (the single pass): the
+    stream, and what the engine sent beyond the cut that the loop has not read yet."""
+
+    stream: AsyncGenerator[GenerationDelta, None]
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprobs] = field(default_factory=list)
+    # Characters past the cut that the cut's last token also carried (`>` and `\n` as one
+    # token): text without a token of its own among `token_ids`.
+    lead: str = ""
+    # Set when the engine had already finished the request.
+    finish_reason: str | None = None
+    stop_reason: str | None = None
+
+    @property
+    def spent(self) -> bool:
+        """The engine finished the request at the cut: nothing is left to read (a request
+        that ended with the model's `</search>` is resumed by a new one, as stops would)."""
+        return self.finish_reason is not None and not (self.text or self.token_ids or self.lead)
+
+    def pending(self) -> GenerationDelta:
+        """What was sent past the cut, as one delta (finished if the request was)."""
+        return GenerationDelta(
+            self.text,
+            tuple(self.token_ids),
+            tuple(self.logprobs) or None,
+            finish_reason=self.finish_reason,
+            stop_reason=self.stop_reason,
+        )
+
+
 class SelfSearchLoop:
     def __init__(
         self,
@@ -338,6 +381,10 @@ class SelfSearchLoop:
         self._fill_reserve = 0
         # Counterfactual branches running beside this trajectory (config.counterfactual).
         self._branches: list[asyncio.Task[Counterfactual]] = []
+        # Native mode's engine request, read on past its last `</search>` (the single pass).
+        self._live: _Live | None = None
+        # True while the loop itself aborts a request (not a client leaving: not counted).
+        self._cutting = False
         tokenizer = engine.tokenizer
         self._decode: Callable[[Sequence[int]], str] = lambda ids: tokenizer.decode(
             ids, skip_special_tokens=False
@@ -414,36 +461,61 @@ class SelfSearchLoop:
         structured: Mapping[str, Any] | None = None,
         context_reserve: int = 0,
         final: bool = False,
+        watch: str | None = None,
+        resume: bool = False,
     ) -> AsyncIterator[TextDelta | Segment]:
-        """One engine call; yields text as it may be shown, then the finished Segment.
+        """One engine call (or, with `resume`, reading on in the live one); yields text as it
+        may be shown, then the finished Segment.
 
         Text that could be the start of a stop string is held back until the engine has
         decided, so streamed text always equals the kept transcript. Only a call whose text
         is (or may be) the answer -- `answer`, or `final` for native mode's free text -- makes
         the trajectory's finish_reason "length" when the budget cuts it: a cut query or
         self-filled block is said in the notes, and the answer after it may be whole.
+
+        `watch`: a string that ends the segment as a stop string would, while the request goes
+        on: what the engine sent past it is kept in `self._live` for the next read (or dropped,
+        the request aborted, by `_drop_live`). A resumed read stops after `cap` tokens.
         """
-        options = SamplingOptions(
-            max_tokens=self._budget(cap, reserve, context_reserve),
-            temperature=self.config.temperature,
-            top_p=self.config.top_p,
-            seed=offset_seed(self.config.seed, self._calls),
-            stop=stop,
-            logprobs=self.config.logprobs_k if logprobs else None,
-            include_stop_str_in_output=False,
-            repetition_penalty=repetition_penalty,
-            frequency_penalty=frequency_penalty,
-            structured=structured,
-            adapter=self.config.adapter,
-        )
-        self._calls += 1
-        holdback = max((len(s) for s in stop), default=1) - 1
+        live = self._live if resume else None
+        if not resume:
+            await self._drop_live()
         segment = Segment()
+        read_cap: int | None = None
+        if live is None:
+            options = SamplingOptions(
+                max_tokens=self._budget(cap, reserve, context_reserve),
+                temperature=self.config.temperature,
+                top_p=self.config.top_p,
+                seed=offset_seed(self.config.seed, self._calls),
+                stop=stop,
+                logprobs=self.config.logprobs_k if logprobs else None,
+                include_stop_str_in_output=False,
+                repetition_penalty=repetition_penalty,
+                frequency_penalty=frequency_penalty,
+                structured=structured,
+                adapter=self.config.adapter,
+            )
+            self._calls += 1
+            stream = generate_or_abort(
+                self.engine, list(self.ids), options, f"{self.request_id}-{self._calls}", self._aborted
+            )
+            live = _Live(stream)
+            source: AsyncIterator[GenerationDelta] = stream
+        else:
+            # The live request's own max_tokens holds the trajectory's budget; this read holds
+            # its cap (and what is left of the trajectory's room).
+            self._live = None
+            read_cap = max(1, min(cap, self._room() - reserve))
+            if live.lead:
+                yield self._model_text(live.lead)
+            source = _after(live.pending(), live.stream)
+            live.text, live.lead, live.token_ids, live.logprobs = "", "", [], []
+        ends = (*stop, watch) if watch is not None else stop
+        holdback = max((len(s) for s in ends), default=1) - 1
         shown = 0
         answer_shown = ""
-        async for delta in generate_or_abort(
-            self.engine, list(self.ids), options, f"{self.request_id}-{self._calls}", self.on_abort
-        ):
+        async for delta in source:
             segment.text += delta.text
             segment.token_ids.extend(delta.token_ids)
             if delta.logprobs:
@@ -453,8 +525,17 @@ class SelfSearchLoop:
             if delta.finish_reason is not None:
                 segment.finish_reason = delta.finish_reason
                 segment.stop = delta.stop_reason
-                segment.text = _without_partial_close(segment.text, stop)
+                segment.text = _without_partial_close(segment.text, ends)
             done = delta.finish_reason is not None
+            if watch is not None and (at := segment.text.find(watch)) >= 0:
+                self._live = self._cut(segment, at, at + len(watch), live.stream, delta)
+                segment.stop, segment.finish_reason, done = watch, "stop", True
+            elif read_cap is not None and not done and len(segment.token_ids) >= read_cap:
+                # The read's cap, as a capped engine call would end (the request is aborted).
+                # The engine holds back the text that may start a stop string; the tokens
+                # are what was read, so the block is their text.
+                segment.text = self._decode(segment.token_ids)
+                segment.finish_reason, done = "length", True
             end = len(segment.text) if done else max(shown, len(segment.text) - holdback)
             if end > shown:
                 piece = segment.text[shown:end]
@@ -466,6 +547,12 @@ class SelfSearchLoop:
                     answer_piece = visible[len(answer_shown) :]
                     answer_shown = visible
                 yield TextDelta(piece, answer_piece)
+            if done:
+                break
+        if self._live is None or self._live.stream is not live.stream:
+            # Not read on: close the request (an abort only if the engine had not finished it).
+            self._live = live
+            await self._drop_live()
         self.prompt_tokens += segment.prompt_tokens
         self.completion_tokens += segment.completion_tokens
         if answer or final:
@@ -477,6 +564,100 @@ class SelfSearchLoop:
             else:
                 self.notes.append("a search query or self-filled information was cut by the token budget")
         yield segment
+
+    def _cut(
+        self,
+        segment: Segment,
+        start: int,
+        end: int,
+        stream: AsyncGenerator[GenerationDelta, None],
+        last: GenerationDelta,
+    ) -> _Live:
+        """End `segment` before the watched string at `segment.text[start:end]`; return what
+        the engine sent past it (the tokens after the one that ends the string), to read on."""
+        spans = token_offsets(segment.token_ids, self._decode)
+        kept = next((i + 1 for i, (_, stop) in enumerate(spans) if stop >= end), len(spans))
+        reach = spans[kept - 1][1] if kept else end
+        rest = _Live(
+            stream,
+            text=segment.text[max(reach, end) :],
+            token_ids=segment.token_ids[kept:],
+            logprobs=segment.logprobs[kept:],
+            lead=segment.text[end:reach],
+            finish_reason=last.finish_reason,
+            stop_reason=last.stop_reason,
+        )
+        segment.text = segment.text[:start]
+        del segment.token_ids[kept:]
+        del segment.logprobs[kept:]
+        return rest
+
+    async def _drop_live(self, deliberate: bool = True) -> None:
+        """Abort the live request, if any: what it sent past the last cut is never read (but
+        it was generated: it counts in usage). Not `deliberate`: the trajectory is failing
+        or its client left, and the abort counts as one."""
+        live, self._live = self._live, None
+        if live is None:
+            return
+        self.completion_tokens += len(live.token_ids)
+        self._cutting = deliberate
+        try:
+            await live.stream.aclose()
+        finally:
+            self._cutting = False
+
+    def _aborted(self) -> None:
+        """An engine request left unfinished: counted unless the loop cut it on purpose."""
+        if not self._cutting and self.on_abort is not None:
+            self.on_abort()
+
+    def _model_text(self, text: str) -> TextDelta:
+        """Model-written text whose tokens went to the previous segment (a cut's lead)."""
+        self.transcript += text
+        self.ids.extend(self._encode(text))
+        return TextDelta(text)
+
+    async def _reads_information(self) -> list[TextDelta] | None:
+        """After a `</search>` the policy leaves to the model, read on in the live request
+        until its next text shows whether it opens `<information>` itself. If it does, keep
+        that text (the model's own tags and tokens) and return it to be shown; otherwise
+        (another tag, prose, the request ended) drop the request and return None: the caller
+        writes the tag and asks for the block, as the stop-based loop does."""
+        live = self._live
+        if live is None:
+            return None
+        head = (live.lead + live.text).lstrip()
+        while (
+            live.finish_reason is None
+            and len(head) < len(INFORMATION_OPEN)
+            and INFORMATION_OPEN.startswith(head)
+        ):
+            try:
+                delta = await anext(live.stream)
+            except StopAsyncIteration:
+                break
+            live.text += delta.text
+            live.token_ids.extend(delta.token_ids)
+            live.logprobs.extend(delta.logprobs or ())
+            live.finish_reason, live.stop_reason = delta.finish_reason, delta.stop_reason
+            head = (live.lead + live.text).lstrip()
+        opened = live.text.find(INFORMATION_OPEN)
+        ended_at_tag = live.finish_reason is not None and head == INFORMATION_OPEN
+        if not head.startswith(INFORMATION_OPEN) or opened < 0 or ended_at_tag:
+            await self._drop_live()
+            return None
+        shown: list[TextDelta] = []
+        if live.lead:
+            shown.append(self._model_text(live.lead))
+        # The opening tag is the model's: keep its tokens, and read on right after it.
+        end = opened + len(INFORMATION_OPEN)
+        segment = Segment(text=live.text, token_ids=list(live.token_ids), logprobs=list(live.logprobs))
+        last = GenerationDelta("", (), finish_reason=live.finish_reason, stop_reason=live.stop_reason)
+        self._live = self._cut(segment, end, end, live.stream, last)
+        shown.append(TextDelta(segment.text))
+        self._keep(segment)
+        self.completion_tokens += segment.completion_tokens
+        return shown
 
     # ----- one search ----------------------------------------------------------------
 
@@ -508,6 +689,9 @@ class SelfSearchLoop:
         decision = self._decide(entropy)
         record = SearchRecord(index, query, entropy, decision.route, decision.reason, decision.policy)
         if decision.route == "external":
+            # The request would write past `</search>` for nothing while the API answers:
+            # abort it at once (a failed search then self-fills in a request of its own).
+            await self._drop_live()
             await self._search_into(record)
         self.records.append(record)
         if self.config.counterfactual and record.route == "internal":
@@ -516,6 +700,14 @@ class SelfSearchLoop:
         if record.route == "external" and record.fallback is None:
             for delta in self._insert_documents(record):
                 yield delta
+            return
+        # The single pass: the model writes its own block in the request it is writing.
+        own = await self._reads_information()
+        if own is not None:
+            for delta in own:
+                yield delta
+            async for event in self._read_information(record):
+                yield event
             return
         yield self._insert(INFO_PREFIX)
         async for item in self._generate(
@@ -531,6 +723,28 @@ class SelfSearchLoop:
                 record.information = item.text.strip()
             else:
                 yield item
+        yield self._insert(INFO_SUFFIX)
+
+    async def _read_information(self, record: SearchRecord) -> AsyncIterator[LoopEvent]:
+        """Read the block the model is writing in the live request, up to its `</information>`;
+        a block the budget cuts or the request ends is closed by the loop, and a new request
+        resumes after it."""
+        start = len(self.transcript)
+        segment: Segment | None = None
+        async for item in self._generate(
+            (), self.config.max_information_tokens, False, watch=INFORMATION_CLOSE, resume=True
+        ):
+            if isinstance(item, Segment):
+                segment = item
+            else:
+                yield item
+        assert segment is not None
+        self._keep(segment)
+        record.information = self.transcript[start:].strip()
+        if segment.stop == INFORMATION_CLOSE:
+            yield self._insert(INFORMATION_CLOSE)
+            return
+        await self._drop_live()
         yield self._insert(INFO_SUFFIX)
 
     async def _search_into(self, record: SearchRecord) -> None:
@@ -676,10 +890,19 @@ class SelfSearchLoop:
         # A shaped answer (stop strings, a schema, a tool call) is a turn of its own: the
         # model's free text stops where it opens `<answer>`, and the loop generates the rest.
         shaped = self.config.answer_turn.shaped
-        ends = (SEARCH_CLOSE, ANSWER_OPEN) if shaped else (SEARCH_CLOSE, ANSWER_CLOSE)
+        ends = (ANSWER_OPEN,) if shaped else (ANSWER_CLOSE,)
         while True:
             segment: Segment | None = None
-            async for item in self._generate(ends, self.config.max_tokens, logprobs=True, final=True):
+            # One request, read on across every search the model fills itself; `</search>` is
+            # watched, not a stop string, so that the engine goes on writing while we decide.
+            async for item in self._generate(
+                ends,
+                self.config.max_tokens,
+                logprobs=True,
+                final=True,
+                watch=SEARCH_CLOSE,
+                resume=self._live is not None and not self._live.spent,
+            ):
                 if isinstance(item, Segment):
                     segment = item
                 else:
@@ -694,6 +917,7 @@ class SelfSearchLoop:
                 yield self._insert(ANSWER_CLOSE)
                 return
             if segment.stop != SEARCH_CLOSE:
+                await self._drop_live()
                 if shaped and segment.finish_reason != "length":
                     # EOS without an answer: the request's shape still gets its answer turn.
                     async for event in self._answer("\n\n", (ANSWER_CLOSE,)):
@@ -702,6 +926,7 @@ class SelfSearchLoop:
             yield self._insert(SEARCH_CLOSE)
             searched = sum(1 for r in self.records if r.route != "skipped")
             if searched >= self.config.max_turns:
+                await self._drop_live()
                 self.notes.append(
                     f"max_turns ({self.config.max_turns}) reached; the model was made to answer"
                 )
@@ -730,6 +955,9 @@ class SelfSearchLoop:
         fork.notes = []
         fork._inserted = list(self._inserted)
         fork._branches = []
+        # The branch makes its own requests; the trajectory's live one stays the trajectory's.
+        fork._live = None
+        fork._calls = 0
         fork.prompt_tokens = fork.completion_tokens = 0
         return fork
 
@@ -759,6 +987,7 @@ class SelfSearchLoop:
         outcome.transcript = fork.transcript[start:]
         outcome.prompt_tokens, outcome.completion_tokens = fork.prompt_tokens, fork.completion_tokens
         outcome.finish_reason = final.finish_reason
+        outcome.engine_requests = fork._calls
         return outcome
 
     async def _counterfactuals(self) -> list[Counterfactual]:
@@ -785,6 +1014,11 @@ class SelfSearchLoop:
             for task in self._branches:
                 task.cancel()
             raise
+        finally:
+            # A trajectory that ends (or fails) while a request is live leaves none behind.
+            if self._live is not None:
+                with contextlib.suppress(Exception):
+                    await self._drop_live(deliberate=False)
         # Branch tokens count in usage (they are engine work), not in the trajectory's budget.
         branches = await self._counterfactuals()
         result = self._result()
@@ -823,7 +1057,19 @@ class SelfSearchLoop:
             finish_reason=self._finish_reason,
             notes=self.notes,
             answer_tokens=self._answer_tokens if answered else 0,
+            engine_requests=self._calls,
         )
+
+
+async def _after(
+    first: GenerationDelta, rest: AsyncIterator[GenerationDelta]
+) -> AsyncIterator[GenerationDelta]:
+    """`first` (unless empty), then `rest` unless `first` already finished the request."""
+    if first.text or first.token_ids or first.finish_reason is not None:
+        yield first
+    if first.finish_reason is None:
+        async for delta in rest:
+            yield delta
 
 
 def _without_partial_close(text: str, tags: Sequence[str]) -> str:

@@ -150,10 +150,9 @@ def engine_model_config(engine: Engine) -> Any | None:
 def start_engine(settings: ServeSettings) -> Engine:
     """The remote engine when --engine-url is set, else vLLM in this process."""
     if settings.engine_url:
-        from router.engine.default_model import ensure_default_checkpoint
         from router.engine.remote_engine import RemoteEngine, RemoteEngineConfig
 
-        tokenizer = settings.model or str(ensure_default_checkpoint(settings.cache_dir))
+        tokenizer = settings.model_path()
         return RemoteEngine.connect(
             RemoteEngineConfig(
                 base_url=settings.engine_url,
@@ -186,13 +185,12 @@ def resolve_enforce_eager(setting: bool | None, on_cpu: Callable[[], bool] | Non
 
 
 def start_vllm_engine(settings: ServeSettings) -> Engine:
-    from router.engine.default_model import ensure_default_checkpoint
     from router.engine.vllm_engine import EngineConfig, VLLMEngine
 
     if settings.cpu_kvcache_space is not None:
         # Read by vLLM's CPU worker only; the engine core inherits this environment.
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(settings.cpu_kvcache_space))
-    model = settings.model or str(ensure_default_checkpoint(settings.cache_dir))
+    model = settings.model_path()
     enforce_eager, why = resolve_enforce_eager(settings.enforce_eager)
     logger.info(
         "starting the vLLM engine on %s: %s (%s)",
@@ -315,6 +313,7 @@ def create_app(settings: ServeSettings, engine_factory: EngineFactory = start_en
             max_tokens_limit=settings.max_tokens_limit,
             max_request_tokens=settings.max_request_tokens,
             adapters={a.name: a for a in settings.adapters()},
+            base_profile=settings.base_profile(),
         )
         logger.info("serving %s on http://%s:%d", settings.model_name, settings.host, settings.port)
         try:

@@ -134,15 +134,25 @@ def register_model(subparsers: argparse._SubParsersAction[argparse.ArgumentParse
     prepare.add_argument(
         "--cache-dir", default=None, help="Cache directory (default: SSRL_CACHE_DIR or ~/.cache/ssrl)."
     )
+    prepare.add_argument(
+        "--native",
+        action="store_true",
+        help="Also fold the native self-search adapter into a model of its own "
+        "(`ssrl serve --model smollm2-135m-ssrl`; done by serve when missing).",
+    )
     model.set_defaults(handler=model_command)
 
 
 def model_command(args: dict[str, Any]) -> int:
     from router.engine.default_model import ensure_default_checkpoint
 
-    cache_dir = args.get("cache_dir")
+    cache_dir = Path(args["cache_dir"]) if args.get("cache_dir") else None
     logging.basicConfig(level=logging.INFO)
-    print(ensure_default_checkpoint(Path(cache_dir) if cache_dir else None))
+    print(ensure_default_checkpoint(cache_dir))
+    if args.get("native"):
+        from router.engine.merge import ensure_native_checkpoint
+
+        print(ensure_native_checkpoint(cache_dir))
     return 0
 
 

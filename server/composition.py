@@ -54,12 +54,12 @@ def tool_parser_name(settings: ServeSettings) -> str | None:
     """The tool parser in effect: the operator's, else Hermes for the embedded model."""
     if settings.tool_call_parser:
         return settings.tool_call_parser
-    return EMBEDDED_TOOL_PARSER if settings.model is None else None
+    return EMBEDDED_TOOL_PARSER if settings.embedded_weights else None
 
 
 def auto_tool_choice(settings: ServeSettings) -> bool:
     """Whether tool_choice "auto" is served: the operator's flag, or on for the embedded model."""
-    return settings.enable_auto_tool_choice or settings.model is None
+    return settings.enable_auto_tool_choice or settings.embedded_weights
 
 
 @dataclass

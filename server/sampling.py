@@ -76,5 +76,5 @@ def sampling_defaults_for(settings: Any, model_config: Any | None) -> SamplingDe
 
     flags = {"temperature": settings.default_temperature, "top_p": settings.default_top_p}
     model = model_config.get_diff_sampling_param() if model_config is not None else {}
-    embedded = EMBEDDED_SAMPLING_DEFAULTS if settings.model is None else None
+    embedded = EMBEDDED_SAMPLING_DEFAULTS if settings.embedded_weights else None
     return resolve_sampling_defaults(flags, model, embedded)

@@ -51,6 +51,9 @@ class ServingContext:
     sampling: SamplingDefaults = field(default_factory=SamplingDefaults)
     # LoRA adapters served beside the base model, by served name (router.engine.adapters).
     adapters: Mapping[str, Adapter] = field(default_factory=dict)
+    # The served model's own SSRL profile (prompt, documents, threshold) when it is a known
+    # native model (the embedded adapter merged: `--model smollm2-135m-ssrl`), else None.
+    base_profile: Adapter | None = None
     # Tokenising and chat templating run here, off the event loop: one worker, as vLLM's
     # own async tokenizer, so that big prompts queue rather than take every core.
     tokenizer_pool: ThreadPoolExecutor = field(default_factory=_tokenizer_pool)
@@ -256,9 +259,10 @@ def check_prompt_chars(ctx: ServingContext, chars: int, param: str) -> None:
 
 
 def check_model(ctx: ServingContext, requested: str) -> Adapter | None:
-    """The adapter a request names (None: the base model); 404 for a name this server lacks."""
+    """The adapter a request names (the base model's profile, None for a model that has none);
+    404 for a name this server lacks."""
     if requested == ctx.model_name:
-        return None
+        return ctx.base_profile
     adapter = ctx.adapters.get(requested)
     if adapter is None:
         served = ", ".join(f"`{name}`" for name in ctx.served_names)
@@ -324,7 +328,7 @@ def sampling_options(
         stop=request.stop_list(),
         logprobs=logprobs,
         include_stop_str_in_output=False,
-        adapter=adapter.name if adapter is not None else None,
+        adapter=adapter.lora_name if adapter is not None else None,
     )
 
 

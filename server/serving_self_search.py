@@ -181,7 +181,7 @@ def loop_config(
         counterfactual=bool(o.counterfactual),
         search_context=search_context,
         question=question,
-        adapter=adapter.name if adapter is not None else None,
+        adapter=adapter.lora_name if adapter is not None else None,
     )
     return config, votes
 

@@ -9,13 +9,20 @@ pydantic-settings ranks above the environment.
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from router.engine.adapters import Adapter, embedded_adapter, numbered, parse_lora_modules
+from router.engine.adapters import (
+    EMBEDDED_ADAPTER_NAME,
+    Adapter,
+    embedded_adapter,
+    numbered,
+    parse_lora_modules,
+)
 from router.engine.base import SEED_MAX, SEED_MIN
 from router.engine.default_model import DEFAULT_MODEL_NAME, default_cache_dir
 from router.loop import LoopConfig, Mode
@@ -117,7 +124,10 @@ class ServeSettings(BaseSettings):
 
     # Model
     model: str | None = Field(
-        None, description="Local path or Hugging Face id; default: the embedded SmolLM2-135M."
+        None,
+        description="Local path or Hugging Face id; default: the embedded SmolLM2-135M "
+        "(guided), with its native adapter beside it. `smollm2-135m-ssrl`: that adapter merged "
+        "into a model of its own (native, about twice as fast as through LoRA).",
     )
     served_model_name: str | None = Field(
         None, description="Model name clients send and see; default: a readable name."
@@ -345,6 +355,37 @@ class ServeSettings(BaseSettings):
     @property
     def uses_default_model(self) -> bool:
         return self.model is None
+
+    @property
+    def serves_embedded_native(self) -> bool:
+        """`--model smollm2-135m-ssrl`: the embedded native adapter merged into its base and
+        served as a model of its own (router.engine.merge), faster than through LoRA."""
+        return self.model == EMBEDDED_ADAPTER_NAME
+
+    @property
+    def embedded_weights(self) -> bool:
+        """The embedded model or its merged native model: the same tokenizer, template and
+        tool format, and ssrl's measured sampling defaults."""
+        return self.uses_default_model or self.serves_embedded_native
+
+    def base_profile(self) -> Adapter | None:
+        """The served model's own SSRL profile, for the merged native model (else None)."""
+        if not self.serves_embedded_native or (shipped := embedded_adapter()) is None:
+            return None
+        return replace(shipped, merged=True)
+
+    def model_path(self) -> str:
+        """What the engine loads: --model, or the embedded checkpoint (converted, or merged
+        with the native adapter) in the cache, made on first use."""
+        if self.serves_embedded_native:
+            from router.engine.merge import ensure_native_checkpoint
+
+            return str(ensure_native_checkpoint(self.cache_dir))
+        if self.model is not None:
+            return self.model
+        from router.engine.default_model import ensure_default_checkpoint as ensure
+
+        return str(ensure(self.cache_dir))
 
     def adapters(self) -> list[Adapter]:
         """The LoRA adapters this server serves, numbered as vLLM numbers them: the embedded

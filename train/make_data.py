@@ -9,11 +9,14 @@ Three steps, each resumable, all outputs under ``train/data/`` (committed):
    (documents inserted) and ``never`` (the model fills the information block itself). Every
    outcome is written as it arrives, so a rerun skips the questions already asked. Needs a
    running server (``--base-url``).
-3. ``trajectories.jsonl``: the training set. Guided runs whose answer was right (rejection
-   sampling), re-rendered in the native layout; then trajectories assembled from the corpus
-   for the remaining questions (the query written from the question, the article's first
-   sentence as self-written information, or the article as an inserted document), until
-   ``--size`` rows. Each row says its ``source``.
+3. ``forward.jsonl``: forward questions (`train.forward`: "Who wrote Hamlet?", answered by a
+   name in the article's text rather than by its title), held out the same way.
+4. ``trajectories.jsonl``: the training set. Guided runs whose answer was right (rejection
+   sampling), re-rendered in the native layout; every forward question twice (once with its
+   sentence inserted as a document, once as the model's own block); then trajectories
+   assembled from the corpus for the remaining questions (the query written from the
+   question, the article's first sentence as self-written information, or the article as an
+   inserted document), until ``--size`` rows. Each row says its ``source``.
 
 Seeded and deterministic given the guided outcomes; the engine is not (vLLM on CPU), which
 is why those outcomes are kept in a file rather than re-made.
@@ -27,18 +30,25 @@ import json
 import os
 import random
 import sys
-import tempfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import httpx
 
 from router.scoring import best_exact_match
-from router.search.devset import ensure_devset, read_corpus, split_sentences
+from router.search.devset import (
+    CorpusDoc,
+    ensure_devset,
+    plain_title,
+    read_corpus,
+    split_sentences,
+    write_devset,
+)
 from router.tags import normalize_answer
+from train.forward import forward_candidates, person_titles
 from train.render import Trajectory, query_from_question, render, render_documents
-from train.split import heldout_questions
+from train.split import eval_keys, heldout_questions, leak_reason
 
 DATA_DIR = Path(__file__).parent / "data"
 FIRST_IMPRESSION = Path(__file__).parent.parent / "tests" / "data" / "first_impression.jsonl"
@@ -55,38 +65,62 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def write_jsonl(path: Path, rows: Iterable[Mapping[str, Any]]) -> None:
-    """Atomically: a temporary file beside ``path``, renamed over it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _cache_dir() -> Path:
     from router.engine.default_model import default_cache_dir
 
     return default_cache_dir()
 
 
-def make_questions(size: int) -> Path:
-    out = DATA_DIR / "questions.jsonl"
-    if out.is_file():
-        return out
+def _corpus_and_eval_rows() -> tuple[Path, list[dict[str, Any]]]:
     from router.search.default_corpus import DEFAULT_INDEX_NAME, WIKI_VERSION
 
     dev_path, _ = ensure_devset(_cache_dir())
     corpus = _cache_dir() / "corpora" / f"{DEFAULT_INDEX_NAME}-{WIKI_VERSION}.jsonl"
-    eval_rows = read_jsonl(dev_path) + read_jsonl(FIRST_IMPRESSION)
+    return corpus, read_jsonl(dev_path) + read_jsonl(FIRST_IMPRESSION)
+
+
+def make_questions(size: int) -> Path:
+    out = DATA_DIR / "questions.jsonl"
+    if out.is_file():
+        return out
+    corpus, eval_rows = _corpus_and_eval_rows()
     rows, dropped = heldout_questions(read_corpus(corpus), eval_rows, size, SEED)
-    write_jsonl(out, rows)
+    write_devset(out, rows)
     print(f"questions: {len(rows)} written to {out}; dropped as leaks: {dropped}", file=sys.stderr)
+    return out
+
+
+def forward_questions(docs: list[CorpusDoc], eval_rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every forward question of the corpus that shares nothing with the evaluation sets."""
+    titles = {plain_title(doc.title) for doc in docs}
+    persons = person_titles(docs)
+    keys = eval_keys(eval_rows)
+    rows: list[dict[str, Any]] = []
+    for doc in sorted(docs, key=lambda d: d.title):
+        for row in forward_candidates(doc, titles, persons):
+            # The inserted document is cut to DOC_CHARS: it must still hold the answer.
+            if leak_reason(row, keys) is None and row["answers"][0] in row["sentence"][: DOC_CHARS - 10]:
+                rows.append(
+                    {
+                        "id": f"fwd-{len(rows):04d}",
+                        "question": row["question"],
+                        "answers": row["answers"],
+                        "gold_title": row["gold_title"],
+                        "template": row["template"],
+                        "passage": row["sentence"],
+                    }
+                )
+    return rows
+
+
+def make_forward() -> Path:
+    out = DATA_DIR / "forward.jsonl"
+    if out.is_file():
+        return out
+    corpus, eval_rows = _corpus_and_eval_rows()
+    rows = forward_questions(read_corpus(corpus), eval_rows)
+    write_devset(out, rows)
+    print(f"forward questions: {len(rows)} written to {out}", file=sys.stderr)
     return out
 
 
@@ -186,12 +220,13 @@ def from_guided(row: Mapping[str, Any], question: Mapping[str, Any]) -> Trajecto
 
 
 def assembled(
-    question: Mapping[str, Any], rng: random.Random, inserted_share: float
+    question: Mapping[str, Any], rng: random.Random, inserted_share: float, inserted: bool | None = None
 ) -> tuple[Trajectory, str]:
-    """A trajectory built from the corpus: the model's query, the article's text, the gold."""
+    """A trajectory built from the corpus: the model's query, the article's text, the gold
+    (``inserted`` forces the kind of information; None draws it)."""
     query = query_from_question(question["question"])
     answer = question["answers"][0]
-    if rng.random() < inserted_share:
+    if inserted if inserted is not None else rng.random() < inserted_share:
         docs = render_documents([(question["gold_title"], question["passage"])], DOC_CHARS)
         return render(query, docs, answer, inserted=True), "corpus-inserted"
     # Written in the layout of inserted documents, as the guided model writes its own blocks:
@@ -200,11 +235,33 @@ def assembled(
     return render(query, own, answer, inserted=False), "corpus-self"
 
 
-def make_trajectories(questions: list[dict[str, Any]], size: int, inserted_share: float) -> Path:
+def _row(question: Mapping[str, Any], trajectory: Trajectory, source: str) -> dict[str, Any]:
+    return {
+        "id": question["id"],
+        "question": question["question"],
+        "answers": question["answers"],
+        "source": source,
+        "text": trajectory.text,
+        "masked": [list(span) for span in trajectory.masked],
+    }
+
+
+def make_trajectories(
+    questions: list[dict[str, Any]],
+    size: int,
+    inserted_share: float,
+    forward: Sequence[Mapping[str, Any]] = (),
+) -> Path:
     out = DATA_DIR / "trajectories.jsonl"
     guided = {r["id"]: r for r in read_jsonl(DATA_DIR / "guided.jsonl")}
     rng = random.Random(SEED)
     rows: list[dict[str, Any]] = []
+    # Both kinds of information for each forward question: they are few, and they are the
+    # only rows whose answer is not the title of the document read.
+    for question in forward:
+        for inserted in (True, False):
+            trajectory, source = assembled(question, rng, inserted_share, inserted=inserted)
+            rows.append(_row(question, trajectory, "forward-" + source.split("-", 1)[1]))
     for question in questions:
         if len(rows) >= size:
             break
@@ -217,17 +274,8 @@ def make_trajectories(questions: list[dict[str, Any]], size: int, inserted_share
             continue  # a wrong guided answer: rejected, and its question is not reused
         else:
             trajectory, source = assembled(question, rng, inserted_share)
-        rows.append(
-            {
-                "id": question["id"],
-                "question": question["question"],
-                "answers": question["answers"],
-                "source": source,
-                "text": trajectory.text,
-                "masked": [list(span) for span in trajectory.masked],
-            }
-        )
-    write_jsonl(out, rows)
+        rows.append(_row(question, trajectory, source))
+    write_devset(out, rows)
     counts: dict[str, int] = {}
     for row in rows:
         counts[row["source"]] = counts.get(row["source"], 0) + 1
@@ -251,7 +299,7 @@ def main(argv: list[str] | None = None) -> None:
     questions = read_jsonl(make_questions(args.questions))
     if not args.skip_guided and args.guided > 0:
         asyncio.run(run_guided(questions[: args.guided], args.base_url, args.model, args.concurrency))
-    make_trajectories(questions, args.size, args.inserted_share)
+    make_trajectories(questions, args.size, args.inserted_share, read_jsonl(make_forward()))
 
 
 if __name__ == "__main__":

@@ -21,15 +21,14 @@ import json
 import math
 import os
 import random
-import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from router.files import replace_dir
 from router.prompts import NATIVE_COMPACT
 
 IGNORE = -100
@@ -98,22 +97,6 @@ def collate(examples: Sequence[Example], pad_id: int) -> dict[str, Any]:
         labels[row, : len(e.labels)] = torch.tensor(e.labels)
         mask[row, : len(e.input_ids)] = 1
     return {"input_ids": ids, "labels": labels, "attention_mask": mask}
-
-
-def _atomic_dir(target: Path, write: Any) -> None:
-    """Write a directory beside ``target`` and rename it into place."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
-        write(staging)
-        if target.exists():
-            old = Path(tempfile.mkdtemp(prefix=".old-", dir=target.parent))
-            os.replace(target, old / "x")
-            shutil.rmtree(old, ignore_errors=True)
-        os.replace(staging, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -205,7 +188,7 @@ def train(args: argparse.Namespace) -> Path:
             torch.save(torch.get_rng_state(), tmp / "rng.pt")
             (tmp / "state.json").write_text(json.dumps(state))
 
-        _atomic_dir(latest, write)
+        replace_dir(latest, write)
 
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     epochs = math.ceil(total / steps_per_epoch)
@@ -254,7 +237,7 @@ def train(args: argparse.Namespace) -> Path:
         for written in tmp.iterdir():
             written.chmod(0o644)
 
-    _atomic_dir(Path(args.out), write_adapter)
+    replace_dir(Path(args.out), write_adapter)
     print(f"adapter written to {args.out} ({total} steps, {wall_s} s)", file=sys.stderr)
     return Path(args.out)
 

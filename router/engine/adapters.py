@@ -37,7 +37,7 @@ _EMBEDDED_DIR = Path(__file__).parent / "weights" / EMBEDDED_ADAPTER_NAME
 # never search). Re-derived on the dev set from exact counterfactuals (`python -m
 # bench.native_report`): the fewest external calls whose accuracy reaches the lower end of
 # always-search's 95 % interval; docs/native-model.md.
-EMBEDDED_ADAPTER_TAU = 0.66
+EMBEDDED_ADAPTER_TAU = 0.687
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,7 +59,15 @@ class Adapter:
     search_threshold: float | None = None
     # Set by the server: vLLM's id of this adapter (1-based, in listing order).
     lora_int_id: int = 0
+    # Folded into the served weights (router.engine.merge): the profile above still applies,
+    # but requests go to the base model, not through vLLM's LoRA.
+    merged: bool = False
     extra: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def lora_name(self) -> str | None:
+        """The name the engine serves it under as a LoRA (None: merged into the base)."""
+        return None if self.merged else self.name
 
 
 def embedded_adapter() -> Adapter | None:

@@ -21,6 +21,8 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from router.files import replace_dir
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL_NAME = "smollm2-135m-instruct"
@@ -112,10 +114,8 @@ def ensure_default_checkpoint(cache_dir: Path | None = None) -> Path:
     target = cache_dir / "models" / DEFAULT_MODEL_NAME
     if checkpoint_is_valid(target, fingerprint):
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{DEFAULT_MODEL_NAME}-", dir=target.parent))
-    staging.chmod(0o755)  # mkdtemp makes it private; the server may run as another user
-    try:
+
+    def write(staging: Path) -> None:
         _convert(gguf, staging)
         (staging / MARKER).write_text(
             json.dumps(
@@ -127,15 +127,8 @@ def ensure_default_checkpoint(cache_dir: Path | None = None) -> Path:
                 }
             )
         )
-        # Move the old checkpoint aside first: rename cannot replace a non-empty directory.
-        if target.exists():
-            stale = Path(tempfile.mkdtemp(prefix=".stale-", dir=target.parent))
-            os.replace(target, stale / "old")
-            shutil.rmtree(stale, ignore_errors=True)
-        os.replace(staging, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+
+    replace_dir(target, write)
     logger.info("converted %s into %s", gguf.name, target)
     return target
 

@@ -20,8 +20,9 @@ async def generate_or_abort(
     then stop spending compute on a request nobody reads, whatever the engine does itself.
     """
     finished = False
+    stream = engine.generate(prompt, options, request_id)
     try:
-        async for delta in engine.generate(prompt, options, request_id):
+        async for delta in stream:
             if delta.finish_reason is not None:
                 finished = True
             yield delta
@@ -29,7 +30,14 @@ async def generate_or_abort(
         finished = True  # nothing runs on a dead engine: no abort to send or count
         raise
     finally:
-        if not finished:
-            await engine.abort(request_id)
-            if on_abort is not None:
-                on_abort()
+        # Close the engine's stream now, not when it is collected: a remote engine's request
+        # ends when its HTTP stream is closed (the loop's single pass cuts requests this way).
+        close = getattr(stream, "aclose", None)
+        try:
+            if close is not None:
+                await close()
+        finally:
+            if not finished:
+                await engine.abort(request_id)
+                if on_abort is not None:
+                    on_abort()

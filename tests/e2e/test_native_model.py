@@ -2,10 +2,11 @@
 
 The session server serves it beside the embedded instruct model (vLLM's LoRA path). Native
 mode inserts nothing before the model's first token and writes no opening tag: the model
-opens `<search>`, writes its query and stops at `</search>`; the loop then decides on the
-entropy of those query tokens and either inserts documents or lets the model write its own
-`<information>`; the model opens `<answer>`. Each test reads one response (the engine is not
-deterministic across requests).
+opens `<search>` and writes its query; at `</search>` the loop decides on the entropy of those
+query tokens, read from the stream of the same request, and either reads on while the model
+writes its own `<information>` (one engine request for the whole trajectory), or aborts the
+request, inserts documents and resumes with one new request; the model opens `<answer>`. Each
+test reads one response (the engine is not deterministic across requests).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import pytest
 
 from router.engine.adapters import EMBEDDED_ADAPTER_NAME
 from router.tags import extract_last_answer
-from tests.e2e.test_self_search import information_blocks, search_queries, trace_of
+from tests.e2e.test_self_search import StreamRead, information_blocks, search_queries, trace_of
 
 pytestmark = pytest.mark.engine
 
@@ -58,6 +59,8 @@ def test_self_filled_search_is_written_by_the_model(openai_client):
     assert blocks and blocks[0].strip() == search["information"] and search["information"]
     assert trace["answered"], trace["notes"]
     assert choice.message.content == extract_last_answer(reasoning)
+    # The single pass: the model wrote its query, its block and its answer in one request.
+    assert trace["engine_requests"] == 1, trace
     # Entropy was read on the query's own tokens: one value per token.
     entropy = search["entropy"]
     assert entropy["tokens"] >= 1 and len(entropy["per_token"]) == entropy["tokens"]
@@ -75,6 +78,8 @@ def test_external_search_inserts_documents_after_the_models_query(openai_client)
     assert len(search["documents"]) == 1
     assert information_blocks(reasoning)[0] == search["information"]
     assert search["information"].startswith("Doc 1(Title: ")
+    # One request up to the query, one more after the documents per external search.
+    assert trace["engine_requests"] == 1 + trace["external_calls"], trace
     assert [a.url_citation.url for a in choice.message.annotations] == [d["url"] for d in search["documents"]]
 
 
@@ -89,21 +94,9 @@ def test_threshold_policy_decides_on_the_query_entropy(openai_client):
 
 
 def test_stream_reassembles_into_its_trace(openai_client):
-    stream = ask(openai_client, "never", stream=True, stream_options={"include_usage": True})
-    reasoning, content, events = [], [], []
-    for chunk in stream:
-        if not chunk.choices:
-            continue
-        choice = chunk.choices[0]
-        extra = choice.delta.model_extra or {}
-        if extra.get("reasoning"):
-            reasoning.append(extra["reasoning"])
-        if choice.delta.content:
-            content.append(choice.delta.content)
-        if (choice.model_extra or {}).get("self_search"):
-            events.append(choice.model_extra["self_search"])
-        assert chunk.model == NATIVE
-    transcript = "".join(reasoning)
+    read = StreamRead(ask(openai_client, "never", stream=True, stream_options={"include_usage": True}))
+    assert read.models == {NATIVE}
+    transcript, events = read.transcript, [event for event, _ in read.events]
     trace = events[-1]
     assert trace["type"] == "trace" and [e["type"] for e in events[:-1]] == ["search"] * len(
         trace["searches"]
@@ -112,7 +105,7 @@ def test_stream_reassembles_into_its_trace(openai_client):
     assert [b.strip() for b in information_blocks(transcript)] == [
         s["information"] for s in trace["searches"]
     ]
-    assert "".join(content) == extract_last_answer(transcript)
+    assert read.content == extract_last_answer(transcript)
 
 
 def test_the_native_prompt_has_no_worked_examples(openai_client, model_name):

@@ -53,6 +53,32 @@ def search_queries(transcript: str) -> list[str]:
     return [b.content(transcript).strip() for b in find_tag_blocks(transcript) if b.tag == SEARCH]
 
 
+class StreamRead:
+    """What a self-search chat stream carried: the reasoning (the transcript), the content,
+    each `self_search` event with its chunk's finish_reason, the usage chunk, the models named."""
+
+    def __init__(self, stream) -> None:
+        reasoning, content = [], []
+        self.events: list[tuple[dict, str | None]] = []
+        self.usage = None
+        self.models: set[str] = set()
+        for chunk in stream:
+            self.models.add(chunk.model)
+            if not chunk.choices:
+                self.usage = chunk.usage
+                continue
+            choice = chunk.choices[0]
+            extra = choice.delta.model_extra or {}
+            if extra.get("reasoning"):
+                reasoning.append(extra["reasoning"])
+            if choice.delta.content:
+                content.append(choice.delta.content)
+            if (choice.model_extra or {}).get("self_search"):
+                self.events.append((choice.model_extra["self_search"], choice.finish_reason))
+        self.transcript = "".join(reasoning)
+        self.content = "".join(content)
+
+
 @pytest.fixture(scope="module")
 def chat_prompt_tokens(openai_client, model_name) -> int:
     """Tokens of the plain chat prompt: fixed by the template, whatever the model writes."""
@@ -150,22 +176,11 @@ def test_disabled_self_search_is_plain_generation(openai_client, model_name):
 
 
 def test_stream_reassembles_into_its_own_trace(openai_client, model_name):
-    stream = ask(openai_client, model_name, "always", stream=True, stream_options={"include_usage": True})
-    reasoning, content, events, usage = [], [], [], None
-    for chunk in stream:
-        if not chunk.choices:
-            usage = chunk.usage
-            continue
-        choice = chunk.choices[0]
-        extra = choice.delta.model_extra or {}
-        if extra.get("reasoning"):
-            reasoning.append(extra["reasoning"])
-        if choice.delta.content:
-            content.append(choice.delta.content)
-        if (choice.model_extra or {}).get("self_search"):
-            events.append((choice.model_extra["self_search"], choice.finish_reason))
-    transcript = "".join(reasoning)
-    assert "".join(content) == extract_last_answer(transcript)
+    read = StreamRead(
+        ask(openai_client, model_name, "always", stream=True, stream_options={"include_usage": True})
+    )
+    transcript, events, usage = read.transcript, read.events, read.usage
+    assert read.content == extract_last_answer(transcript)
     kinds = [e["type"] for e, _ in events]
     assert kinds == ["search", "trace"]
     announced, (trace, finish_reason) = events[0][0]["search"], events[1]

@@ -17,6 +17,7 @@ from pydantic import ValidationError
 
 from router.engine.adapters import (
     EMBEDDED_ADAPTER_NAME,
+    EMBEDDED_ADAPTER_TAU,
     Adapter,
     adapter_rank,
     embedded_adapter,
@@ -116,7 +117,7 @@ def test_an_adapter_request_runs_on_the_adapter_in_native_mode(tmp_path: Path) -
     assert data["choices"][0]["message"]["content"] == "Paris"
     assert engine.calls and all(c.options.adapter == "mine" for c in engine.calls)
     # Native: the model wrote the search itself (the native stops), no worked examples.
-    assert engine.calls[0].options.stop == ("</search>", "</answer>")
+    assert engine.calls[0].options.stop == ("</answer>",)
     assert "Oliver Twist" not in engine.calls[0].prompt_text
 
 
@@ -220,3 +221,31 @@ def test_the_embedded_adapter_routes_at_its_own_threshold_unless_the_operator_se
     assert tau(ServeSettings(), shipped) == shipped.search_threshold
     assert tau(ServeSettings(), None) == ServeSettings().search_threshold
     assert tau(ServeSettings(search_threshold=2.5), shipped) == 2.5
+
+
+def test_the_merged_native_model_is_served_as_its_own_model_with_the_adapters_profile() -> None:
+    settings = ServeSettings(model=EMBEDDED_ADAPTER_NAME, warmup=False)
+    assert settings.serves_embedded_native and settings.embedded_weights
+    assert settings.resolved_search_mode == "native"
+    # Merged weights: no LoRA of it beside it, and its profile is the base model's own.
+    assert settings.adapters() == []
+    profile = settings.base_profile()
+    assert profile is not None and profile.merged and profile.lora_name is None
+    assert profile.search_threshold == EMBEDDED_ADAPTER_TAU
+    assert ServeSettings(model="/some/model").base_profile() is None
+    engine = ScriptedEngine(responder=Responder())
+
+    async def body(client: httpx.AsyncClient) -> tuple[httpx.Response, httpx.Response]:
+        chat = await client.post(
+            "/v1/chat/completions", json={"model": EMBEDDED_ADAPTER_NAME, "messages": USER}
+        )
+        return chat, await client.get("/v1/models")
+
+    chat, models = run_app(engine, body, model=EMBEDDED_ADAPTER_NAME, search_mode="auto")
+    assert chat.status_code == 200, chat.text
+    assert [c["id"] for c in models.json()["data"]] == [EMBEDDED_ADAPTER_NAME]
+    # Native mode with the prompt the adapter was trained with, on the base (no LoRA request).
+    assert engine.calls and all(c.options.adapter is None for c in engine.calls)
+    assert engine.calls[0].options.stop == ("</answer>",)
+    assert NATIVE_COMPACT in engine.calls[0].prompt_text
+    assert "Oliver Twist" not in engine.calls[0].prompt_text

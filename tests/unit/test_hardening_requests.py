@@ -45,7 +45,7 @@ MODEL = DEFAULT_MODEL_NAME
 CHAT = "/v1/chat/completions"
 COMPLETIONS = "/v1/completions"
 USER = [{"role": "user", "content": "What is the capital of France?"}]
-NATIVE_STOPS = ("</search>", "</answer>")
+NATIVE_STOPS = ("</answer>",)  # `</search>` is watched in the stream, not a stop (the single pass)
 
 
 def respond(call: Call) -> Script:

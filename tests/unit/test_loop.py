@@ -34,7 +34,7 @@ from router.search.service import SearchService
 from tests.scripted_engine import Script, ScriptedEngine, Step, pieces, script
 
 PROMPT = "<|user|>What is the capital of France?\n<|assistant|>"
-NATIVE_STOPS = ("</search>", "</answer>")
+NATIVE_STOPS = ("</answer>",)  # `</search>` is watched in the stream, not a stop (the single pass)
 
 DOCS = [
     Document(
@@ -705,8 +705,9 @@ def test_tags_split_across_tokens_stop_correctly() -> None:
         for p in ("<think>", "ok", "</think>", "<sea", "rch>", " capital", " of", " France", " ")
     ]
     assert second.prompt == first.prompt + kept + tok.encode("</search>" + info_block(INFO))
-    # 11 tokens up to the closing tag were generated; JUNK and MORE never were.
-    assert result.completion_tokens == 11 + len("<answer> Paris </answer>")
+    # 11 tokens up to the closing tag; JUNK and MORE were generated too (the single pass read
+    # on while the search was decided), never shown or kept, and they count in usage.
+    assert result.completion_tokens == 11 + 2 + len("<answer> Paris </answer>")
 
 
 def test_native_partial_closing_tag_at_eos_is_not_in_the_content() -> None:
@@ -914,7 +915,9 @@ def test_usage_sums_every_call() -> None:
     first, fill, final = "<search> q </search>", "facts</information>", "<answer> A </answer>"
     engine = ScriptedEngine(
         [
-            script(first + "TRAILING"),  # tokens after the stop string are never generated
+            # The model writes on past `</search>` in the same request; "TRAILING" is no
+            # `<information>`, so the request is cut and the loop asks for the block.
+            script(first + "TRAILING"),
             script(fill + "MORE"),
             script(final),
         ]
@@ -927,7 +930,10 @@ def test_usage_sums_every_call() -> None:
     ]
     assert [len(c.prompt) for c in engine.calls] == prompts
     assert result.prompt_tokens == sum(prompts)
-    assert result.completion_tokens == len(first) + len(fill) + len(final)
+    # What the engine generated past `</search>` counts, though never kept; "MORE" after the
+    # fill's stop string never was generated.
+    assert result.completion_tokens == len(first) + len("TRAILING") + len(fill) + len(final)
+    assert result.engine_requests == 3
 
 
 def test_sampling_options_follow_the_config() -> None:
@@ -1171,7 +1177,7 @@ def test_native_shaped_answer_is_a_turn_of_its_own() -> None:
     _, result = collect(engine, config("native", answer_turn=turn), SearchService([FakeBackend()]))
     first, second, final = engine.calls
     # The model's free text stops where it opens its answer; the loop writes the tag.
-    assert first.options.stop == ("</search>", "<answer>")
+    assert first.options.stop == ("<answer>",)
     assert second.options.structured is None
     assert final.prompt_text.endswith("<think> found it </think><answer>")
     assert final.options.structured == {"json_object": True}

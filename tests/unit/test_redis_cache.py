@@ -3,10 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import shutil
-import socket
-import subprocess
-import time
 from collections.abc import Iterator
 
 import pytest
@@ -14,50 +10,15 @@ import pytest
 from router.search.base import Document
 from router.search.cache import CachedBackend
 from router.search.redis_cache import RedisSearchCache
+from tests.redis_server import RedisServer, free_port, needs_redis
 
-REDIS = shutil.which("redis-server")
-pytestmark = pytest.mark.skipif(
-    REDIS is None, reason="redis-server is not installed (scripts/setup.sh installs it as root)"
-)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+pytestmark = needs_redis
 
 
 @pytest.fixture(scope="module")
 def redis_url(tmp_path_factory) -> Iterator[str]:
-    port = _free_port()
-    workdir = tmp_path_factory.mktemp("redis")
-    process = subprocess.Popen(
-        [
-            REDIS,
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            str(workdir),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        for _ in range(100):
-            with socket.socket() as sock:
-                if sock.connect_ex(("127.0.0.1", port)) == 0:
-                    break
-            time.sleep(0.05)
-        yield f"redis://127.0.0.1:{port}/0"
-    finally:
-        process.terminate()
-        process.wait(timeout=10)
+    with RedisServer(tmp_path_factory.mktemp("redis")) as redis:
+        yield redis.url
 
 
 class CountingBackend:
@@ -114,7 +75,7 @@ def test_entries_expire(redis_url):
 
 def test_redis_down_is_a_miss_not_a_failure():
     async def main() -> None:
-        cache = RedisSearchCache(f"redis://127.0.0.1:{_free_port()}/0", ttl_s=60, timeout_s=0.2)
+        cache = RedisSearchCache(f"redis://127.0.0.1:{free_port()}/0", ttl_s=60, timeout_s=0.2)
         backend = CountingBackend()
         cached = CachedBackend(backend, cache)
         assert (await cached.search("q", 1))[0].title == "Paris"

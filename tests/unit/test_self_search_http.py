@@ -27,7 +27,7 @@ MODEL = DEFAULT_MODEL_NAME
 CHAT = "/v1/chat/completions"
 USER = [{"role": "user", "content": "What is the capital of France?"}]
 
-NATIVE_STOPS = ("</search>", "</answer>")
+NATIVE_STOPS = ("</answer>",)  # `</search>` is watched in the stream, not a stop (the single pass)
 GUIDED_QUERY_STOPS = ("</search>", "\n")
 GUIDED_ANSWER_STOPS = ("</answer>", "\n", "</")
 FILL_STOPS = ("</information>",)

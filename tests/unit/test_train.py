@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from router.search.devset import CorpusDoc
+from train.forward import forward_candidates, person_titles
 from train.render import query_from_question, render, render_documents, well_formed
 from train.split import eval_keys, heldout_questions, leak_reason
 
@@ -89,6 +90,61 @@ def test_the_committed_questions_do_not_leak_into_the_first_impression_set() -> 
     ]
     keys = eval_keys(first)
     assert questions and all(leak_reason(q, keys) is None for q in questions)
+
+
+# ----- forward questions -----------------------------------------------------------------------
+
+FORWARD_DOCS = [
+    CorpusDoc(
+        "Quxhall (play)",
+        "Quxhall is a tragedy written by the playwright Ada Vell around 1601. It is set in Quxville.",
+    ),
+    CorpusDoc("Ada Vell", "Ada Vell was a playwright. She wrote many plays; her best known is Quxhall."),
+    CorpusDoc("Zorland", "Zorland is a country. Its capital and largest city is Quxville."),
+    CorpusDoc("Quxville", "Quxville is a city in Zorland."),
+    # "founded by" an article that is no person: no question.
+    CorpusDoc("Vell Guild", "The Vell Guild is a society founded by Zorland in 1900."),
+    # The sentence speaks of something else than the article: no question.
+    CorpusDoc("Ada Vell Prize", "It is awarded yearly. Quxhall was written by Ada Vell, its namesake."),
+]
+
+
+def test_forward_questions_ask_for_a_name_in_the_text_not_the_title() -> None:
+    titles = {d.title.split(" (")[0] for d in FORWARD_DOCS}
+    persons = person_titles(FORWARD_DOCS)
+    assert persons == {"Ada Vell"}
+    made = {
+        d.title: forward_candidates(d, titles, persons)
+        for d in FORWARD_DOCS
+        if forward_candidates(d, titles, persons)
+    }
+    assert set(made) == {"Quxhall (play)", "Zorland"}
+    (play,) = made["Quxhall (play)"]
+    assert play["question"] == "Who wrote Quxhall?" and play["answers"] == ["Ada Vell", "Vell"]
+    assert play["template"] == "creator" and "Ada Vell" in play["sentence"]
+    (capital,) = made["Zorland"]
+    assert capital["question"] == "What is the capital of Zorland?" and capital["answers"] == ["Quxville"]
+    for rows in made.values():
+        for row in rows:
+            assert row["answers"][0] != row["gold_title"]  # the point: not the title
+
+
+def test_the_committed_forward_questions_do_not_leak_and_are_trained_on_twice() -> None:
+    forward = [json.loads(line) for line in (DATA / "forward.jsonl").read_text().splitlines() if line]
+    evaluation = [
+        json.loads(line)
+        for line in (ROOT / "tests/data/first_impression.jsonl").read_text().splitlines()
+        if line
+    ]
+    keys = eval_keys(evaluation)
+    assert forward and all(leak_reason(q, keys) is None for q in forward)
+    rows = [json.loads(line) for line in (DATA / "trajectories.jsonl").read_text().splitlines() if line]
+    sources = {}
+    for row in rows:
+        if row["source"].startswith("forward-"):
+            sources.setdefault(row["id"], set()).add(row["source"])
+    assert len(sources) == len(forward)
+    assert all(kinds == {"forward-inserted", "forward-self"} for kinds in sources.values())
 
 
 # ----- the native layout and its masks --------------------------------------------------------
