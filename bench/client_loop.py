@@ -53,7 +53,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
 from pathlib import Path
@@ -105,6 +105,7 @@ from router.tags import (
     SEARCH_CLOSE,
     SEARCH_OPEN,
     format_documents,
+    without_partial_close,
 )
 
 SECTION = "client_loop"
@@ -175,15 +176,6 @@ def prompt_text(chat_prompt: str, transcript: str) -> str:
     """What each turn sends: the templated conversation plus the transcript so far, as text
     (the server re-tokenises all of it; ssrl instead extends its token ids)."""
     return chat_prompt + transcript
-
-
-def without_partial_close(text: str, stop: Sequence[str]) -> str:
-    """Drop a closing tag the model began but did not finish (`... Paris</ans` then EOS), as
-    router.loop does on every finished call."""
-    for size in range(max((len(t) for t in stop), default=0) - 1, 1, -1):
-        if any(len(t) > size and text.endswith(t[:size]) for t in stop):
-            return text[:-size]
-    return text
 
 
 def search_close(query_text: str) -> str:

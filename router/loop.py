@@ -52,6 +52,7 @@ from router.tags import (
     sanitize_document_text,
     sanitize_url,
     strip_tags,
+    without_partial_close,
 )
 
 Mode = Literal["native", "guided"]
@@ -525,7 +526,7 @@ class SelfSearchLoop:
             if delta.finish_reason is not None:
                 segment.finish_reason = delta.finish_reason
                 segment.stop = delta.stop_reason
-                segment.text = _without_partial_close(segment.text, ends)
+                segment.text = without_partial_close(segment.text, ends)
             done = delta.finish_reason is not None
             if watch is not None and (at := segment.text.find(watch)) >= 0:
                 self._live = self._cut(segment, at, at + len(watch), live.stream, delta)
@@ -1070,17 +1071,6 @@ async def _after(
     if first.finish_reason is None:
         async for delta in rest:
             yield delta
-
-
-def _without_partial_close(text: str, tags: Sequence[str]) -> str:
-    """Drop a closing tag the model began but did not finish (`... Paris</ans` then EOS).
-
-    Any of the call's stop strings counts (native mode stops at `</search>` and `</answer>`).
-    """
-    for size in range(max((len(t) for t in tags), default=0) - 1, 1, -1):
-        if any(len(t) > size and text.endswith(t[:size]) for t in tags):
-            return text[:-size]
-    return text
 
 
 _PROTOCOL_TAGS = tuple(tag(name) for name in TAG_NAMES for tag in (open_tag, close_tag))

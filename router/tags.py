@@ -289,6 +289,18 @@ def clean_answer(answer: str) -> tuple[str, list[str]]:
     return (cleaned, removed) if removed else (answer, [])
 
 
+def without_partial_close(text: str, tags: Sequence[str]) -> str:
+    """Drop a closing tag the model began but did not finish (`... Paris</ans` then EOS).
+
+    Any of the call's stop strings counts (native mode's free text ends at `</answer>` and
+    watches `</search>`); a single character (`<`) is kept: it may be the model's text.
+    """
+    for size in range(max((len(t) for t in tags), default=0) - 1, 1, -1):
+        if any(len(t) > size and text.endswith(t[:size]) for t in tags):
+            return text[:-size]
+    return text
+
+
 def strip_tags(text: str) -> str:
     """`text` with every exact protocol tag removed, blank-line runs folded, ends stripped.
 

@@ -24,7 +24,6 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.auth import PROBE_PATHS
 from server.errors import APIError
-from server.settings import ServeSettings
 
 logger = logging.getLogger(__name__)
 
@@ -206,13 +205,6 @@ def replay_body(body: bytes, receive: Receive) -> Receive:
         return await receive()
 
     return replay
-
-
-def uvicorn_config(app: ASGIApp, settings: ServeSettings) -> uvicorn.Config:
-    """How `ssrl serve` runs uvicorn (server/http_server.py)."""
-    from server.http_server import uvicorn_config as serve_config
-
-    return serve_config(app, settings)
 
 
 class StartupInterrupted(BaseException):

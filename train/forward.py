@@ -8,7 +8,11 @@ people do, and their answer is another article of the corpus named in the text:
 
 * **creator**: "Hamlet ... written by William Shakespeare" -> "Who wrote Hamlet?"
   (the named article must be about a person);
-* **capital**: "Its capital and largest city is Luanda" -> "What is the capital of Angola?".
+* **capital**: "Its capital and largest city is Luanda" -> "What is the capital of Angola?";
+* **city**: "The Eiffel Tower is a lattice tower ... in Paris, France" -> "In which city is the
+  Eiffel Tower?" (the city and the country both articles of the corpus);
+* **element**: "Iron is a chemical element; it has symbol Fe and atomic number 26" -> "What is
+  the chemical symbol for iron?" or "What is the atomic number of iron?".
 
 Pure: documents in, rows out. The passage of a row is the sentence that holds the answer, so an
 inserted document cut to a few hundred characters still holds it.
@@ -18,11 +22,25 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from typing import Any
 
 from router.search.devset import CorpusDoc, leaks, plain_title, split_sentences
 
-__all__ = ["QUESTION_BY_VERB", "forward_candidates", "person_titles"]
+__all__ = [
+    "QUESTION_BY_VERB",
+    "TEMPLATES",
+    "TRAINED_TEMPLATES",
+    "city_titles",
+    "forward_candidates",
+    "person_titles",
+]
+
+TEMPLATES = ("creator", "capital", "city", "element")
+# The templates of the shipped adapter's data (`python -m train.make_data`'s default). city and
+# element are written and tested; the next data round adds them (docs/native-model.md: the
+# first-impression questions the adapter still answers with a title are places and elements).
+TRAINED_TEMPLATES = ("creator", "capital")
 
 # The passive verb of the text -> the question people ask.
 QUESTION_BY_VERB: Mapping[str, str] = {
@@ -55,6 +73,14 @@ _CAPITAL_RE = re.compile(
     + _NAME
     + ")"
 )
+_CITY_RE = re.compile(
+    r"\bin (?:the city of |central |downtown |northern |southern |eastern |western )?"
+    r"(?P<city>[A-Z][\w'-]+(?: [A-Z][\w'-]+)?), (?P<country>[A-Z][\w'-]+(?: [A-Z][\w'-]+)?)\b"
+)
+_ELEMENT_RE = re.compile(
+    r"^(?P<name>[A-Z][a-z]+) is a chemical element; it has (?:the )?(?:chemical )?symbol "
+    r"(?P<symbol>[A-Z][a-z]?) and atomic number (?P<number>\d+)"
+)
 _PERSON_WORDS = frozenset({"he", "she", "his", "her"})
 
 
@@ -67,6 +93,16 @@ def person_titles(docs: Iterable[CorpusDoc]) -> set[str]:
         name = plain_title(doc.title)
         if sum(w in _PERSON_WORDS for w in words) >= 2 or doc.text.startswith(f"{name} was a"):
             out.add(name)
+    return out
+
+
+def city_titles(docs: Iterable[CorpusDoc]) -> set[str]:
+    """Plain titles of the articles whose first sentence says they are a city or a capital."""
+    out: set[str] = set()
+    for doc in docs:
+        sentences = split_sentences(doc.text)
+        if sentences and re.search(r"\b(?:city|capital|town|metropolis)\b", sentences[0]):
+            out.add(plain_title(doc.title))
     return out
 
 
@@ -127,12 +163,72 @@ def _capital(doc: CorpusDoc, sentences: Sequence[str], titles: set[str]) -> Iter
         return
 
 
-def forward_candidates(doc: CorpusDoc, titles: set[str], persons: set[str]) -> list[dict[str, Any]]:
+def _the(subject: str, sentence: str) -> str:
+    """The subject as the sentence names it: "the Eiffel Tower" where it says "The Eiffel"."""
+    return f"the {subject}" if sentence.startswith(f"The {subject}") else subject
+
+
+def _city(
+    doc: CorpusDoc, sentences: Sequence[str], cities: AbstractSet[str], countries: AbstractSet[str]
+) -> Iterator[dict[str, Any]]:
+    subject = plain_title(doc.title)
+    if not sentences:
+        return
+    sentence = sentences[0]
+    match = _CITY_RE.search(sentence)
+    if match is None or not _about(sentence[: match.start()], subject):
+        return
+    city, country = match["city"], match["country"]
+    if city == subject or city not in cities or country not in countries:
+        return
+    yield {
+        "template": "city",
+        "question": f"In which city is {_the(subject, sentence)}?",
+        "answers": [city],
+        "sentence": sentence,
+    }
+
+
+def _element(doc: CorpusDoc, sentences: Sequence[str]) -> Iterator[dict[str, Any]]:
+    if not sentences or (match := _ELEMENT_RE.match(sentences[0])) is None:
+        return
+    name = match["name"].lower()
+    yield {
+        "template": "element",
+        "question": f"What is the chemical symbol for {name}?",
+        "answers": [match["symbol"]],
+        "sentence": sentences[0],
+    }
+    yield {
+        "template": "element",
+        "question": f"What is the atomic number of {name}?",
+        "answers": [match["number"]],
+        "sentence": sentences[0],
+    }
+
+
+def forward_candidates(
+    doc: CorpusDoc,
+    titles: AbstractSet[str],
+    persons: AbstractSet[str],
+    cities: AbstractSet[str] = frozenset(),
+    countries: AbstractSet[str] = frozenset(),
+    templates: Sequence[str] = TEMPLATES,
+) -> list[dict[str, Any]]:
     """The forward questions one document makes (``titles``: every plain title of the corpus;
-    ``persons``: those about a person). None whose answer is given away by the question."""
+    ``persons``, ``cities``, ``countries``: those about a person, a city, a country). None whose
+    answer is given away by the question."""
     sentences = split_sentences(doc.text)
     out: list[dict[str, Any]] = []
-    for row in (*_creator(doc, sentences, persons), *_capital(doc, sentences, titles)):
+    made = (
+        *_creator(doc, sentences, persons),
+        *_capital(doc, sentences, titles),
+        *_city(doc, sentences, cities, countries),
+        *_element(doc, sentences),
+    )
+    for row in made:
+        if row["template"] not in templates:
+            continue
         if leaks(row["answers"][0], row["question"]):
             continue
         row["answers"] = [a for a in row["answers"] if not leaks(a, row["question"])]

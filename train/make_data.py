@@ -39,6 +39,7 @@ import httpx
 from router.scoring import best_exact_match
 from router.search.devset import (
     CorpusDoc,
+    country_titles,
     ensure_devset,
     plain_title,
     read_corpus,
@@ -46,7 +47,7 @@ from router.search.devset import (
     write_devset,
 )
 from router.tags import normalize_answer
-from train.forward import forward_candidates, person_titles
+from train.forward import TEMPLATES, TRAINED_TEMPLATES, city_titles, forward_candidates, person_titles
 from train.render import Trajectory, query_from_question, render, render_documents
 from train.split import eval_keys, heldout_questions, leak_reason
 
@@ -90,14 +91,21 @@ def make_questions(size: int) -> Path:
     return out
 
 
-def forward_questions(docs: list[CorpusDoc], eval_rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def forward_questions(
+    docs: list[CorpusDoc], eval_rows: list[dict[str, Any]], templates: Sequence[str] = TRAINED_TEMPLATES
+) -> list[dict[str, Any]]:
     """Every forward question of the corpus that shares nothing with the evaluation sets."""
     titles = {plain_title(doc.title) for doc in docs}
     persons = person_titles(docs)
+    cities = city_titles(docs)
+    countries = set(country_titles(docs))
     keys = eval_keys(eval_rows)
+    rng = random.Random(SEED)
     rows: list[dict[str, Any]] = []
     for doc in sorted(docs, key=lambda d: d.title):
-        for row in forward_candidates(doc, titles, persons):
+        made = forward_candidates(doc, titles, persons, cities, countries, templates)
+        # One question per article, as the corpus templates (an element makes two).
+        for row in [made[rng.randrange(len(made))]] if made else []:
             # The inserted document is cut to DOC_CHARS: it must still hold the answer.
             if leak_reason(row, keys) is None and row["answers"][0] in row["sentence"][: DOC_CHARS - 10]:
                 rows.append(
@@ -113,12 +121,12 @@ def forward_questions(docs: list[CorpusDoc], eval_rows: list[dict[str, Any]]) ->
     return rows
 
 
-def make_forward() -> Path:
+def make_forward(templates: Sequence[str] = TRAINED_TEMPLATES) -> Path:
     out = DATA_DIR / "forward.jsonl"
     if out.is_file():
         return out
     corpus, eval_rows = _corpus_and_eval_rows()
-    rows = forward_questions(read_corpus(corpus), eval_rows)
+    rows = forward_questions(read_corpus(corpus), eval_rows, templates)
     write_devset(out, rows)
     print(f"forward questions: {len(rows)} written to {out}", file=sys.stderr)
     return out
@@ -295,11 +303,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--skip-guided", action="store_true", help="use only corpus-assembled trajectories")
+    parser.add_argument(
+        "--forward-templates",
+        default=",".join(TRAINED_TEMPLATES),
+        help=f"forward question templates (of {', '.join(TEMPLATES)}); delete data/forward.jsonl to remake it",
+    )
     args = parser.parse_args(argv)
     questions = read_jsonl(make_questions(args.questions))
     if not args.skip_guided and args.guided > 0:
         asyncio.run(run_guided(questions[: args.guided], args.base_url, args.model, args.concurrency))
-    make_trajectories(questions, args.size, args.inserted_share, read_jsonl(make_forward()))
+    templates = [t.strip() for t in args.forward_templates.split(",") if t.strip()]
+    unknown = sorted(set(templates) - set(TEMPLATES))
+    if unknown:
+        parser.error(f"--forward-templates: unknown {', '.join(unknown)}; known: {', '.join(TEMPLATES)}")
+    make_trajectories(questions, args.size, args.inserted_share, read_jsonl(make_forward(templates)))
 
 
 if __name__ == "__main__":

@@ -303,7 +303,7 @@ def uvicorn_server() -> Iterator[str]:
 
 def test_serve_parses_with_h11_bounded_by_the_header_limit() -> None:
     # httptools (uvicorn's "auto" choice when installed) has no bound on a request head.
-    from server.lifecycle import uvicorn_config
+    from server.http_server import uvicorn_config
 
     config = uvicorn_config(create_app, ServeSettings(max_header_bytes=4096, warmup=False))
     from uvicorn.protocols.http.h11_impl import H11Protocol

@@ -1000,6 +1000,8 @@ def test_dockerfile_builds_offline_friendly_and_read_only_root() -> None:
     for arg in ("BASE", "VARIANT", "TORCH_CPU_INDEX", "PIP_FIND_LINKS", "PIP_CERT"):
         assert re.search(rf"^ARG {arg}\b", text, re.MULTILINE), f"the Dockerfile takes {arg}"
     assert "ssrl model prepare" in text and "ssrl index build" in text, "model and index are baked in"
+    # The server runs as a user who cannot write the cache: the merged native model is baked too.
+    assert "ssrl model prepare --native" in text, "SSRL_MODEL=smollm2-135m-ssrl needs its merge baked in"
     assert re.search(r"^USER \d+:\d+$", text, re.MULTILINE), "numeric user (runAsNonRoot)"
     assert re.search(r"^HEALTHCHECK .*\n?.*/health", text, re.MULTILINE)
     assert "/opt/wheels" not in text, "no path of the build machine in the Dockerfile"

@@ -111,3 +111,22 @@ def test_the_merged_embedded_model_computes_what_the_base_with_its_adapter_compu
     assert not torch.equal(plain.argmax(-1), adapted.argmax(-1))
     assert torch.equal(merged.argmax(-1), adapted.argmax(-1))
     assert (merged - adapted).abs().max() < 0.05 * adapted.abs().max()
+
+
+def test_model_prepare_native_merges_after_converting(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import router.engine.default_model as default_model
+    import router.engine.merge as merge
+    from server.commands import model_command
+
+    made: list[tuple[str, Path | None]] = []
+    monkeypatch.setattr(
+        default_model, "ensure_default_checkpoint", lambda c=None: made.append(("base", c)) or c
+    )
+    monkeypatch.setattr(merge, "ensure_native_checkpoint", lambda c=None: made.append(("native", c)) or c)
+    assert model_command({"cache_dir": str(tmp_path), "native": True}) == 0
+    assert made == [("base", tmp_path), ("native", tmp_path)]
+    made.clear()
+    assert model_command({"cache_dir": str(tmp_path), "native": False}) == 0
+    assert made == [("base", tmp_path)]

@@ -281,3 +281,28 @@ def test_a_tiny_training_run_trains_checkpoints_resumes_and_writes_the_adapter(t
     losses = [json.loads(line)["loss"] for line in (out / "loss.jsonl").read_text().splitlines()]
     assert len(losses) == 2 and all(loss > 0 for loss in losses)
     assert "Steps: 2" in (out / "README.md").read_text()
+
+
+def test_forward_questions_for_cities_and_elements() -> None:
+    from train.forward import city_titles
+
+    docs = [
+        CorpusDoc("Quxville", "Quxville is the capital city of Zorland."),
+        CorpusDoc("Zorland", "Zorland is a country in the north."),
+        CorpusDoc("Vell Tower", "The Vell Tower is a stone tower in Quxville, Zorland. It is old."),
+        CorpusDoc(
+            "Zorium", "Zorium is a chemical element; it has symbol Zo and atomic number 200. It glows."
+        ),
+    ]
+    titles = {d.title for d in docs}
+    cities = city_titles(docs)
+    assert cities == {"Quxville"}
+    (tower,) = forward_candidates(docs[2], titles, set(), cities, {"Zorland"})
+    assert tower["question"] == "In which city is the Vell Tower?" and tower["answers"] == ["Quxville"]
+    # Without Zorland known as a country, "in Quxville, Zorland" is no city and country.
+    assert forward_candidates(docs[2], titles, set(), cities, set()) == []
+    element = forward_candidates(docs[3], titles, set(), cities, {"Zorland"})
+    assert [(e["question"], e["answers"]) for e in element] == [
+        ("What is the chemical symbol for zorium?", ["Zo"]),
+        ("What is the atomic number of zorium?", ["200"]),
+    ]
