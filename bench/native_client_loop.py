@@ -42,6 +42,7 @@ from router.engine.base import TokenLogprobs
 from router.entropy import DEFAULT_ESTIMATOR, query_entropy
 from router.prompts import GUIDED_MAX_DOC_CHARS, NATIVE_COMPACT
 from router.search.base import Document
+from router.search.providers.retriever import split_contents
 from router.tags import (
     ANSWER_CLOSE,
     INFORMATION_CLOSE,
@@ -158,11 +159,7 @@ class NativeClientLoop:
         response = await self.client.post(self.retriever_url, json={"queries": [sent], "topk": 1})
         response.raise_for_status()
         docs = [
-            Document(
-                hit["document"]["contents"].split("\n", 1)[0].strip('"'),
-                hit["document"]["contents"].split("\n", 1)[-1],
-            )
-            for hit in response.json()["result"][0]
+            Document(*split_contents(hit["document"]["contents"])) for hit in response.json()["result"][0]
         ]
         return format_documents(docs, GUIDED_MAX_DOC_CHARS)
 

@@ -94,9 +94,9 @@ def _fingerprint(gguf: Path) -> str:
     return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
-def checkpoint_is_valid(path: Path, fingerprint: str | None = None) -> bool:
+def checkpoint_is_valid(path: Path, fingerprint: str | None = None, marker_name: str = MARKER) -> bool:
     """A checkpoint counts only when its completion marker exists (and matches)."""
-    marker = path / MARKER
+    marker = path / marker_name
     if not marker.is_file():
         return False
     try:

@@ -102,7 +102,7 @@ def merge_lora(base_dir: Path, adapter_dir: Path, out_dir: Path) -> int:
 def ensure_native_checkpoint(cache_dir: Path | None = None) -> Path:
     """The embedded native model's merged checkpoint in the cache, made once per adapter."""
     from router.engine.adapters import EMBEDDED_ADAPTER_NAME, embedded_adapter
-    from router.engine.default_model import default_cache_dir, ensure_default_checkpoint
+    from router.engine.default_model import checkpoint_is_valid, default_cache_dir, ensure_default_checkpoint
 
     cache_dir = cache_dir or default_cache_dir()
     adapter = embedded_adapter()
@@ -112,13 +112,8 @@ def ensure_native_checkpoint(cache_dir: Path | None = None) -> Path:
     adapter_dir = Path(adapter.path)
     fingerprint = adapter_fingerprint(adapter_dir)
     target = cache_dir / "models" / EMBEDDED_ADAPTER_NAME
-    marker = target / MERGE_MARKER
-    if marker.is_file():
-        try:
-            if json.loads(marker.read_text()).get("fingerprint") == fingerprint:
-                return target
-        except (OSError, ValueError):
-            pass
+    if checkpoint_is_valid(target, fingerprint, MERGE_MARKER):
+        return target
 
     def write(staging: Path) -> None:
         count = merge_lora(base, adapter_dir, staging)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import pytest
@@ -114,6 +114,7 @@ def collect(
     engine: ScriptedEngine,
     cfg: LoopConfig,
     search: SearchService | None = None,
+    on_abort: Callable[[], None] | None = None,
 ) -> tuple[list[Any], LoopResult]:
     loop = SelfSearchLoop(
         engine,
@@ -122,6 +123,7 @@ def collect(
         engine.tokenizer.encode(PROMPT),
         "req",
         vocab_size=engine.vocab_size,
+        on_abort=on_abort,
     )
 
     async def main() -> list[Any]:

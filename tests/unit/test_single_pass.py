@@ -17,11 +17,11 @@ from collections.abc import AsyncIterator
 import httpx
 
 from router.engine.remote_engine import RemoteEngine, RemoteEngineConfig
-from router.loop import LoopConfig, LoopFinished, SearchDecided, SelfSearchLoop, TextDelta
+from router.loop import LoopConfig, SearchDecided, SelfSearchLoop, TextDelta
 from router.policies import AlwaysPolicy, NeverPolicy
 from router.search.service import SearchService
 from tests.scripted_engine import CharTokenizer, ScriptedEngine, script
-from tests.unit.test_loop import INFO, PROMPT, FakeBackend, check_invariants, config
+from tests.unit.test_loop import INFO, PROMPT, FakeBackend, collect, config
 
 ONE = "<search> capital of France </search>\n\n<information>Paris is the capital.</information>\n\n"
 ANSWER = "<answer> Paris </answer>"
@@ -32,24 +32,10 @@ TWO = (
 
 
 def run(engine: ScriptedEngine, cfg: LoopConfig, backend: FakeBackend | None = None):
+    """The trajectory (stream invariants checked by `collect`), the text it streamed, and the
+    aborts counted as a client's."""
     aborts: list[int] = []
-    loop = SelfSearchLoop(
-        engine,
-        SearchService([backend or FakeBackend()]),
-        cfg,
-        engine.tokenizer.encode(PROMPT),
-        "req",
-        vocab_size=engine.vocab_size,
-        on_abort=lambda: aborts.append(1),
-    )
-
-    async def main():
-        return [event async for event in loop.run()]
-
-    events = asyncio.run(main())
-    result = events[-1].result
-    assert isinstance(events[-1], LoopFinished)
-    check_invariants(engine, events, result)
+    events, result = collect(engine, cfg, SearchService([backend or FakeBackend()]), lambda: aborts.append(1))
     shown = "".join(e.text for e in events if isinstance(e, TextDelta))
     return result, shown, aborts
 
@@ -138,18 +124,7 @@ def test_a_counterfactual_branch_counts_its_own_requests() -> None:
 
 def test_search_events_come_before_the_text_after_their_query() -> None:
     engine = ScriptedEngine([script(ONE + ANSWER)])
-    loop = SelfSearchLoop(
-        engine,
-        SearchService([FakeBackend()]),
-        config(policy=NeverPolicy()),
-        engine.tokenizer.encode(PROMPT),
-        "r",
-    )
-
-    async def main():
-        return [event async for event in loop.run()]
-
-    events = asyncio.run(main())
+    events, _ = collect(engine, config(policy=NeverPolicy()), SearchService([FakeBackend()]))
     decided = next(i for i, e in enumerate(events) if isinstance(e, SearchDecided))
     before = "".join(e.text for e in events[:decided] if isinstance(e, TextDelta))
     assert before.endswith("</search>") and "<information>" not in before
